@@ -1,0 +1,32 @@
+"""keras_vit: Vision Transformers (Dosovitskiy et al., 2020) for Keras 3.
+
+Layers, a builder, keras.applications-style constructors and official
+checkpoint loading. Models are written with ``keras.ops`` and run on the
+TensorFlow, JAX and PyTorch backends.
+"""
+
+from keras_vit.checkpoints import CheckpointMismatchError, load_official_weights
+from keras_vit.configs import list_models, model_config
+from keras_vit.layers import (
+    AddPositionEmbs,
+    ClassToken,
+    MultiHeadSelfAttention,
+    Patches,
+    TokenPooling,
+    TransformerBlock,
+)
+from keras_vit.models import (
+    ViT_B8,
+    ViT_B16,
+    ViT_B32,
+    ViT_H14,
+    ViT_L16,
+    ViT_L32,
+    ViT_S16,
+    ViT_S32,
+    ViT_Ti16,
+    create_model,
+    vision_transformer,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,407 @@
+"""Keras layers of the Vision Transformer (Dosovitskiy et al., 2020).
+
+Every layer is written with ``keras.ops`` only, so it runs unchanged on the
+TensorFlow, JAX and PyTorch Keras backends, and every layer is registered for
+``.keras`` serialization (no ``Lambda`` layers: files load with ``safe_mode``).
+
+Shapes use B = batch, H x W = image, C = channels, D = hidden size,
+T = tokens, N = heads, dh = D / N (head size), M = MLP size.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+PACKAGE = "keras_vit"
+
+# LayerNorm epsilon of the official code (flax's default is 1e-6).
+LAYER_NORM_EPSILON = 1e-6
+GELU_FORMS = ("tanh", "erf")
+
+
+def to_pair(value, what="size"):
+    """Returns ``(h, w)`` from an int or a pair of ints."""
+    if isinstance(value, int):
+        return (value, value)
+    pair = tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"Expected an int or a pair (height, width) for the {what}, got {value!r}.")
+    return pair
+
+
+def gelu(x, form="tanh"):
+    """GELU activation: ``"tanh"`` (the official model's approximation) or ``"erf"`` (exact).
+
+    The exact form is written with ``keras.ops.erf`` so that it exports to ONNX
+    (TensorFlow's own exact-GELU op does not).
+    """
+    if form == "tanh":
+        return ops.gelu(x, approximate=True)
+    if form == "erf":
+        return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+    raise ValueError(f"gelu must be one of {GELU_FORMS}, got {form!r}.")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Patches(keras.layers.Layer):
+    """Patch embedding: (B, H, W, C) -> (B, gh * gw, D), row-major grid order.
+
+    A convolution with kernel = stride = patch size, VALID padding and a bias,
+    as the official ``embedding`` conv; its output grid (B, gh, gw, D) is then
+    flattened row by row. Rectangular images and patches are allowed; an image
+    side that is not a multiple of the patch side is a ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        patch_size,
+        hidden_size,
+        kernel_initializer="lecun_normal",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.patch_size = to_pair(patch_size, "patch size")
+        self.hidden_size = hidden_size
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.projection = keras.layers.Conv2D(
+            hidden_size,
+            self.patch_size,
+            strides=self.patch_size,
+            padding="valid",
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            dtype=self.dtype_policy,
+            name="projection",
+        )
+
+    def build(self, input_shape):
+        for axis, side in ((1, "height"), (2, "width")):
+            size, patch = input_shape[axis], self.patch_size[axis - 1]
+            if size is not None and size % patch:
+                raise ValueError(
+                    f"Image {side} {size} is not divisible by the patch {side} {patch}: "
+                    f"use an image {side} that is a multiple of {patch} "
+                    f"(for example {size // patch * patch} or {(size // patch + 1) * patch})."
+                )
+        self.projection.build(input_shape)
+
+    @property
+    def kernel(self):
+        """Patch-embedding kernel, (ph, pw, C, D) (HWIO, the official layout)."""
+        return self.projection.kernel
+
+    @property
+    def bias(self):
+        return self.projection.bias
+
+    def call(self, images):
+        grid = self.projection(images)
+        gh, gw = grid.shape[1], grid.shape[2]
+        if gh is None or gw is None:
+            shape = ops.shape(grid)
+            return ops.reshape(grid, (shape[0], shape[1] * shape[2], self.hidden_size))
+        return ops.reshape(grid, (-1, gh * gw, self.hidden_size))
+
+    def compute_output_shape(self, input_shape):
+        batch, h, w, _ = input_shape
+        tokens = None if h is None or w is None else (h // self.patch_size[0]) * (w // self.patch_size[1])
+        return (batch, tokens, self.hidden_size)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            patch_size=self.patch_size,
+            hidden_size=self.hidden_size,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer),
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ClassToken(keras.layers.Layer):
+    """Prepends one learnable token (zeros init): (B, T, D) -> (B, 1 + T, D)."""
+
+    def build(self, input_shape):
+        self.cls = self.add_weight(name="cls", shape=(1, 1, input_shape[-1]), initializer="zeros")
+
+    def call(self, tokens):
+        cls = ops.broadcast_to(ops.cast(self.cls, tokens.dtype), (ops.shape(tokens)[0], 1, ops.shape(tokens)[-1]))
+        return ops.concatenate([cls, tokens], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        batch, tokens, hidden = input_shape
+        return (batch, None if tokens is None else tokens + 1, hidden)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AddPositionEmbs(keras.layers.Layer):
+    """Adds learnable 1-D position embeddings (1, T, D), normal(std 0.02) init: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, initializer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.initializer = keras.initializers.get(initializer or keras.initializers.RandomNormal(stddev=0.02))
+
+    def build(self, input_shape):
+        if input_shape[1] is None:
+            raise ValueError("AddPositionEmbs needs a known number of tokens: give the model a fixed image size.")
+        self.pos_embedding = self.add_weight(
+            name="pos_embedding", shape=(1, input_shape[1], input_shape[2]), initializer=self.initializer
+        )
+
+    def call(self, tokens):
+        return tokens + ops.cast(self.pos_embedding, tokens.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(initializer=keras.initializers.serialize(self.initializer))
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MultiHeadSelfAttention(keras.layers.Layer):
+    """Multi-head dot-product self-attention with the official parameter layout.
+
+    (B, T, D) -> (B, T, D), and optionally the attention weights (B, N, T, T).
+    Parameters: ``query_kernel``/``key_kernel``/``value_kernel`` (D, N, dh) with
+    biases (N, dh), ``out_kernel`` (N, dh, D) with bias (D,), exactly the shapes
+    of flax's ``MultiHeadDotProductAttention``. Queries are scaled by 1/sqrt(dh);
+    the softmax runs in float32 under mixed precision.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        dropout_rate=0.0,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.dropout_rate = dropout_rate
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy, name="dropout")
+
+    def build(self, input_shape):
+        hidden = input_shape[-1]
+        if hidden % self.num_heads:
+            raise ValueError(
+                f"Hidden size {hidden} is not divisible by num_heads {self.num_heads}: "
+                "choose a number of heads that divides the hidden size."
+            )
+        head_dim = hidden // self.num_heads
+        # Glorot fan-in/out over the flattened (D, N*dh) matrix, as flax's DenseGeneral.
+        in_proj = _FlattenedFans(self.kernel_initializer, fan_in=hidden, fan_out=hidden)
+        for name in ("query", "key", "value"):
+            setattr(
+                self,
+                f"{name}_kernel",
+                self.add_weight(name=f"{name}_kernel", shape=(hidden, self.num_heads, head_dim), initializer=in_proj),
+            )
+            setattr(
+                self,
+                f"{name}_bias",
+                self.add_weight(name=f"{name}_bias", shape=(self.num_heads, head_dim), initializer=self.bias_initializer),
+            )
+        self.out_kernel = self.add_weight(
+            name="out_kernel", shape=(self.num_heads, head_dim, hidden), initializer=in_proj
+        )
+        self.out_bias = self.add_weight(name="out_bias", shape=(hidden,), initializer=self.bias_initializer)
+
+    def call(self, x, training=None, return_attention_scores=False):
+        # Inside a layer call Keras casts float32 variables to the compute dtype.
+        head_dim = self.query_kernel.shape[-1]
+        q = ops.einsum("btd,dnh->btnh", x, self.query_kernel) + self.query_bias
+        k = ops.einsum("btd,dnh->btnh", x, self.key_kernel) + self.key_bias
+        v = ops.einsum("btd,dnh->btnh", x, self.value_kernel) + self.value_bias
+        q = q * ops.cast(1.0 / math.sqrt(head_dim), x.dtype)
+        logits = ops.einsum("bqnh,bknh->bnqk", q, k)
+        weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+        dropped = self.dropout(ops.cast(weights, x.dtype), training=training)
+        context = ops.einsum("bnqk,bknh->bqnh", dropped, v)
+        out = ops.einsum("bqnh,nhd->bqd", context, self.out_kernel) + self.out_bias
+        if return_attention_scores:
+            return out, weights
+        return out
+
+    def compute_output_spec(self, x, training=None, return_attention_scores=False):
+        out = keras.KerasTensor(x.shape, dtype=self.compute_dtype)
+        if not return_attention_scores:
+            return out
+        batch, tokens = x.shape[0], x.shape[1]
+        return out, keras.KerasTensor((batch, self.num_heads, tokens, tokens), dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer),
+        )
+        return config
+
+
+class _FlattenedFans(keras.initializers.Initializer):
+    """Runs a variance-scaling initializer on the 2-D (fan_in, fan_out) matrix and reshapes it.
+
+    Keras computes fans of a 3-D kernel as for a convolution; flax's DenseGeneral
+    uses the flattened input and output sizes, which this reproduces.
+    """
+
+    def __init__(self, initializer, fan_in, fan_out):
+        self.initializer = initializer
+        self.fan_in = fan_in
+        self.fan_out = fan_out
+
+    def __call__(self, shape, dtype=None):
+        matrix = self.initializer((self.fan_in, self.fan_out), dtype=dtype)
+        return ops.reshape(matrix, shape)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TransformerBlock(keras.layers.Layer):
+    """Pre-LN Transformer encoder block: (B, T, D) -> (B, T, D).
+
+    ``x = x + DropPath(Dropout(MSA(LN_0(x))))``, then
+    ``x = x + DropPath(MLP(LN_2(x)))`` with MLP = Dense_0 -> GELU -> Dropout ->
+    Dense_1 -> Dropout. Sub-layer names follow the official checkpoint
+    (``LayerNorm_0``, ``MultiHeadDotProductAttention_1``, ``LayerNorm_2``,
+    ``MlpBlock_3/Dense_0``, ``MlpBlock_3/Dense_1``). With
+    ``return_attention_scores=True`` the call also returns the attention
+    weights (B, N, T, T) in float32.
+
+    ``stochastic_depth_rate`` is the probability that a training sample skips
+    each residual branch (kept branches are scaled by 1 / keep probability).
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        mlp_dim,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        stochastic_depth_rate=0.0,
+        gelu="tanh",
+        layer_norm_epsilon=LAYER_NORM_EPSILON,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if gelu not in GELU_FORMS:
+            raise ValueError(f"gelu must be one of {GELU_FORMS}, got {gelu!r}.")
+        if not 0.0 <= stochastic_depth_rate < 1.0:
+            raise ValueError(f"stochastic_depth_rate must be in [0, 1), got {stochastic_depth_rate}.")
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.dropout_rate = dropout_rate
+        self.attention_dropout_rate = attention_dropout_rate
+        self.stochastic_depth_rate = stochastic_depth_rate
+        self.gelu = gelu
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.seed = seed
+        policy = self.dtype_policy
+        self.norm_attention = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=policy, name="LayerNorm_0"
+        )
+        self.attention = MultiHeadSelfAttention(
+            num_heads, dropout_rate=attention_dropout_rate, dtype=policy, name="MultiHeadDotProductAttention_1"
+        )
+        self.norm_mlp = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=policy, name="LayerNorm_2")
+        self.mlp_in = keras.layers.Dense(
+            mlp_dim,
+            kernel_initializer="glorot_uniform",
+            bias_initializer=keras.initializers.RandomNormal(stddev=1e-6),
+            dtype=policy,
+            name="Dense_0",
+        )
+        self.mlp_out = None  # built once the hidden size is known
+        self.dropout = keras.layers.Dropout(dropout_rate, dtype=policy, name="dropout")
+        self.seed_generator = keras.random.SeedGenerator(seed) if stochastic_depth_rate else None
+
+    def build(self, input_shape):
+        hidden = input_shape[-1]
+        self.mlp_out = keras.layers.Dense(
+            hidden,
+            kernel_initializer="glorot_uniform",
+            bias_initializer=keras.initializers.RandomNormal(stddev=1e-6),
+            dtype=self.dtype_policy,
+            name="Dense_1",
+        )
+        self.norm_attention.build(input_shape)
+        self.attention.build(input_shape)
+        self.norm_mlp.build(input_shape)
+        self.mlp_in.build(input_shape)
+        self.mlp_out.build((*input_shape[:-1], self.mlp_dim))
+
+    def _drop_path(self, branch, training):
+        if not training or not self.stochastic_depth_rate:
+            return branch
+        keep = 1.0 - self.stochastic_depth_rate
+        noise = keras.random.uniform((ops.shape(branch)[0], 1, 1), seed=self.seed_generator)
+        mask = ops.cast(noise < keep, branch.dtype)
+        return branch * mask / ops.cast(keep, branch.dtype)
+
+    def call(self, x, training=None, return_attention_scores=False):
+        y, weights = self.attention(self.norm_attention(x), training=training, return_attention_scores=True)
+        x = x + self._drop_path(self.dropout(y, training=training), training)
+        y = gelu(self.mlp_in(self.norm_mlp(x)), self.gelu)
+        y = self.dropout(self.mlp_out(self.dropout(y, training=training)), training=training)
+        x = x + self._drop_path(y, training)
+        if return_attention_scores:
+            return x, weights
+        return x
+
+    def compute_output_spec(self, x, training=None, return_attention_scores=False):
+        return self.attention.compute_output_spec(x, return_attention_scores=return_attention_scores)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            stochastic_depth_rate=self.stochastic_depth_rate,
+            gelu=self.gelu,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            seed=self.seed,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TokenPooling(keras.layers.Layer):
+    """Pools a token sequence: (B, T, D) -> (B, D).
+
+    ``"token"`` takes the class token (position 0); ``"gap"`` averages the
+    tokens after the first ``num_prefix_tokens`` (0 for official gap models,
+    which have no class token; 1 excludes the class token of a token model).
+    """
+
+    def __init__(self, method="token", num_prefix_tokens=1, **kwargs):
+        super().__init__(**kwargs)
+        if method not in ("token", "gap"):
+            raise ValueError(f"TokenPooling method must be 'token' or 'gap', got {method!r}.")
+        if method == "token" and num_prefix_tokens < 1:
+            raise ValueError("Token pooling needs a class token; this model has none (use 'gap').")
+        self.method = method
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def call(self, tokens):
+        if self.method == "token":
+            return tokens[:, 0]
+        return ops.mean(tokens[:, self.num_prefix_tokens :], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(method=self.method, num_prefix_tokens=self.num_prefix_tokens)
+        return config
