@@ -1,0 +1,79 @@
+"""Shared test helpers: the official golden fixtures and a NumPy reference of the ViT forward pass."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("KERAS_VIT_FIXTURES", REPO.parent / "shared" / "fixtures" / "official_vit"))
+PLAIN_FIXTURES = ("vit_tiny_token", "vit_tiny_repr", "vit_tiny_gap", "vit_tiny_token_posemb48")
+
+
+def fixture_path(name, kind):
+    """Path of ``<name>.<kind>.npz`` (kind: "ckpt" or "ref") in the shared official fixtures."""
+    path = FIXTURES / f"{name}.{kind}.npz"
+    if not path.exists():
+        pytest.fail(f"Official fixture {path} is missing; set KERAS_VIT_FIXTURES to the official_vit folder.")
+    return path
+
+
+def load_reference(name):
+    """The reference arrays of a fixture and its official config (dict)."""
+    with np.load(fixture_path(name, "ref"), allow_pickle=False) as ref:
+        arrays = {k: ref[k] for k in ref.files}
+    return arrays, json.loads(str(arrays.pop("config_json")))
+
+
+def builder_kwargs(config):
+    """``vision_transformer`` keyword arguments from an official config dict."""
+    t = config["transformer"]
+    return dict(
+        image_size=tuple(config["image_size"]),
+        patch_size=tuple(config["patches"]["size"]),
+        hidden_size=config["hidden_size"],
+        num_layers=t["num_layers"],
+        num_heads=t["num_heads"],
+        mlp_dim=t["mlp_dim"],
+        classifier=config["classifier"],
+        representation_size=config["representation_size"],
+        classes=config["num_classes"],
+    )
+
+
+# --- NumPy reference of the official forward pass (float64), written from the fixture README. ---
+
+
+def np_layer_norm(x, scale, bias, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def np_gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_attention(x, p):
+    """x (B, T, D); p has query/key/value kernels (D, N, dh), biases (N, dh), out (N, dh, D), (D,)."""
+    q = np.einsum("btd,dnh->bnth", x, p["query_kernel"]) + p["query_bias"][None, :, None]
+    k = np.einsum("btd,dnh->bnth", x, p["key_kernel"]) + p["key_bias"][None, :, None]
+    v = np.einsum("btd,dnh->bnth", x, p["value_kernel"]) + p["value_bias"][None, :, None]
+    weights = np_softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]))
+    out = np.einsum("bnth,nhd->btd", weights @ v, p["out_kernel"]) + p["out_bias"]
+    return out, weights
+
+
+def np_block(x, p, gelu=np_gelu_tanh):
+    """One pre-LN encoder block; p holds ln0/ln2 scale+bias, attention params and mlp kernels."""
+    y, weights = np_attention(np_layer_norm(x, p["ln0_scale"], p["ln0_bias"]), p)
+    x = x + y
+    h = gelu(np_layer_norm(x, p["ln2_scale"], p["ln2_bias"]) @ p["mlp0_kernel"] + p["mlp0_bias"])
+    return x + h @ p["mlp1_kernel"] + p["mlp1_bias"], weights
