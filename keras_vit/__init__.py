@@ -5,7 +5,9 @@ checkpoint loading. Models are written with ``keras.ops`` and run on the
 TensorFlow, JAX and PyTorch backends.
 """
 
-from keras_vit.checkpoints import CheckpointMismatchError, load_official_weights
+import logging
+
+from keras_vit.checkpoints import CheckpointMismatchError, interpolate_posemb, load_official_weights
 from keras_vit.configs import list_models, model_config
 from keras_vit.layers import (
     AddPositionEmbs,
@@ -26,7 +28,19 @@ from keras_vit.models import (
     ViT_S32,
     ViT_Ti16,
     create_model,
+    from_official_checkpoint,
+    load_weights,
+    resize_model,
     vision_transformer,
 )
 
 __version__ = "0.1.0"
+
+# One line per weight adaptation (head replaced, position embeddings interpolated), shown by default.
+_log = logging.getLogger("keras_vit")
+if not _log.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("keras_vit: %(message)s"))
+    _log.addHandler(_handler)
+    _log.setLevel(logging.INFO)
+    _log.propagate = False

@@ -180,16 +180,164 @@ def match_arrays(variables, arrays, source="checkpoint"):
         raise CheckpointMismatchError(source, missing, unexpected, mis_shaped)
 
 
-def load_official_weights(model, path):
-    """Loads an official ``.npz`` checkpoint into a model of the same architecture and resolution.
+def model_grid(model):
+    """The token grid (gh, gw) of a model built by ``vision_transformer``."""
+    embedding = next(layer for layer in model.layers if isinstance(layer, Patches))
+    height, width = embedding.input.shape[1:3]
+    return (height // embedding.patch_size[0], width // embedding.patch_size[1])
 
-    Strict: every model weight must be assigned and every array used, with
-    equal shapes; otherwise a ``CheckpointMismatchError`` lists the missing,
-    unexpected and mis-shaped names and nothing is assigned. Returns ``model``.
+
+def model_arrays(model):
+    """The model's weights as ``{official name: float32 array}``, ready to save as an official .npz."""
+    return {name: keras.ops.convert_to_numpy(v) for name, v in official_variables(model).items()}
+
+
+def adapt_arrays(arrays, model, log=None, source_grid=None):
+    """Fits checkpoint arrays to a model whose top or resolution differ (a checkpoint filter).
+
+    * layers the model lacks (``head``, ``pre_logits`` when built with
+      ``include_top=False``) are dropped;
+    * a head with another number of classes is dropped and the model keeps
+      its own zero-initialised head;
+    * position embeddings for another grid are interpolated to the model's
+      grid (``interpolate_posemb``).
+
+    ``source_grid`` is the checkpoint's token grid (rows, columns) when it
+    is not square. Returns ``(arrays, kept)``: the adapted arrays and the names of model
+    weights that keep their initial values. Everything else still has to
+    match exactly (``match_arrays``).
     """
-    arrays = normalize_names(read_npz(path))
+    log = log or (lambda message: None)
     variables = official_variables(model)
-    match_arrays(variables, arrays, source=str(path))
+    arrays = dict(arrays)
+    kept = set()
+    head = arrays.get("head/kernel")
+    if head is not None and "head/kernel" not in variables:
+        arrays.pop("head/kernel"), arrays.pop("head/bias", None)
+        log("Dropped the checkpoint's head: the model has none (include_top=False).")
+    elif head is not None and head.shape != tuple(variables["head/kernel"].shape):
+        arrays.pop("head/kernel"), arrays.pop("head/bias", None)
+        kept |= {"head/kernel", "head/bias"}
+        log(f"Replaced the checkpoint's {head.shape[-1]}-class head by a zero-initialised "
+            f"{variables['head/kernel'].shape[-1]}-class head.")
+    # The pre-logits layer goes with the head it fed, as in the official fine-tuning code.
+    if "pre_logits/kernel" in arrays and "pre_logits/kernel" not in variables and "head/kernel" not in arrays:
+        arrays.pop("pre_logits/kernel"), arrays.pop("pre_logits/bias", None)
+        log("Dropped the checkpoint's pre_logits layer: the model has no representation layer.")
+    name = "Transformer/posembed_input/pos_embedding"
+    if name in arrays and name in variables and arrays[name].shape != tuple(variables[name].shape):
+        prefix = int("cls" in variables)
+        grid = model_grid(model)
+        source = arrays[name]
+        if source.ndim != 3 or source.shape[-1] != variables[name].shape[-1]:
+            raise CheckpointMismatchError("checkpoint", mis_shaped=[(name, source.shape, tuple(variables[name].shape))])
+        arrays[name] = interpolate_posemb(source, grid, num_prefix_tokens=prefix, source_grid=source_grid)
+        log(f"Interpolated position embeddings from {source.shape[1] - prefix} to {grid[0]}x{grid[1]} grid tokens.")
+    return arrays, kept
+
+
+def load_arrays(model, arrays, adapt=False, source="checkpoint", log=None, source_grid=None):
+    """Assigns ``{official name: array}`` to ``model``: strict, or through ``adapt_arrays`` first.
+
+    Nothing is assigned when the arrays do not match. Returns ``model``.
+    """
+    arrays = normalize_names(arrays)
+    kept = set()
+    if adapt:
+        arrays, kept = adapt_arrays(arrays, model, log, source_grid)
+    variables = {k: v for k, v in official_variables(model).items() if k not in kept}
+    match_arrays(variables, arrays, source=source)
     for name, variable in variables.items():
         variable.assign(np.asarray(arrays[name], dtype=variable.dtype))
     return model
+
+
+def load_official_weights(model, path, adapt=False, log=None):
+    """Loads an official ``.npz`` checkpoint into a model built by ``vision_transformer``.
+
+    Strict by default: the model must have the checkpoint's architecture and
+    resolution; every model weight is assigned and every array used, with
+    equal shapes; otherwise a ``CheckpointMismatchError`` lists the missing,
+    unexpected and mis-shaped names and nothing is assigned. With
+    ``adapt=True`` the head, top and resolution may differ (see
+    ``adapt_arrays``); ``log`` receives one line per adaptation. Returns ``model``.
+    """
+    return load_arrays(model, read_npz(path), adapt=adapt, source=str(path), log=log)
+
+
+def infer_config(arrays):
+    """Infers ``vision_transformer`` keyword arguments from official checkpoint arrays alone.
+
+    Returns hidden_size, num_layers, num_heads, mlp_dim, patch_size, channels,
+    classifier, representation_size, classes (None without a head) and
+    image_size (from a square position-embedding grid).
+    """
+    arrays = normalize_names(arrays)
+    try:
+        kernel = arrays["embedding/kernel"]
+        posemb = arrays["Transformer/posembed_input/pos_embedding"]
+        query = arrays["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"]
+        mlp = arrays["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"]
+    except KeyError as error:
+        raise ValueError(f"Not an official ViT checkpoint: it has no {error.args[0]!r} array.") from None
+    blocks = {m[1] for m in map(_BLOCK_KEY.match, arrays) if m}
+    prefix = int("cls" in arrays)
+    grid = square_grid(posemb.shape[1] - prefix)
+    patch = tuple(int(p) for p in kernel.shape[:2])
+    return dict(
+        image_size=(grid[0] * patch[0], grid[1] * patch[1]),
+        patch_size=patch,
+        hidden_size=int(kernel.shape[-1]),
+        num_layers=len(blocks),
+        num_heads=int(query.shape[1]),
+        mlp_dim=int(mlp.shape[1]),
+        channels=int(kernel.shape[2]),
+        classifier="token" if prefix else "gap",
+        representation_size=int(arrays["pre_logits/kernel"].shape[1]) if "pre_logits/kernel" in arrays else None,
+        classes=int(arrays["head/bias"].shape[0]) if "head/bias" in arrays else None,
+    )
+
+
+def _linear_resample(array, size, axis):
+    """Linear interpolation along ``axis`` to ``size`` samples with aligned corners (float64)."""
+    old = array.shape[axis]
+    if size == old:
+        return array
+    positions = np.arange(size) * ((old - 1) / (size - 1)) if size > 1 else np.zeros(1)
+    low = np.clip(np.floor(positions).astype(int), 0, old - 1)
+    high = np.minimum(low + 1, old - 1)
+    frac = (positions - low).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+    return np.take(array, low, axis=axis) * (1 - frac) + np.take(array, high, axis=axis) * frac
+
+
+def square_grid(num_tokens):
+    """The (g, g) grid of ``num_tokens`` grid tokens; ``ValueError`` when it is not a square."""
+    side = int(round(np.sqrt(num_tokens)))
+    if side * side != num_tokens:
+        raise ValueError(
+            f"{num_tokens} position embeddings do not form a square grid; pass the source grid (rows, columns) "
+            "explicitly for a rectangular checkpoint."
+        )
+    return (side, side)
+
+
+def interpolate_posemb(posemb, target_grid, num_prefix_tokens=1, source_grid=None):
+    """Resizes position embeddings (1, prefix + gh*gw, D) to (1, prefix + th*tw, D), the official way.
+
+    The prefix (class-token) rows are kept; the grid is resampled bilinearly
+    with aligned corners, which is what the official ``interpolate_posembed``
+    does through ``scipy.ndimage.zoom(order=1)``. Computed in float64, returned
+    in the input dtype. ``source_grid`` defaults to the square grid; rectangular
+    grids are supported both ways.
+    """
+    posemb = np.asarray(posemb)
+    if posemb.ndim != 3 or posemb.shape[0] != 1:
+        raise ValueError(f"Position embeddings must be shaped (1, tokens, hidden), got {posemb.shape}.")
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:].astype(np.float64)
+    source_grid = tuple(source_grid) if source_grid is not None else square_grid(grid.shape[0])
+    if source_grid[0] * source_grid[1] != grid.shape[0]:
+        raise ValueError(f"Source grid {source_grid} does not hold the {grid.shape[0]} position embeddings given.")
+    grid = grid.reshape(*source_grid, -1)
+    grid = _linear_resample(_linear_resample(grid, target_grid[0], 0), target_grid[1], 1)
+    grid = grid.reshape(1, target_grid[0] * target_grid[1], -1).astype(posemb.dtype)
+    return np.concatenate([prefix, grid], axis=1)

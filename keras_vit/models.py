@@ -7,11 +7,14 @@ official checkpoints map one to one. ``ViT_B16`` and friends wrap it with the
 signature of ``keras.applications``; ``create_model`` takes any model name.
 """
 
+import logging
 import os
+from pathlib import Path
 
 import keras
 
 from keras_vit import checkpoints, configs
+from keras_vit import weights as weights_lib
 from keras_vit.layers import (
     GELU_FORMS,
     LAYER_NORM_EPSILON,
@@ -23,6 +26,7 @@ from keras_vit.layers import (
     to_pair,
 )
 
+log = logging.getLogger("keras_vit")
 CLASSIFIERS = ("token", "gap", "unpooled")
 POOLINGS = (None, "token", "gap", "avg")
 
@@ -141,15 +145,64 @@ def vision_transformer(
     return keras.Model(inputs, x, name=name)
 
 
-def load_weights(model, weights):
-    """Loads ``weights`` into ``model``: an official ``.npz`` path or a Keras ``.weights.h5`` path."""
-    path = os.fspath(weights)
-    if path.endswith(".npz"):
-        return checkpoints.load_official_weights(model, path)
-    if path.endswith(".weights.h5"):
-        model.load_weights(path)
+def _is_url(weights):
+    return isinstance(weights, str) and "://" in weights
+
+
+def _source_arrays(source):
+    """``{official name: array}`` from an official ``.npz`` or a ``.keras`` model file (local or URL)."""
+    path = weights_lib.fetch(source) if _is_url(source) else Path(source)
+    if path.suffix == ".npz":
+        return checkpoints.read_npz(path), str(path)
+    if path.suffix == ".keras":
+        if not path.exists():
+            raise FileNotFoundError(f"Model file {path} does not exist.")
+        return checkpoints.model_arrays(keras.models.load_model(path)), str(path)
+    raise ValueError(
+        f"Unsupported weights {source!r}: give a weights family, an official .npz, a Keras .keras or "
+        ".weights.h5 file, or an URL of one of those."
+    )
+
+
+def _pretrained_arrays(weights, model_name, image_size):
+    """Resolves ``weights`` (family, path or URL) to checkpoint arrays; None for ``.weights.h5`` files."""
+    if isinstance(weights, str) and weights in weights_lib.FAMILIES:
+        entry = weights_lib.resolve_weights(model_name, weights, image_size)
+        return checkpoints.read_npz(weights_lib.fetch(entry.url, entry.sha256)), entry.url
+    if os.fspath(weights).endswith(".weights.h5"):
+        return None, str(weights)
+    return _source_arrays(os.fspath(weights))
+
+
+def load_weights(model, weights, adapt=True):
+    """Loads a checkpoint path or URL (official ``.npz``, ``.keras``, ``.weights.h5``) into ``model``.
+
+    With ``adapt=True`` (the default) a different head, a missing top or
+    another resolution are adapted as described in
+    ``keras_vit.checkpoints.adapt_arrays``; ``.weights.h5`` files must match
+    exactly. Returns ``model``.
+    """
+    arrays, source = _pretrained_arrays(weights, model.name, None)
+    if arrays is None:
+        model.load_weights(source)
         return model
-    raise ValueError(f"Unsupported weights {weights!r}: give a path to an official .npz or a Keras .weights.h5 file.")
+    return checkpoints.load_arrays(model, arrays, adapt=adapt, source=source, log=log.info)
+
+
+def _load_pretrained(weights, model_name, config):
+    """Builds ``vision_transformer(**config)`` and loads ``weights`` into it, fitting the top to them."""
+    arrays, source = _pretrained_arrays(weights, model_name, config["image_size"])
+    if arrays is None:
+        model = vision_transformer(**config)
+        model.load_weights(source)
+        return model
+    if "representation_size" not in config:
+        # The pre-logits layer stays with the head it feeds; a new head (fine-tuning) drops it, as the official code.
+        found = checkpoints.infer_config(arrays)
+        keeps_head = config["include_top"] and found["classes"] == config["classes"]
+        config["representation_size"] = found["representation_size"] if keeps_head else None
+    model = vision_transformer(**config)
+    return checkpoints.load_arrays(model, arrays, adapt=True, source=source, log=log.info)
 
 
 def create_model(
@@ -165,6 +218,14 @@ def create_model(
 ):
     """Builds a named model, e.g. ``create_model("ViT-B_16")`` or ``create_model("S/32-gap", classes=10)``.
 
+    ``weights``: ``None`` (random init), a family (``"imagenet21k"``,
+    ``"imagenet21k+imagenet2012"``, ``"augreg_in21k"``, ``"augreg_in21k_ft_in1k"``,
+    ``"augreg_in1k"``, ``"sam"``; see ``keras_vit.weights``), a local path
+    (official ``.npz``, ``.keras``, ``.weights.h5``) or an URL. A head with
+    another number of classes is replaced by a zero-initialised one, the top is
+    dropped for ``include_top=False``, and position embeddings are
+    interpolated to ``image_size``; each adaptation is logged.
+
     ``input_shape=(H, W, C)`` overrides ``image_size`` and the channel count,
     as in ``keras.applications``. Other keyword arguments override the
     configuration (``dropout_rate``, ``stochastic_depth_rate``,
@@ -172,24 +233,71 @@ def create_model(
     the outputs.
     """
     config = configs.model_config(name)
-    config.update(overrides)
+    model_name = config.pop("name")
     if input_shape is not None:
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (height, width, channels), got {input_shape!r}.")
-        image_size, config["channels"] = tuple(input_shape[:2]), input_shape[2]
-    config.setdefault("name", name)
-    config["name"] = config["name"].replace("/", "_")
-    model = vision_transformer(
+        image_size, overrides["channels"] = tuple(input_shape[:2]), input_shape[2]
+    config.update(overrides)
+    config.update(
         image_size=image_size,
         include_top=include_top,
         pooling=pooling,
         classes=classes,
         classifier_activation=classifier_activation,
-        **config,
+        name=model_name,
     )
-    if weights is not None:
-        load_weights(model, weights)
-    return model
+    if weights is None:
+        return vision_transformer(**config)
+    if "representation_size" not in overrides:  # the user's choice wins over the checkpoint's
+        config.pop("representation_size")
+    return _load_pretrained(weights, model_name, config)
+
+
+def from_official_checkpoint(path, image_size=None, classes=None, include_top=True, **overrides):
+    """Builds the model an official checkpoint describes and loads it; no other argument is needed.
+
+    The architecture (hidden size, layers, heads, MLP size, patch size,
+    classifier, representation size, classes, image size from the
+    position-embedding grid) is inferred from the arrays. ``image_size`` and
+    ``classes`` may differ from the checkpoint's (position embeddings are
+    interpolated; a new zero-initialised head is made). ``path`` may be an URL.
+    """
+    arrays, source = _source_arrays(os.fspath(path))
+    config = checkpoints.infer_config(arrays)
+    if include_top and classes is None and config["classes"] is None:
+        raise ValueError(f"{source} has no head: pass classes=K for a new head, or include_top=False.")
+    keeps_head = include_top and classes in (None, config["classes"])
+    if not keeps_head:
+        config["representation_size"] = None
+    config.update(
+        image_size=image_size or config["image_size"],
+        classes=classes or config["classes"] or 1000,
+        include_top=include_top,
+        name=Path(source).stem.replace(".", "_"),
+    )
+    config.update(overrides)
+    model = vision_transformer(**config)
+    return checkpoints.load_arrays(model, arrays, adapt=True, source=source, log=log.info)
+
+
+def resize_model(model, image_size):
+    """The same model at another resolution, position embeddings interpolated the official way.
+
+    Works on any model built by ``vision_transformer`` (fine-tuned at 384,
+    serve at 224 or 512). Returns a new model; ``model`` is unchanged.
+    """
+    config = model.get_config()
+    height, width = to_pair(image_size, "image size")
+    for layer in config["layers"]:
+        layer.pop("build_config", None)  # rebuilt from the new input shape
+        if layer["class_name"] == "InputLayer":
+            layer["config"]["batch_shape"] = [None, height, width, layer["config"]["batch_shape"][-1]]
+    resized = keras.Model.from_config(config)
+    arrays = checkpoints.model_arrays(model)
+    return checkpoints.load_arrays(
+        resized, arrays, adapt=True, source=f"model {model.name}", log=log.info, source_grid=checkpoints.model_grid(model)
+    )
 
 
 def _named_constructor(official_name, function_name):

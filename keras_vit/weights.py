@@ -1,0 +1,171 @@
+"""Pretrained weights: the registry of official checkpoints, download, hash check and cache.
+
+``resolve_weights(model_name, family, image_size)`` picks the registry entry
+for a model name and a family (``"imagenet21k"``, ``"augreg_in21k_ft_in1k"``,
+...), preferring the file whose native resolution equals the requested one.
+``fetch(url, sha256)`` downloads through ``keras.utils.get_file`` into the
+cache (``KERAS_VIT_CACHE``, default ``~/.keras/keras_vit``), verifies the hash
+when one is known and fails fast with instructions when the URL cannot be
+reached. Nothing here builds a model.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+
+import keras
+
+BUCKET = "https://storage.googleapis.com/vit_models/"
+DOWNLOAD_TIMEOUT_S = 15.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedWeights:
+    """One released checkpoint: where it is and what it was trained for."""
+
+    path: str  # under BUCKET, or a full URL
+    resolution: int  # native square resolution, px
+    classes: int
+    representation_size: int | None = None  # pre_logits width, None when the file has none
+    sha256: str | None = None  # verified after download when known
+    preprocessing: str = "[-1, 1]"  # (pixels - 127.5) / 127.5, as every official checkpoint
+
+    @property
+    def url(self):
+        return self.path if "://" in self.path else BUCKET + self.path
+
+
+def _augreg(name, extra=""):
+    return f"augreg/{name}{extra}.npz"
+
+
+_IN21K = 21843
+# The official "How to train your ViT" (AugReg) recommended checkpoints.
+_AUGREG = {
+    "ViT-Ti_16": "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0",
+    "ViT-S_16": "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0",
+    "ViT-S_32": "S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0",
+    "ViT-B_16": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0",
+    "ViT-B_32": "B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0",
+    "ViT-B_8": "B_8-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0",
+    "ViT-L_16": "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1",
+}
+_AUGREG_IN1K = {
+    "ViT-S_16": "S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0",
+    "ViT-B_16": "B_16-i1k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1",
+    "ViT-B_32": "B_32-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.1-sd_0.1",
+}
+
+
+def _build_registry():
+    registry = {}
+
+    def add(model, family, entry):
+        registry.setdefault((model, family), []).append(entry)
+
+    for model, width in (("ViT-B_16", 768), ("ViT-B_32", 768), ("ViT-L_16", 1024), ("ViT-L_32", 1024), ("ViT-H_14", 1280)):
+        add(model, "imagenet21k", PretrainedWeights(f"imagenet21k/{model}.npz", 224, _IN21K, width))
+    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32"):
+        add(model, "imagenet21k+imagenet2012", PretrainedWeights(f"imagenet21k+imagenet2012/{model}.npz", 384, 1000))
+    for model in ("ViT-B_16", "ViT-L_16"):
+        add(model, "imagenet21k+imagenet2012", PretrainedWeights(f"imagenet21k+imagenet2012/{model}-224.npz", 224, 1000))
+    for model, name in _AUGREG.items():
+        add(model, "augreg_in21k", PretrainedWeights(_augreg(name), 224, _IN21K))
+        for resolution in (224, 384):
+            steps = "--imagenet2012-steps_20k-lr_0.01-res_" if model != "ViT-L_16" else "--imagenet2012-steps_20k-lr_0.01-res_"
+            add(model, "augreg_in21k_ft_in1k", PretrainedWeights(_augreg(name, f"{steps}{resolution}"), resolution, 1000))
+    for model, name in _AUGREG_IN1K.items():
+        add(model, "augreg_in1k", PretrainedWeights(_augreg(name), 224, 1000))
+    for model in ("ViT-B_16", "ViT-B_32"):
+        add(model, "sam", PretrainedWeights(f"sam/{model}.npz", 224, 1000))
+    return registry
+
+
+REGISTRY = _build_registry()
+FAMILIES = ("imagenet21k", "imagenet21k+imagenet2012", "augreg_in21k", "augreg_in21k_ft_in1k", "augreg_in1k", "sam")
+
+
+def families_for(model_name):
+    """The weight families released for an official model name, e.g. ``["imagenet21k", ...]``."""
+    return [family for (model, family) in REGISTRY if model == model_name]
+
+
+def resolve_weights(model_name, family, image_size=None):
+    """The registry entry for ``model_name`` and ``family``; prefers the native resolution ``image_size``.
+
+    Raises ``ValueError`` naming the families that exist for the model.
+    """
+    entries = REGISTRY.get((model_name, family))
+    if not entries:
+        available = families_for(model_name)
+        raise ValueError(
+            f"No {family!r} weights were released for {model_name}. "
+            + (f"Available: {', '.join(available)}." if available else "No pretrained weights exist for it.")
+            + f" Families: {', '.join(FAMILIES)}; or pass a local path or URL."
+        )
+    height = image_size if isinstance(image_size, int) else (image_size or (None,))[0]
+    return next((e for e in entries if e.resolution == height), entries[-1] if height and height > 224 else entries[0])
+
+
+def cache_dir():
+    """The download cache folder: ``$KERAS_VIT_CACHE`` or ``~/.keras/keras_vit``."""
+    return Path(os.environ.get("KERAS_VIT_CACHE", Path(keras.config.keras_home()) / "keras_vit")).expanduser()
+
+
+def sha256_of(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def cached_name(url):
+    """The cache file name of a URL: its folder and file joined, e.g. ``imagenet21k--ViT-B_16.npz``."""
+    parts = [p for p in urllib.parse.urlsplit(url).path.split("/") if p]
+    return "--".join(parts[-2:]) if len(parts) > 1 else parts[-1]
+
+
+def fetch(url, sha256=None, timeout=DOWNLOAD_TIMEOUT_S):
+    """Downloads ``url`` into the cache (once) and returns the local path.
+
+    With ``sha256`` the file is verified after download (and when found in the
+    cache); a mismatch deletes the file and raises ``ValueError``. A URL that
+    cannot be reached raises ``ConnectionError`` within about ``timeout``
+    seconds, saying where to place the file by hand.
+    """
+    folder = cache_dir()
+    target = folder / cached_name(url)
+    if target.exists() and (sha256 is None or sha256_of(target) == sha256):
+        return target
+    try:
+        with _socket_timeout(timeout):
+            path = Path(keras.utils.get_file(fname=target.name, origin=url, cache_dir=str(folder), cache_subdir=""))
+    except Exception as error:  # get_file raises bare Exception for URL errors
+        if target.exists():
+            target.unlink()
+        raise ConnectionError(
+            f"Could not download {url} ({error}). Without network access, download it elsewhere and place it at "
+            f"{target} (the cache folder is set by KERAS_VIT_CACHE), or pass the local file path as weights=."
+        ) from None
+    if sha256 is not None and sha256_of(path) != sha256:
+        path.unlink()
+        raise ValueError(
+            f"The file downloaded from {url} does not have the expected sha256 {sha256}; it was deleted. "
+            "Retry the download; if it fails again the file on the server has changed."
+        )
+    return path
