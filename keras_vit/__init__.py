@@ -17,6 +17,7 @@ from keras_vit.layers import (
     TokenPooling,
     TransformerBlock,
 )
+from keras_vit.preprocessing import decode_predictions, preprocess_input
 from keras_vit.models import (
     ViT_B8,
     ViT_B16,

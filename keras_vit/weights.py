@@ -25,35 +25,64 @@ DOWNLOAD_TIMEOUT_S = 15.0
 
 @dataclasses.dataclass(frozen=True)
 class PretrainedWeights:
-    """One released checkpoint: where it is and what it was trained for."""
+    """One released checkpoint: where it is and what it was trained for.
+
+    The architecture details (representation layer, classifier) are read from
+    the file itself when it is loaded.
+    """
 
     path: str  # under BUCKET, or a full URL
     resolution: int  # native square resolution, px
-    classes: int
-    representation_size: int | None = None  # pre_logits width, None when the file has none
-    sha256: str | None = None  # verified after download when known
-    preprocessing: str = "[-1, 1]"  # (pixels - 127.5) / 127.5, as every official checkpoint
+    classes: int  # outputs of the stored head (the 2020 imagenet21k heads are zeroed)
+    sha256: str | None = None  # verified after download when known; the bucket publishes none
+    preprocessing: str = "(pixels - 127.5) / 127.5"  # to [-1, 1], for every official checkpoint
 
     @property
     def url(self):
-        return self.path if "://" in self.path else BUCKET + self.path
+        return self.path if "://" in self.path else BUCKET + urllib.parse.quote(self.path)
 
 
-def _augreg(name, extra=""):
-    return f"augreg/{name}{extra}.npz"
-
-
-_IN21K = 21843
-# The official "How to train your ViT" (AugReg) recommended checkpoints.
-_AUGREG = {
+IN21K_CLASSES = 21843
+_FT = "--imagenet2012-steps_20k-lr_"
+# AugReg ("How to train your ViT?") upstream runs: the official recommendations (vision_transformer README).
+_AUGREG_IN21K = {
     "ViT-Ti_16": "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0",
     "ViT-S_16": "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0",
     "ViT-S_32": "S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0",
     "ViT-B_16": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0",
-    "ViT-B_32": "B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0",
+    "ViT-B_32": "B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0",
     "ViT-B_8": "B_8-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0",
-    "ViT-L_16": "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1",
+    "ViT-L_16": "L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0",
 }
+# Their ImageNet-1k fine-tunes: (file, resolution). 384 px as recommended upstream; 224 px as picked by timm.
+_AUGREG_IN21K_FT_IN1K = {
+    "ViT-Ti_16": [
+        (f"Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0{_FT}0.03-res_224", 224),
+        (f"Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0{_FT}0.03-res_384", 384),
+    ],
+    "ViT-S_16": [
+        (f"S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0{_FT}0.03-res_224", 224),
+        (f"S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0{_FT}0.03-res_384", 384),
+    ],
+    "ViT-S_32": [
+        (f"S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0{_FT}0.03-res_224", 224),
+        (f"S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0{_FT}0.01-res_384", 384),
+    ],
+    "ViT-B_16": [
+        (f"B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0{_FT}0.01-res_224", 224),
+        (f"B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0{_FT}0.01-res_384", 384),
+    ],
+    "ViT-B_32": [
+        (f"B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0{_FT}0.03-res_224", 224),
+        (f"B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0{_FT}0.01-res_384", 384),
+    ],
+    "ViT-B_8": [(f"B_8-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0{_FT}0.01-res_224", 224)],
+    "ViT-L_16": [
+        (f"L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1{_FT}0.01-res_224", 224),
+        (f"L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0{_FT}0.01-res_384", 384),
+    ],
+}
+# ImageNet-1k only (pre-trained and fine-tuned on ImageNet-1k).
 _AUGREG_IN1K = {
     "ViT-S_16": "S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0",
     "ViT-B_16": "B_16-i1k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1",
@@ -62,26 +91,28 @@ _AUGREG_IN1K = {
 
 
 def _build_registry():
+    """{(official model name, family): [PretrainedWeights, ...]} from the tables above."""
     registry = {}
 
-    def add(model, family, entry):
-        registry.setdefault((model, family), []).append(entry)
+    def add(model, family, path, resolution, classes):
+        registry.setdefault((model, family), []).append(PretrainedWeights(path, resolution, classes))
 
-    for model, width in (("ViT-B_16", 768), ("ViT-B_32", 768), ("ViT-L_16", 1024), ("ViT-L_32", 1024), ("ViT-H_14", 1280)):
-        add(model, "imagenet21k", PretrainedWeights(f"imagenet21k/{model}.npz", 224, _IN21K, width))
-    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32"):
-        add(model, "imagenet21k+imagenet2012", PretrainedWeights(f"imagenet21k+imagenet2012/{model}.npz", 384, 1000))
+    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14"):
+        add(model, "imagenet21k", f"imagenet21k/{model}.npz", 224, IN21K_CLASSES)
     for model in ("ViT-B_16", "ViT-L_16"):
-        add(model, "imagenet21k+imagenet2012", PretrainedWeights(f"imagenet21k+imagenet2012/{model}-224.npz", 224, 1000))
-    for model, name in _AUGREG.items():
-        add(model, "augreg_in21k", PretrainedWeights(_augreg(name), 224, _IN21K))
+        add(model, "imagenet21k+imagenet2012", f"imagenet21k+imagenet2012/{model}-224.npz", 224, 1000)
+    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32"):
+        add(model, "imagenet21k+imagenet2012", f"imagenet21k+imagenet2012/{model}.npz", 384, 1000)
+    for model, stem in _AUGREG_IN21K.items():
+        add(model, "augreg_in21k", f"augreg/{stem}.npz", 224, IN21K_CLASSES)
+    for model, files in _AUGREG_IN21K_FT_IN1K.items():
+        for stem, resolution in files:
+            add(model, "augreg_in21k_ft_in1k", f"augreg/{stem}.npz", resolution, 1000)
+    for model, stem in _AUGREG_IN1K.items():
         for resolution in (224, 384):
-            steps = "--imagenet2012-steps_20k-lr_0.01-res_" if model != "ViT-L_16" else "--imagenet2012-steps_20k-lr_0.01-res_"
-            add(model, "augreg_in21k_ft_in1k", PretrainedWeights(_augreg(name, f"{steps}{resolution}"), resolution, 1000))
-    for model, name in _AUGREG_IN1K.items():
-        add(model, "augreg_in1k", PretrainedWeights(_augreg(name), 224, 1000))
+            add(model, "augreg_in1k", f"augreg/{stem}{_FT}0.01-res_{resolution}.npz", resolution, 1000)
     for model in ("ViT-B_16", "ViT-B_32"):
-        add(model, "sam", PretrainedWeights(f"sam/{model}.npz", 224, 1000))
+        add(model, "sam", f"sam/{model}.npz", 224, 1000)
     return registry
 
 
@@ -108,7 +139,8 @@ def resolve_weights(model_name, family, image_size=None):
             + f" Families: {', '.join(FAMILIES)}; or pass a local path or URL."
         )
     height = image_size if isinstance(image_size, int) else (image_size or (None,))[0]
-    return next((e for e in entries if e.resolution == height), entries[-1] if height and height > 224 else entries[0])
+    # The file of the requested resolution, otherwise the nearest one (its position embeddings get interpolated).
+    return min(entries, key=lambda e: abs(e.resolution - (height or e.resolution)))
 
 
 def cache_dir():
