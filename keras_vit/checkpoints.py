@@ -27,6 +27,7 @@ _LINEN_TO_PRE_LINEN = {
     "LayerNorm_1": "LayerNorm_2",
     "MlpBlock_0": "MlpBlock_3",
 }
+_GROUP_NORM_KEY = re.compile(r"(^|/)gn(_root|_proj|\d+)/(scale|bias)$")
 _BLOCK_KEY = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)/(.*)$")
 
 
@@ -54,17 +55,23 @@ class CheckpointMismatchError(ValueError):
         super().__init__("\n".join(lines))
 
 
-def read_npz(path):
+def read_npz(path, progress=False):
     """Reads an ``.npz`` archive into ``{name: array}`` without unpickling anything.
 
-    Raises ``ValueError`` for a missing, truncated or corrupt file and for one
+    ``progress=True`` shows a progress bar over the arrays (for large files). Raises ``ValueError`` for a missing, truncated or corrupt file and for one
     that holds pickled objects.
     """
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not hasattr(archive, "files"):
                 raise ValueError(f"{path} is a single .npy array, not an .npz checkpoint archive.")
-            return {name: archive[name] for name in archive.files}
+            bar = keras.utils.Progbar(len(archive.files), unit_name="array") if progress else None
+            arrays = {}
+            for name in archive.files:
+                arrays[name] = archive[name]
+                if bar:
+                    bar.add(1)
+            return arrays
     except FileNotFoundError:
         raise FileNotFoundError(f"Checkpoint file {path} does not exist.") from None
     except ValueError as error:
@@ -80,11 +87,25 @@ def read_npz(path):
         ) from None
 
 
-def normalize_names(arrays):
-    """Maps checkpoint arrays to the canonical (released, pre-Linen) names.
+def decode_array(array):
+    """float32 view of a checkpoint array; bfloat16 stored as raw 16-bit patterns (void or uint16) is widened.
 
-    Strips ``opt/target/`` and ``params/`` prefixes and renames Linen block
-    submodules to their pre-Linen names. Returns a new dict.
+    NumPy has no bfloat16, so JAX bfloat16 arrays saved with ``np.savez`` come
+    back as 2-byte void (or uint16) data: the upper half of a float32.
+    """
+    if array.dtype.itemsize == 2 and array.dtype.kind in "Vu":
+        bits = np.ascontiguousarray(array).view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32)
+    return array
+
+
+def normalize_names(arrays):
+    """Maps checkpoint arrays to the canonical (released, pre-Linen) names and float arrays.
+
+    Strips ``opt/target/`` and ``params/`` prefixes, renames Linen block
+    submodules to their pre-Linen names, widens bfloat16 bit patterns
+    (``decode_array``) and flattens GroupNorm parameters stored as
+    (1, 1, 1, C) to (C,). Returns a new dict.
     """
     stripped = {}
     for name, array in arrays.items():
@@ -92,6 +113,9 @@ def normalize_names(arrays):
             if name.startswith(prefix):
                 name = name[len(prefix) :]
                 break
+        array = decode_array(array)
+        if _GROUP_NORM_KEY.search(name) and array.ndim == 4:
+            array = array.reshape(-1)
         stripped[name] = array
     linen_blocks = {
         m[1]
@@ -192,63 +216,71 @@ def model_arrays(model):
     return {name: keras.ops.convert_to_numpy(v) for name, v in official_variables(model).items()}
 
 
-def adapt_arrays(arrays, model, log=None, source_grid=None):
+def adapt_arrays(arrays, model, source_grid=None):
     """Fits checkpoint arrays to a model whose top or resolution differ (a checkpoint filter).
 
-    * layers the model lacks (``head``, ``pre_logits`` when built with
-      ``include_top=False``) are dropped;
+    * a head the model lacks (``include_top=False``) is dropped;
     * a head with another number of classes is dropped and the model keeps
       its own zero-initialised head;
+    * the pre-logits layer goes with a dropped head unless the model has one;
     * position embeddings for another grid are interpolated to the model's
-      grid (``interpolate_posemb``).
+      grid (``interpolate_posemb``; ``source_grid`` is the checkpoint's grid
+      when it is not square).
 
-    ``source_grid`` is the checkpoint's token grid (rows, columns) when it
-    is not square. Returns ``(arrays, kept)``: the adapted arrays and the names of model
-    weights that keep their initial values. Everything else still has to
-    match exactly (``match_arrays``).
+    Only arrays whose hidden size fits the model are adapted, so a checkpoint
+    of another variant still fails ``match_arrays`` with the full list.
+    Returns ``(arrays, kept, notes)``: the adapted arrays, the names of model
+    weights that keep their initial values, and one line per adaptation.
     """
-    log = log or (lambda message: None)
     variables = official_variables(model)
     arrays = dict(arrays)
-    kept = set()
-    head = arrays.get("head/kernel")
-    if head is not None and "head/kernel" not in variables:
+    kept, notes = set(), []
+    head, model_head = arrays.get("head/kernel"), variables.get("head/kernel")
+    if head is not None and model_head is None:
         arrays.pop("head/kernel"), arrays.pop("head/bias", None)
-        log("Dropped the checkpoint's head: the model has none (include_top=False).")
-    elif head is not None and head.shape != tuple(variables["head/kernel"].shape):
+        notes.append("Dropped the checkpoint's head: the model has none (include_top=False).")
+    elif head is not None and head.shape[0] == model_head.shape[0] and head.shape != tuple(model_head.shape):
         arrays.pop("head/kernel"), arrays.pop("head/bias", None)
         kept |= {"head/kernel", "head/bias"}
-        log(f"Replaced the checkpoint's {head.shape[-1]}-class head by a zero-initialised "
-            f"{variables['head/kernel'].shape[-1]}-class head.")
+        notes.append(
+            f"Replaced the checkpoint's {head.shape[-1]}-class head by a zero-initialised "
+            f"{model_head.shape[-1]}-class head."
+        )
     # The pre-logits layer goes with the head it fed, as in the official fine-tuning code.
     if "pre_logits/kernel" in arrays and "pre_logits/kernel" not in variables and "head/kernel" not in arrays:
         arrays.pop("pre_logits/kernel"), arrays.pop("pre_logits/bias", None)
-        log("Dropped the checkpoint's pre_logits layer: the model has no representation layer.")
+        notes.append("Dropped the checkpoint's pre_logits layer: the model has no representation layer.")
     name = "Transformer/posembed_input/pos_embedding"
-    if name in arrays and name in variables and arrays[name].shape != tuple(variables[name].shape):
+    posemb, model_posemb = arrays.get(name), variables.get(name)
+    if posemb is not None and posemb.ndim == 3 and posemb.shape[-1] == model_posemb.shape[-1] and (
+        posemb.shape[1] != model_posemb.shape[1]
+    ):
         prefix = int("cls" in variables)
         grid = model_grid(model)
-        source = arrays[name]
-        if source.ndim != 3 or source.shape[-1] != variables[name].shape[-1]:
-            raise CheckpointMismatchError("checkpoint", mis_shaped=[(name, source.shape, tuple(variables[name].shape))])
-        arrays[name] = interpolate_posemb(source, grid, num_prefix_tokens=prefix, source_grid=source_grid)
-        log(f"Interpolated position embeddings from {source.shape[1] - prefix} to {grid[0]}x{grid[1]} grid tokens.")
-    return arrays, kept
+        arrays[name] = interpolate_posemb(posemb, grid, num_prefix_tokens=prefix, source_grid=source_grid)
+        notes.append(
+            f"Interpolated position embeddings from {posemb.shape[1] - prefix} grid tokens to a "
+            f"{grid[0]}x{grid[1]} grid."
+        )
+    return arrays, kept, notes
 
 
 def load_arrays(model, arrays, adapt=False, source="checkpoint", log=None, source_grid=None):
     """Assigns ``{official name: array}`` to ``model``: strict, or through ``adapt_arrays`` first.
 
-    Nothing is assigned when the arrays do not match. Returns ``model``.
+    Nothing is assigned when the arrays do not match. ``log`` receives one
+    line per adaptation once loading succeeded. Returns ``model``.
     """
     arrays = normalize_names(arrays)
-    kept = set()
+    kept, notes = set(), []
     if adapt:
-        arrays, kept = adapt_arrays(arrays, model, log, source_grid)
+        arrays, kept, notes = adapt_arrays(arrays, model, source_grid)
     variables = {k: v for k, v in official_variables(model).items() if k not in kept}
     match_arrays(variables, arrays, source=source)
     for name, variable in variables.items():
         variable.assign(np.asarray(arrays[name], dtype=variable.dtype))
+    for note in notes:
+        (log or (lambda message: None))(note)
     return model
 
 

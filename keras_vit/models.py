@@ -264,12 +264,16 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     interpolated; a new zero-initialised head is made). ``path`` may be an URL.
     """
     arrays, source = _source_arrays(os.fspath(path))
+    return model_from_arrays(arrays, source, image_size, classes, include_top, **overrides)
+
+
+def model_from_arrays(arrays, source, image_size=None, classes=None, include_top=True, **overrides):
+    """``from_official_checkpoint`` for arrays already read (``{official name: array}``)."""
     config = checkpoints.infer_config(arrays)
     if include_top and classes is None and config["classes"] is None:
         raise ValueError(f"{source} has no head: pass classes=K for a new head, or include_top=False.")
-    keeps_head = include_top and classes in (None, config["classes"])
-    if not keeps_head:
-        config["representation_size"] = None
+    if not (include_top and classes in (None, config["classes"])):
+        config["representation_size"] = None  # a new head or none: the pre-logits layer goes too
     config.update(
         image_size=image_size or config["image_size"],
         classes=classes or config["classes"] or 1000,

@@ -144,8 +144,9 @@ def resolve_weights(model_name, family, image_size=None):
 
 
 def cache_dir():
-    """The download cache folder: ``$KERAS_VIT_CACHE`` or ``~/.keras/keras_vit``."""
-    return Path(os.environ.get("KERAS_VIT_CACHE", Path(keras.config.keras_home()) / "keras_vit")).expanduser()
+    """The download cache folder: ``$KERAS_VIT_CACHE``, else ``keras_vit`` in ``$KERAS_HOME`` (``~/.keras``)."""
+    default = Path(os.environ.get("KERAS_HOME", "~/.keras")) / "keras_vit"
+    return Path(os.environ.get("KERAS_VIT_CACHE", default)).expanduser()
 
 
 def sha256_of(path, chunk=1 << 20):
@@ -181,6 +182,7 @@ def fetch(url, sha256=None, timeout=DOWNLOAD_TIMEOUT_S):
     seconds, saying where to place the file by hand.
     """
     folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp for a folder it cannot write
     target = folder / cached_name(url)
     if target.exists() and (sha256 is None or sha256_of(target) == sha256):
         return target
