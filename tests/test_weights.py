@@ -286,3 +286,21 @@ def test_decode_predictions_uses_the_shipped_class_names():
     assert decoded[1][0] == ("n15075141", "toilet tissue", 1.0)
     with pytest.raises(ValueError, match=r"expects \(batch, 1000\)"):
         keras_vit.decode_predictions(np.zeros((1, 10)))
+
+
+def test_keras_and_weights_h5_files_as_weights(tmp_path):
+    ref, _ = load_reference("vit_tiny_token")
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"))
+    model.save(tmp_path / "vit.keras")
+    model.save_weights(tmp_path / "vit.weights.h5")
+    new_head = keras_vit.create_model("Ti/16", weights=tmp_path / "vit.keras", image_size=32, classes=3, **_tiny_overrides())
+    assert new_head.output.shape == (None, 3) and not n(new_head.get_layer("head").kernel).any()
+    np.testing.assert_array_equal(_posemb(new_head), _posemb(model))
+    same = keras_vit.create_model("Ti/16", weights=tmp_path / "vit.weights.h5", image_size=32, classes=10, **_tiny_overrides())
+    np.testing.assert_allclose(same.predict(ref["images"], verbose=0), ref["logits"], atol=1e-5)
+
+
+def test_console_scripts_are_installed():
+    for script in ("keras-vit-convert", "keras-vit-interpolate-posemb"):
+        result = subprocess.run([script, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage:" in result.stdout
