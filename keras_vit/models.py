@@ -7,6 +7,7 @@ official checkpoints map one to one. ``ViT_B16`` and friends wrap it with the
 signature of ``keras.applications``; ``create_model`` takes any model name.
 """
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -305,37 +306,22 @@ def resize_model(model, image_size):
 
 
 def _named_constructor(official_name, function_name):
-    def constructor(
-        include_top=True,
-        weights=None,
-        image_size=224,
-        pooling=None,
-        classes=1000,
-        classifier_activation=None,
-        input_shape=None,
-        **overrides,
-    ):
-        return create_model(
-            official_name,
-            include_top=include_top,
-            weights=weights,
-            image_size=image_size,
-            pooling=pooling,
-            classes=classes,
-            classifier_activation=classifier_activation,
-            input_shape=input_shape,
-            **overrides,
-        )
+    """A keras.applications-style constructor: ``create_model(official_name, ...)`` with its signature."""
 
+    def constructor(*args, **kwargs):
+        return create_model(official_name, *args, **kwargs)
+
+    signature = inspect.signature(create_model)
+    constructor.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
     hidden, layers, heads, mlp = configs.VARIANTS[official_name[4:].split("_")[0]]
     constructor.__name__ = constructor.__qualname__ = function_name
     constructor.__doc__ = (
         f"{official_name}: hidden size {hidden}, {layers} layers, {heads} heads, MLP {mlp}, "
         f"patch {official_name.split('_')[1]}.\n\n"
-        "Args: include_top, weights (None or a checkpoint path), image_size (int or (h, w), default 224), "
-        "pooling (with include_top=False: None, 'token', 'gap'), classes (default 1000), "
-        "classifier_activation (default None: logits), input_shape, and configuration overrides "
-        "such as dropout_rate. See keras_vit.create_model."
+        "Args: include_top, weights (None, a family such as 'augreg_in21k', a checkpoint path or an URL), "
+        "image_size (int or (h, w), default 224), pooling (with include_top=False: None, 'token', 'gap'), "
+        "classes (default 1000), classifier_activation (default None: logits), input_shape, and "
+        "configuration overrides such as dropout_rate. See keras_vit.create_model."
     )
     return constructor
 
