@@ -17,8 +17,14 @@ from keras_vit.layers import (
     TokenPooling,
     TransformerBlock,
 )
+from keras_vit.resnet import BottleneckUnit, ResNetStage, StdConv2D
 from keras_vit.preprocessing import decode_predictions, preprocess_input
 from keras_vit.models import (
+    R26_ViT_B32,
+    R26_ViT_S32,
+    R50_ViT_B16,
+    R50_ViT_L32,
+    R_ViT_Ti16,
     ViT_B8,
     ViT_B16,
     ViT_B32,

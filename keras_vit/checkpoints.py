@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from keras_vit.layers import AddPositionEmbs, ClassToken, MultiHeadSelfAttention, Patches, TransformerBlock
+from keras_vit.resnet import ResNetStage, StdConv2D, stem_stride
 
 _PREFIXES = ("opt/target/", "params/")
 # Linen submodule name -> pre-Linen name, inside an encoder block.
@@ -28,6 +29,7 @@ _LINEN_TO_PRE_LINEN = {
     "MlpBlock_0": "MlpBlock_3",
 }
 _GROUP_NORM_KEY = re.compile(r"(^|/)gn(_root|_proj|\d+)/(scale|bias)$")
+_UNIT_KEY = re.compile(r"^block(\d+)/unit(\d+)/")
 _BLOCK_KEY = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)/(.*)$")
 
 
@@ -155,6 +157,22 @@ def _attention_variables(attention: MultiHeadSelfAttention):
     return variables
 
 
+def _group_norm_variables(prefix, layer):
+    return {f"{prefix}/scale": layer.gamma, f"{prefix}/bias": layer.beta}
+
+
+def _stage_variables(stage):
+    """``blockS/unitU/{conv1,conv2,conv3,conv_proj}/kernel`` and ``gn*/{scale,bias}`` of a ResNet stage."""
+    variables = {}
+    for unit in stage.units:
+        prefix = f"{stage.name}/{unit.name}"
+        for conv, norm in ((unit.conv1, unit.gn1), (unit.conv2, unit.gn2), (unit.conv3, unit.gn3), (unit.conv_proj, unit.gn_proj)):
+            if conv is not None:
+                variables[f"{prefix}/{conv.name}/kernel"] = conv.kernel
+                variables.update(_group_norm_variables(f"{prefix}/{norm.name}", norm))
+    return variables
+
+
 def official_variables(model):
     """Maps each official checkpoint name to the model variable it loads into.
 
@@ -174,6 +192,12 @@ def official_variables(model):
             entries = {"Transformer/posembed_input/pos_embedding": layer.pos_embedding}
         elif isinstance(layer, TransformerBlock):
             entries = {f"Transformer/{layer.name}/{k}": v for k, v in _block_variables(layer).items()}
+        elif isinstance(layer, StdConv2D) and layer.name == "conv_root":
+            entries = {"conv_root/kernel": layer.kernel}
+        elif isinstance(layer, keras.layers.GroupNormalization) and layer.name == "gn_root":
+            entries = _group_norm_variables("gn_root", layer)
+        elif isinstance(layer, ResNetStage):
+            entries = _stage_variables(layer)
         elif isinstance(layer, keras.layers.LayerNormalization) and layer.name == "encoder_norm":
             entries = {"Transformer/encoder_norm/scale": layer.gamma, "Transformer/encoder_norm/bias": layer.beta}
         elif isinstance(layer, keras.layers.Dense) and layer.name in ("pre_logits", "head"):
@@ -297,12 +321,21 @@ def load_official_weights(model, path, adapt=False, log=None):
     return load_arrays(model, read_npz(path), adapt=adapt, source=str(path), log=log)
 
 
+def token_stride(config):
+    """Pixels per token (rows, columns) of a ``vision_transformer`` config: patch size x ResNet stride."""
+    patch = config["patch_size"]
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    stride = stem_stride(config["resnet_layers"]) if config.get("resnet_layers") is not None else 1
+    return (patch[0] * stride, patch[1] * stride)
+
+
 def infer_config(arrays):
     """Infers ``vision_transformer`` keyword arguments from official checkpoint arrays alone.
 
     Returns hidden_size, num_layers, num_heads, mlp_dim, patch_size, channels,
-    classifier, representation_size, classes (None without a head) and
-    image_size (from a square position-embedding grid).
+    classifier, representation_size, classes (None without a head),
+    image_size (from a square position-embedding grid) and, for hybrids,
+    resnet_layers (units per stage) and resnet_width_factor.
     """
     arrays = normalize_names(arrays)
     try:
@@ -316,17 +349,27 @@ def infer_config(arrays):
     prefix = int("cls" in arrays)
     grid = square_grid(posemb.shape[1] - prefix)
     patch = tuple(int(p) for p in kernel.shape[:2])
+    hybrid = {}
+    if "conv_root/kernel" in arrays:
+        units = [m.groups() for m in map(_UNIT_KEY.match, arrays) if m]
+        stages = sorted({int(stage) for stage, _ in units})
+        if stages != list(range(1, len(stages) + 1)):
+            raise ValueError(f"ResNet stages {stages} of the checkpoint are not numbered block1, block2, ...")
+        layers = tuple(len({unit for stage, unit in units if int(stage) == s}) for s in stages)
+        hybrid = dict(resnet_layers=layers, resnet_width_factor=arrays["conv_root/kernel"].shape[-1] / 64)
+    stride = token_stride(dict(patch_size=patch, **hybrid))
     return dict(
-        image_size=(grid[0] * patch[0], grid[1] * patch[1]),
+        image_size=(grid[0] * stride[0], grid[1] * stride[1]),
         patch_size=patch,
         hidden_size=int(kernel.shape[-1]),
         num_layers=len(blocks),
         num_heads=int(query.shape[1]),
         mlp_dim=int(mlp.shape[1]),
-        channels=int(kernel.shape[2]),
+        channels=int((arrays["conv_root/kernel"] if hybrid else kernel).shape[2]),
         classifier="token" if prefix else "gap",
         representation_size=int(arrays["pre_logits/kernel"].shape[1]) if "pre_logits/kernel" in arrays else None,
         classes=int(arrays["head/bias"].shape[0]) if "head/bias" in arrays else None,
+        **hybrid,
     )
 
 

@@ -136,12 +136,12 @@ def _interpolate_npz(source, target, image_size):
     arrays = checkpoints.normalize_names(checkpoints.read_npz(source, progress=True))
     config = checkpoints.infer_config(arrays)
     height, width = to_pair(image_size, "image size")
-    patch = config["patch_size"]
-    if height % patch[0] or width % patch[1]:
-        raise SystemExit(f"error: image size {height}x{width} is not a multiple of the patch size {patch}.")
+    stride = checkpoints.token_stride(config)
+    if height % stride[0] or width % stride[1]:
+        raise SystemExit(f"error: image size {height}x{width} is not a multiple of the token stride {stride}.")
     name = "Transformer/posembed_input/pos_embedding"
     prefix = int(config["classifier"] == "token")
-    arrays[name] = checkpoints.interpolate_posemb(arrays[name], (height // patch[0], width // patch[1]), prefix)
+    arrays[name] = checkpoints.interpolate_posemb(arrays[name], (height // stride[0], width // stride[1]), prefix)
     np.savez(target, **arrays)
 
 
@@ -166,10 +166,12 @@ def _interpolate_weights_h5(source, target, image_size):
         if "add_position_embs" not in layers or "patches" not in layers:
             raise SystemExit(f"error: {source} does not hold the weights of a keras_vit model.")
         posemb = layers["add_position_embs/vars/0"][...]
-        patch = layers["patches/projection/vars/0"].shape[:2]
+        stages = [name for name in layers if name.startswith("res_net_stage")]
+        hybrid = {"resnet_layers": stages} if "std_conv2d" in layers else {}
+        stride = checkpoints.token_stride(dict(patch_size=layers["patches/projection/vars/0"].shape[:2], **hybrid))
         height, width = to_pair(image_size, "image size")
         prefix = int("class_token" in layers)
-        resized = checkpoints.interpolate_posemb(posemb, (height // patch[0], width // patch[1]), prefix)
+        resized = checkpoints.interpolate_posemb(posemb, (height // stride[0], width // stride[1]), prefix)
         del layers["add_position_embs/vars/0"]
         layers["add_position_embs/vars"].create_dataset("0", data=resized)
 

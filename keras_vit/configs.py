@@ -4,8 +4,11 @@ A model name is decoded into the keyword arguments of
 ``keras_vit.vision_transformer``. Two spellings are accepted:
 
 * the official names of google-research/vision_transformer, e.g.
-  ``"ViT-B_16"``, ``"ViT-S_16-gap-norep"``;
-* short forms, e.g. ``"B/16"``, ``"Ti/16"``, ``"S/32-gap"``.
+  ``"ViT-B_16"``, ``"ViT-S_16-gap-norep"``, hybrids ``"R50+ViT-B_16"``;
+* short forms, e.g. ``"B/16"``, ``"Ti/16"``, ``"S/32-gap"``, ``"R50+B/16"``.
+
+For hybrids the number after the width is the effective patch size on the
+image (ResNet stride x patch size on the feature map).
 
 Options after the name, separated by ``-``: ``gap`` (global average pooling,
 no class token), ``token`` (class token, the default) and ``norep`` (no
@@ -37,10 +40,23 @@ OFFICIAL_MODELS = (
     "ViT-H_14",
 )
 
+# Hybrids (seed, "Hybrid Architecture"): (ResNet prefix, width, effective patch) ->
+# (units per ResNet stage, patch size on the feature map). R50+ViT-B_16 is the seed's option 2 (stage 4
+# removed, its units moved to stage 3); R50+ViT-L_32 is option 1 (a regular ResNet-50's four stages).
+HYBRIDS = {
+    ("R", "Ti", 16): ((), 8),
+    ("R26", "S", 32): ((2, 2, 2, 2), 1),
+    ("R26", "B", 32): ((2, 2, 2, 2), 1),
+    ("R50", "B", 16): ((3, 4, 9), 1),
+    ("R50", "L", 32): ((3, 4, 6, 3), 1),
+}
+OFFICIAL_HYBRIDS = tuple(f"{r}+ViT-{w}_{p}" for r, w, p in HYBRIDS)
+
 _WIDTHS = "|".join(VARIANTS)
+_RESNET = r"(?:(?P<resnet>R\d*)\+)?"
 _NAME_PATTERNS = (
-    re.compile(rf"^ViT-(?P<width>{_WIDTHS})_(?P<patch>\d+)(?P<options>(-[a-z]+)*)$"),
-    re.compile(rf"^(?P<width>{_WIDTHS})/(?P<patch>\d+)(?P<options>(-[a-z]+)*)$"),
+    re.compile(rf"^{_RESNET}ViT-(?P<width>{_WIDTHS})_(?P<patch>\d+)(?P<options>(-[a-z]+)*)$"),
+    re.compile(rf"^{_RESNET}(?P<width>{_WIDTHS})/(?P<patch>\d+)(?P<options>(-[a-z]+)*)$"),
 )
 _OPTIONS = {
     "gap": {"classifier": "gap"},
@@ -50,15 +66,15 @@ _OPTIONS = {
 
 
 def list_models():
-    """Returns the official model names, e.g. ``["ViT-Ti_16", ..., "ViT-H_14"]``."""
-    return list(OFFICIAL_MODELS)
+    """Returns the official model names, plain then hybrid: ``["ViT-Ti_16", ..., "R50+ViT-L_32"]``."""
+    return list(OFFICIAL_MODELS + OFFICIAL_HYBRIDS)
 
 
 def _name_error(name, reason):
     return ValueError(
         f"Unknown model name {name!r} ({reason}). Valid names are the official ones "
-        f"{', '.join(OFFICIAL_MODELS)}, optionally followed by -gap, -token or -norep "
-        "(e.g. 'ViT-B_16-gap-norep'), or short forms such as 'B/16', 'Ti/16', 'S/32-gap'."
+        f"{', '.join(OFFICIAL_MODELS + OFFICIAL_HYBRIDS)}, optionally followed by -gap, -token or -norep "
+        "(e.g. 'ViT-B_16-gap-norep'), or short forms such as 'B/16', 'Ti/16', 'S/32-gap', 'R50+B/16'."
     )
 
 
@@ -94,5 +110,13 @@ def model_config(name):
         config.update(_OPTIONS[option])
     if config["patch_size"] < 1:
         raise _name_error(name, "the patch size must be positive")
-    config["name"] = f"ViT-{match['width']}_{match['patch']}" + "".join(f"-{o}" for o in options)
+    prefix = ""
+    if match["resnet"]:
+        key = (match["resnet"], match["width"], config["patch_size"])
+        if key not in HYBRIDS:
+            raise _name_error(name, "not a released hybrid configuration")
+        config["resnet_layers"], config["patch_size"] = HYBRIDS[key]
+        config["resnet_width_factor"] = 1
+        prefix = f"{match['resnet']}+"
+    config["name"] = f"{prefix}ViT-{match['width']}_{match['patch']}" + "".join(f"-{o}" for o in options)
     return config

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import keras
 
-from keras_vit import checkpoints, configs
+from keras_vit import checkpoints, configs, resnet
 from keras_vit import weights as weights_lib
 from keras_vit.layers import (
     GELU_FORMS,
@@ -56,6 +56,8 @@ def vision_transformer(
     stochastic_depth_rate=0.0,
     gelu="tanh",
     channels=3,
+    resnet_layers=None,
+    resnet_width_factor=1,
     name="vit",
 ):
     """Builds a Vision Transformer as a functional ``keras.Model``.
@@ -93,6 +95,10 @@ def vision_transformer(
             ``rate * i / (num_layers - 1)``.
         gelu: ``"tanh"`` (official approximation) or ``"erf"`` (exact).
         channels: input channels.
+        resnet_layers: units per stage of a hybrid's ResNet stem, e.g.
+            ``(3, 4, 9)``; ``()`` is the root alone; ``None`` (default) is a
+            plain ViT. The patch size then applies to the feature map.
+        resnet_width_factor: ResNet width = 64 x this factor.
         name: model name.
     """
     image_size = to_pair(image_size, "image size")
@@ -115,7 +121,8 @@ def vision_transformer(
         raise ValueError("representation_size applies to a pooled vector: set pooling='token' or 'gap'.")
 
     inputs = keras.Input((*image_size, channels), name="image")
-    x = Patches(patch_size, hidden_size, name="embedding")(inputs)
+    x = inputs if resnet_layers is None else resnet.resnet_stem(inputs, resnet_layers, resnet_width_factor)
+    x = Patches(patch_size, hidden_size, name="embedding")(x)
     if has_class_token:
         x = ClassToken(name="cls")(x)
     x = AddPositionEmbs(name="posembed_input")(x)
@@ -313,11 +320,12 @@ def _named_constructor(official_name, function_name):
 
     signature = inspect.signature(create_model)
     constructor.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
-    hidden, layers, heads, mlp = configs.VARIANTS[official_name[4:].split("_")[0]]
+    config = configs.model_config(official_name)
+    stem = f"ResNet stages {config['resnet_layers']}, " if "resnet_layers" in config else ""
     constructor.__name__ = constructor.__qualname__ = function_name
     constructor.__doc__ = (
-        f"{official_name}: hidden size {hidden}, {layers} layers, {heads} heads, MLP {mlp}, "
-        f"patch {official_name.split('_')[1]}.\n\n"
+        f"{official_name}: {stem}hidden size {config['hidden_size']}, {config['num_layers']} layers, "
+        f"{config['num_heads']} heads, MLP {config['mlp_dim']}, patch {config['patch_size']}.\n\n"
         "Args: include_top, weights (None, a family such as 'augreg_in21k', a checkpoint path or an URL), "
         "image_size (int or (h, w), default 224), pooling (with include_top=False: None, 'token', 'gap'), "
         "classes (default 1000), classifier_activation (default None: logits), input_shape, and "
@@ -335,3 +343,8 @@ ViT_B32 = _named_constructor("ViT-B_32", "ViT_B32")
 ViT_L16 = _named_constructor("ViT-L_16", "ViT_L16")
 ViT_L32 = _named_constructor("ViT-L_32", "ViT_L32")
 ViT_H14 = _named_constructor("ViT-H_14", "ViT_H14")
+R_ViT_Ti16 = _named_constructor("R+ViT-Ti_16", "R_ViT_Ti16")
+R26_ViT_S32 = _named_constructor("R26+ViT-S_32", "R26_ViT_S32")
+R26_ViT_B32 = _named_constructor("R26+ViT-B_32", "R26_ViT_B32")
+R50_ViT_B16 = _named_constructor("R50+ViT-B_16", "R50_ViT_B16")
+R50_ViT_L32 = _named_constructor("R50+ViT-L_32", "R50_ViT_L32")

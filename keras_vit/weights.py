@@ -53,6 +53,9 @@ _AUGREG_IN21K = {
     "ViT-B_32": "B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0",
     "ViT-B_8": "B_8-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0",
     "ViT-L_16": "L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0",
+    "R+ViT-Ti_16": "R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0",
+    "R26+ViT-S_32": "R26_S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0",
+    "R50+ViT-L_32": "R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1",
 }
 # Their ImageNet-1k fine-tunes: (file, resolution). 384 px as recommended upstream; 224 px as picked by timm.
 _AUGREG_IN21K_FT_IN1K = {
@@ -81,6 +84,18 @@ _AUGREG_IN21K_FT_IN1K = {
         (f"L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1{_FT}0.01-res_224", 224),
         (f"L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0{_FT}0.01-res_384", 384),
     ],
+    "R+ViT-Ti_16": [
+        (f"R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0{_FT}0.03-res_224", 224),
+        (f"R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0{_FT}0.03-res_384", 384),
+    ],
+    "R26+ViT-S_32": [
+        (f"R26_S_32-i21k-300ep-lr_0.001-aug_light0-wd_0.03-do_0.1-sd_0.1{_FT}0.03-res_224", 224),
+        (f"R26_S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0{_FT}0.01-res_384", 384),
+    ],
+    "R50+ViT-L_32": [
+        (f"R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1{_FT}0.01-res_224", 224),
+        (f"R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1{_FT}0.01-res_384", 384),
+    ],
 }
 # ImageNet-1k only (pre-trained and fine-tuned on ImageNet-1k).
 _AUGREG_IN1K = {
@@ -97,11 +112,11 @@ def _build_registry():
     def add(model, family, path, resolution, classes):
         registry.setdefault((model, family), []).append(PretrainedWeights(path, resolution, classes))
 
-    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14"):
+    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "R50+ViT-B_16"):
         add(model, "imagenet21k", f"imagenet21k/{model}.npz", 224, IN21K_CLASSES)
     for model in ("ViT-B_16", "ViT-L_16"):
         add(model, "imagenet21k+imagenet2012", f"imagenet21k+imagenet2012/{model}-224.npz", 224, 1000)
-    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32"):
+    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "R50+ViT-B_16"):
         add(model, "imagenet21k+imagenet2012", f"imagenet21k+imagenet2012/{model}.npz", 384, 1000)
     for model, stem in _AUGREG_IN21K.items():
         add(model, "augreg_in21k", f"augreg/{stem}.npz", 224, IN21K_CLASSES)
