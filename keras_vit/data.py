@@ -1,0 +1,233 @@
+"""Input pipelines: sources (TFDS, image folders, arrays, scikit-learn digits) and the official pre-processing.
+
+A source is a ``Source`` holding a ``tf.data.Dataset`` of ``(image uint8
+(H, W, C), label int32)``, the number of classes and examples. ``pipeline``
+turns it into batches of ``(images float32 (B, h, w, C) in [-1, 1],
+one-hot labels float32 (B, K))``:
+
+* train: inception crop (area 5% to 100%, aspect 3/4 to 4/3), random
+  horizontal flip, resize to the model size; optional mixup and RandAugment;
+* eval: resize to the model size;
+* pixels to [-1, 1] with ``(x - 127.5) / 127.5``, as the official pipeline.
+
+Training randomness is stateless and keyed by (seed, position in the
+stream), so a pipeline is deterministic for a seed and a resumed run can
+skip the batches already seen and get exactly the same stream.
+"""
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclasses.dataclass
+class Source:
+    """A labelled image dataset: ``dataset`` yields (uint8 (H, W, C), int32 label)."""
+
+    dataset: tf.data.Dataset
+    num_classes: int
+    num_examples: int
+    class_names: list | None = None
+
+
+def from_arrays(images, labels, num_classes=None, class_names=None):
+    """Source from arrays: images (N, H, W, C) uint8 (or float in [0, 255]), labels (N,) ints."""
+    images = np.asarray(images)
+    labels = np.asarray(labels).astype("int32")
+    if images.ndim != 4 or len(images) != len(labels):
+        raise ValueError(f"Expected images (N, H, W, C) and labels (N,), got {images.shape} and {labels.shape}.")
+    images = np.clip(np.round(images), 0, 255).astype("uint8")
+    num_classes = int(num_classes or labels.max() + 1)
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    return Source(dataset, num_classes, len(labels), class_names)
+
+
+def digits(split="train", test_fraction=0.2, seed=0):
+    """scikit-learn's handwritten digits: 1,797 real 8x8 grayscale images, 10 classes; no download.
+
+    Pixels (0..16) are scaled to uint8 0..255, shape (8, 8, 1). ``split`` is
+    ``"train"``, ``"test"`` or ``"all"``; the split is stratified and fixed by ``seed``.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = (data.images * (255.0 / 16.0))[..., None]
+    if split == "all":
+        return from_arrays(images, data.target, 10)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, data.target, test_size=test_fraction, random_state=seed, stratify=data.target
+    )
+    if split not in ("train", "test"):
+        raise ValueError(f"digits split must be 'train', 'test' or 'all', got {split!r}.")
+    return from_arrays(train_x, train_y, 10) if split == "train" else from_arrays(test_x, test_y, 10)
+
+
+def from_folder(path):
+    """Source from an image folder: one sub-folder per class (sorted names = label order), .jpg/.png files."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist.")
+    class_names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        for file in sorted((root / name).iterdir()):
+            if file.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(str(file))
+                labels.append(label)
+    if not files:
+        raise ValueError(f"{root} has no class sub-folders with .jpg or .png images (expected {root}/<class>/<image>).")
+
+    def decode(file, label):
+        image = tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False)
+        return image, label
+
+    dataset = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, "int32"))).map(decode)
+    return Source(dataset, len(class_names), len(files), class_names)
+
+
+def from_tfds(name, split="train", data_dir=None, download=False):
+    """Source from a TensorFlow Datasets name, e.g. ``"cifar10"``.
+
+    Without ``download=True`` the dataset must already be prepared in
+    ``data_dir``; otherwise this raises at once with the command that prepares
+    it (instead of minutes of network retries).
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        if not download:
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. Prepare it with "
+                f"`tfds build {name} --data_dir {data_dir or '~/tensorflow_datasets'}` (or pass download=True), "
+                "or use an image folder or the offline 'digits' data."
+            )
+        builder.download_and_prepare()
+    info = builder.info
+    dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    label = info.features["label"]
+    dataset = dataset.map(lambda image, y: (image, tf.cast(y, tf.int32)))
+    return Source(dataset, label.num_classes, info.splits[split].num_examples, list(label.names))
+
+
+def load_source(spec, split="train", data_dir=None, download=False):
+    """A source from a string: ``"digits"``, ``"folder:PATH"`` (classes in ``PATH/<split>/<class>/``) or a
+    TFDS name (``"tfds:NAME"`` or ``"NAME"``)."""
+    if spec == "digits":
+        return digits(split)
+    if spec.startswith("folder:"):
+        return from_folder(os.path.join(spec[len("folder:") :], split))
+    return from_tfds(spec.removeprefix("tfds:"), split, data_dir, download)
+
+
+def _inception_crop(image, seed, area_range=(0.05, 1.0)):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros((1, 0, 4)),
+        seed=seed,
+        area_range=area_range,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        min_object_covered=0.0,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return tf.slice(image, begin, size)
+
+
+def to_unit_range(images):
+    """uint8 (or float) pixels in [0, 255] -> float32 in [-1, 1]."""
+    return (tf.cast(images, tf.float32) - 127.5) / 127.5
+
+
+def train_transform(image, seed, image_size, crop_area=(0.05, 1.0), flip=True):
+    """Inception crop, random flip and resize of one uint8 image; stateless given ``seed`` (2 ints)."""
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    if crop_area:
+        image = _inception_crop(image, seeds[0], crop_area)
+    if flip:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    return tf.image.resize(image, image_size)
+
+
+def eval_transform(image, image_size):
+    return tf.image.resize(image, image_size)
+
+
+def _mixup(images, labels, seed, alpha):
+    """Mixes each batch with itself rolled by one, weight ~ Beta(alpha, alpha) per batch (big_vision's mixup)."""
+    gamma = [tf.random.stateless_gamma((), s, alpha) for s in tf.unstack(tf.random.experimental.stateless_split(seed, 2))]
+    weight = gamma[0] / (gamma[0] + gamma[1])
+    mixed_images = weight * images + (1 - weight) * tf.roll(images, 1, axis=0)
+    mixed_labels = weight * labels + (1 - weight) * tf.roll(labels, 1, axis=0)
+    return mixed_images, mixed_labels
+
+
+def pipeline(
+    source,
+    image_size,
+    batch_size,
+    training,
+    seed=0,
+    mixup_alpha=0.0,
+    randaugment=None,
+    cache=True,
+    shuffle_buffer=10_000,
+    skip_batches=0,
+    crop_area=(0.05, 1.0),
+    flip=True,
+):
+    """Batches of (images (B, h, w, C) in [-1, 1], one-hot labels (B, K)) from a ``Source``.
+
+    ``training=True``: repeated forever, shuffled, augmented (see the module
+    docstring), ``drop_remainder`` so every step has ``batch_size`` images;
+    ``skip_batches`` resumes the stream after that many batches. ``training=False``:
+    one pass, in order, last batch kept. ``randaugment`` is None or
+    ``(num_ops, magnitude)`` for Keras' ``RandAugment`` (not covered by the
+    determinism guarantee). ``crop_area`` (min, max fraction of the image; None:
+    no crop) and ``flip`` tune the augmentation for data such as digits, where
+    small crops and mirror images destroy the label. ``batch_size`` is the global batch; a
+    ``tf.distribute`` strategy splits it across replicas.
+    """
+    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    num_classes = source.num_classes
+    dataset = source.dataset.cache() if cache else source.dataset
+    one_hot = lambda y: tf.one_hot(y, num_classes, dtype=tf.float32)  # noqa: E731
+    if not training:
+        dataset = dataset.map(lambda x, y: (to_unit_range(eval_transform(x, image_size)), one_hot(y)))
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    dataset = dataset.shuffle(min(shuffle_buffer, source.num_examples), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.repeat().enumerate()
+    if skip_batches:
+        dataset = dataset.skip(skip_batches * batch_size)  # before augmentation: positions keep their seeds
+
+    def augment(index, example):
+        image, label = example
+        element_seed = tf.stack([tf.cast(seed, tf.int64), index])
+        return train_transform(image, element_seed, image_size, crop_area, flip), one_hot(label), index
+
+    def finish(images, labels, indices):
+        if randaugment:
+            images = randaugment_layer(images)
+        if mixup_alpha:
+            step = indices[0] // batch_size  # the batch's position in the stream, also after a resume
+            images, labels = _mixup(images, labels, tf.stack([tf.cast(seed, tf.int64) + 1, step]), mixup_alpha)
+        return to_unit_range(images), labels
+
+    randaugment_layer = _randaugment_layer(*randaugment, seed) if randaugment else None
+    dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(batch_size, drop_remainder=True).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _randaugment_layer(num_ops, magnitude, seed):
+    import keras
+
+    return keras.layers.RandAugment(
+        value_range=(0, 255), num_ops=num_ops, factor=magnitude / 10.0, seed=seed
+    )

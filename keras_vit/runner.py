@@ -1,0 +1,266 @@
+"""The recipe runner: a configuration dict in, a trained model, logs and a JSON report out.
+
+``recipes/finetune.py`` and ``recipes/pretrain.py`` call ``main`` with their
+defaults (``FINETUNE`` / ``PRETRAIN``), a preset from ``recipes/configs/`` and
+``key=value`` overrides. Every key is documented in ``COMMON``. Outputs under
+``output_dir``: ``checkpoints/`` (resume by re-running the same command),
+``logs/`` (TensorBoard), ``history.csv``, ``model.keras``, ``report.json``
+and, with matplotlib installed, ``training.png``.
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+COMMON = {
+    "model": "B/16",  # model name (keras_vit.create_model)
+    "model_overrides": {},  # vision_transformer keyword arguments, e.g. {"dropout_rate": 0.1}
+    "weights": None,  # None, a family ("augreg_in21k"), a checkpoint path or URL
+    "image_size": 224,
+    "dataset": "digits",  # "digits", "folder:PATH" (PATH/<split>/<class>/*.jpg) or a TFDS name
+    "train_split": "train",
+    "eval_split": "test",
+    "data_dir": None,  # TFDS data_dir
+    "download": False,  # let TFDS download and prepare the dataset
+    "batch_size": 512,  # global batch
+    "steps": 10_000,
+    "warmup_steps": 500,
+    "base_lr": 0.01,
+    "decay": "cosine",  # cosine | linear | constant
+    "linear_end": 1e-5,
+    "optimizer": "sgd",  # sgd | adam
+    "momentum": 0.9,
+    "beta_1": 0.9,
+    "beta_2": 0.999,
+    "weight_decay": 0.0,  # decoupled (AdamW-style)
+    "grad_clip": 1.0,  # global norm of the full-batch gradient; None: off
+    "accumulation_steps": 1,
+    "label_smoothing": 0.0,
+    "ema_decay": None,  # Polyak averaging, e.g. 0.9999; evaluation uses the averaged weights
+    "mixup_alpha": 0.0,
+    "randaugment": None,  # [num_ops, magnitude]
+    "crop_area": [0.05, 1.0],  # inception crop area range; None: no crop
+    "flip": True,
+    "precision": "auto",  # auto (bf16 on TPU and CPU, fp16 on GPU) | float32 | mixed_bfloat16 | mixed_float16
+    "jit_compile": "auto",
+    "steps_per_execution": 1,
+    "strategy": "auto",  # auto | default | mirrored | multi_worker | tpu
+    "tpu": None,
+    "seed": 0,
+    "deterministic": False,  # deterministic TF ops (slower); resumed runs then equal uninterrupted ones
+    "shuffle_buffer": 10_000,
+    "cache": True,
+    "eval_every": 500,
+    "checkpoint_every": 500,
+    "log_every": 50,
+    "output_dir": "runs/vit",
+}
+# The official fine-tuning: SGD momentum 0.9, clipping at 1, batch 512, no weight decay, warmup 500, cosine, 384 px.
+FINETUNE = COMMON | {"optimizer": "sgd", "image_size": 384, "weights": "augreg_in21k"}
+# The seed's pre-training: Adam (0.9, 0.999), batch 4096, weight decay 0.1, 10k warmup, linear decay, dropout 0.1.
+PRETRAIN = COMMON | {
+    "optimizer": "adam",
+    "base_lr": 1e-3,
+    "batch_size": 4096,
+    "weight_decay": 0.1,
+    "warmup_steps": 10_000,
+    "decay": "linear",
+    "steps": 300_000,
+    "weights": None,
+    "model_overrides": {"dropout_rate": 0.1},
+}
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+
+
+def parse_value(text):
+    """JSON when it parses (numbers, null, lists, dicts, true/false), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(defaults, preset=None, overrides=()):
+    """``defaults`` updated by a preset (a JSON file path or a name in recipes/configs/) and ``key=value`` overrides."""
+    config = dict(defaults)
+    if preset:
+        path = Path(preset)
+        if not path.exists():
+            path = CONFIGS_DIR / f"{preset}.json"
+        if not path.exists():
+            known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+            raise ValueError(f"Unknown preset {preset!r}: give a JSON file or one of {', '.join(known)}.")
+        config.update(json.loads(path.read_text()))
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ValueError(f"Overrides are key=value, got {override!r}.")
+        if key.startswith("model_overrides."):
+            config["model_overrides"] = {**config["model_overrides"], key.split(".", 1)[1]: parse_value(value)}
+            continue
+        if key not in defaults:
+            raise ValueError(f"Unknown setting {key!r}. Settings: {', '.join(sorted(defaults))}.")
+        config[key] = parse_value(value)
+    unknown = set(config) - set(defaults)
+    if unknown:
+        raise ValueError(f"Unknown settings {sorted(unknown)} in the preset. Settings: {', '.join(sorted(defaults))}.")
+    return config
+
+
+def _precision(choice, strategy):
+    import tensorflow as tf
+
+    if choice != "auto":
+        return choice
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "mixed_bfloat16"
+    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+
+
+def run(config):
+    """Trains as ``config`` says; returns the report dict (also written to ``output_dir/report.json``)."""
+    import keras
+    import tensorflow as tf
+
+    from keras_vit import data, distribute, models, training
+
+    output_dir = Path(config["output_dir"])
+    keras.utils.set_random_seed(config["seed"])
+    if config["deterministic"]:
+        tf.config.experimental.enable_op_determinism()
+    strategy = distribute.get_strategy(config["strategy"], config["tpu"])
+    precision = _precision(config["precision"], strategy)
+    keras.config.set_dtype_policy(precision)
+    chief = distribute.is_chief(strategy)
+
+    train_source = data.load_source(config["dataset"], config["train_split"], config["data_dir"], config["download"])
+    eval_source = data.load_source(config["dataset"], config["eval_split"], config["data_dir"], config["download"])
+    augment = dict(
+        mixup_alpha=config["mixup_alpha"],
+        randaugment=config["randaugment"],
+        crop_area=config["crop_area"],
+        flip=config["flip"],
+        cache=config["cache"],
+        shuffle_buffer=config["shuffle_buffer"],
+    )
+
+    def train_dataset(skip_batches):
+        return data.pipeline(
+            train_source, config["image_size"], config["batch_size"], True, config["seed"], skip_batches=skip_batches, **augment
+        )
+
+    eval_dataset = data.pipeline(eval_source, config["image_size"], config["batch_size"], False, cache=config["cache"])
+    with strategy.scope():
+        model = models.create_model(
+            config["model"],
+            weights=config["weights"],
+            image_size=config["image_size"],
+            classes=train_source.num_classes,
+            **config["model_overrides"],
+        )
+        schedule = training.WarmupDecay(
+            config["base_lr"], config["steps"], config["warmup_steps"], config["decay"], config["linear_end"]
+        )
+        optimizer = training.make_optimizer(
+            config["optimizer"],
+            schedule,
+            momentum=config["momentum"],
+            beta_1=config["beta_1"],
+            beta_2=config["beta_2"],
+            weight_decay=config["weight_decay"],
+            ema_decay=config["ema_decay"],
+            loss_scale=precision == "mixed_float16",
+        )
+    trainer = training.Trainer(
+        model,
+        optimizer,
+        strategy,
+        config["batch_size"],
+        grad_clip=config["grad_clip"],
+        accumulation_steps=config["accumulation_steps"],
+        label_smoothing=config["label_smoothing"],
+        steps_per_execution=config["steps_per_execution"],
+        jit_compile=config["jit_compile"],
+    )
+    started = time.perf_counter()
+    history = trainer.fit(
+        train_dataset,
+        config["steps"],
+        eval_dataset=eval_dataset,
+        output_dir=output_dir,
+        eval_every=config["eval_every"],
+        checkpoint_every=config["checkpoint_every"],
+        log_every=config["log_every"],
+    )
+    top1 = trainer.evaluate(eval_dataset)
+    report = {
+        "top1": top1,
+        "steps": config["steps"],
+        "images_per_second": history[-1]["images_per_second"] if history else None,
+        "wall_seconds": time.perf_counter() - started,
+        "strategy": type(strategy).__name__,
+        "replicas": strategy.num_replicas_in_sync,
+        "precision": precision,
+        "parameters": model.count_params(),
+        "config": config,
+        "history": history,
+    }
+    if chief:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with trainer.averaged_weights():
+            model.save(output_dir / ".model.tmp.keras")
+        os.replace(output_dir / ".model.tmp.keras", output_dir / "model.keras")
+        (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        plot_history(history, output_dir / "training.png")
+        print(f"top-1 {top1:.4f} after {config['steps']} steps; wrote {output_dir / 'model.keras'} and report.json")
+    keras.config.set_dtype_policy("float32")
+    return report
+
+
+def plot_history(history, path):
+    """Loss and accuracy curves as a PNG (skipped, with a note, when matplotlib is not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install keras-vit[plots]).")
+        return None
+    steps = [r["step"] for r in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(steps, [r["loss"] for r in history])
+    left.set(xlabel="step", ylabel="training loss")
+    right.plot(steps, [r["train_accuracy"] for r in history], label="train (batch)")
+    evaluated = [r for r in history if r["eval_accuracy"] is not None]
+    right.plot([r["step"] for r in evaluated], [r["eval_accuracy"] for r in evaluated], "o-", label="eval")
+    right.set(xlabel="step", ylabel="top-1", ylim=(0, 1))
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def main(defaults, description, argv=None):
+    """Command line of the recipes: ``[--preset NAME|FILE] [--output-dir DIR] [key=value ...]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", help="a JSON file or a preset name in recipes/configs/")
+    parser.add_argument("--output-dir", help="where checkpoints, logs, model and report go")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value settings (JSON values), e.g. base_lr=0.003")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(defaults, args.preset, args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.output_dir:
+        config["output_dir"] = args.output_dir
+    if args.print_config:
+        print(json.dumps(config, indent=2))
+        return 0
+    run(config)
+    return 0
+
