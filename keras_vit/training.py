@@ -108,7 +108,11 @@ def _base_optimizer(optimizer):
 
 
 class Checkpoints:
-    """``folder/step_<N>/`` with ``model.weights.h5``, ``optimizer.npz`` and ``state.json``; ``folder/latest`` names the newest.
+    """``folder/step_<N>/`` with ``model.npz``, ``optimizer.npz`` and ``state.json``; ``folder/latest`` names the newest.
+
+    ``model.npz`` holds every model variable, the random-generator states of
+    dropout included (``.weights.h5`` files leave those out), so a resumed
+    run draws the same dropout masks as an uninterrupted one.
 
     A checkpoint is written to a temporary folder and renamed into place, and
     ``latest`` is replaced atomically, so a crash never leaves a half-written
@@ -132,9 +136,9 @@ class Checkpoints:
         temporary = self.folder / f".{name}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
-        model.save_weights(temporary / "model.weights.h5")
-        values = {f"v{i:05d}": keras.ops.convert_to_numpy(v) for i, v in enumerate(optimizer.variables)}
-        np.savez(temporary / "optimizer.npz", **values)
+        for part, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
+            values = {f"v{i:05d}": keras.ops.convert_to_numpy(v) for i, v in enumerate(variables)}
+            np.savez(temporary / f"{part}.npz", **values)
         (temporary / "state.json").write_text(json.dumps(state))
         shutil.rmtree(self.folder / name, ignore_errors=True)
         os.replace(temporary, self.folder / name)
@@ -149,17 +153,23 @@ class Checkpoints:
         path = self.latest()
         if path is None:
             return None
-        model.load_weights(path / "model.weights.h5")
-        with np.load(path / "optimizer.npz", allow_pickle=False) as values:
-            arrays = [values[k] for k in sorted(values.files)]
-        if len(arrays) != len(optimizer.variables):
-            raise ValueError(
-                f"Checkpoint {path} holds {len(arrays)} optimizer variables, the optimizer has "
-                f"{len(optimizer.variables)}: it was written by another configuration. Use a new output folder."
-            )
-        for variable, array in zip(optimizer.variables, arrays):
-            variable.assign(array)
+        for part, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
+            arrays = self.read(path, part)
+            shapes = [tuple(a.shape) for a in arrays]
+            if shapes != [tuple(v.shape) for v in variables]:
+                raise ValueError(
+                    f"Checkpoint {path} does not fit this {part} ({len(arrays)} stored variables, {len(variables)} "
+                    "expected, or other shapes): it was written by another configuration. Use a new output folder."
+                )
+            for variable, array in zip(variables, arrays):
+                variable.assign(array)
         return json.loads((path / "state.json").read_text())
+
+    @staticmethod
+    def read(path, part="model"):
+        """The arrays of ``model.npz`` or ``optimizer.npz`` in a checkpoint folder, in variable order."""
+        with np.load(Path(path) / f"{part}.npz", allow_pickle=False) as values:
+            return [values[k] for k in sorted(values.files)]
 
 
 class Trainer:
@@ -364,11 +374,11 @@ class Trainer:
                 raise FloatingPointError(f"The training loss became {record['loss']} at step {step}; lower the learning rate.")
             if eval_dataset is not None and eval_every and (step % eval_every == 0 or step == steps):
                 record["eval_accuracy"] = self.evaluate(eval_dataset)
-            if checkpoints and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
-                checkpoints.save(self.model, self.optimizer, {"step": step})
             if step % log_every == 0 or step == steps or record["eval_accuracy"] is not None:
                 history.append(record)
                 self._log(record, writer, history_path)
+            if checkpoints and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+                checkpoints.save(self.model, self.optimizer, {"step": step})
             if progress:
                 values = [("loss", record["loss"]), ("acc", record["train_accuracy"])]
                 if record["eval_accuracy"] is not None:

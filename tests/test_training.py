@@ -1,0 +1,178 @@
+"""Schedules, optimisation steps, strategies (default, mirrored, multi-worker) and resume after kill -9."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_vit
+from conftest import REPO
+from keras_vit import distribute, training
+
+HELPER = Path(__file__).parent / "helpers" / "run_recipe.py"
+
+
+def official_lr(step, base, total, warmup, decay, linear_end=1e-5):
+    """vit_jax's create_learning_rate_schedule, written out in NumPy (step counted from 1)."""
+    progress = np.clip((step - warmup) / float(total - warmup), 0.0, 1.0)
+    if decay == "linear":
+        lr = linear_end + (base - linear_end) * (1.0 - progress)
+    else:
+        lr = base * 0.5 * (1.0 + np.cos(np.pi * progress))
+    return lr * np.minimum(1.0, step / warmup) if warmup else lr
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+@pytest.mark.parametrize("warmup", [0, 500])
+def test_schedule_equals_the_official_formula(decay, warmup):
+    schedule = training.WarmupDecay(0.03, 10_000, warmup, decay)
+    for step in (1, 2, 250, 499, 500, 501, 1000, 5000, 9999, 10_000, 12_000):
+        expected = official_lr(step, 0.03, 10_000, warmup, decay)
+        assert float(schedule(step - 1)) == pytest.approx(expected, rel=1e-5, abs=1e-9), step
+    config = schedule.get_config()
+    assert training.WarmupDecay.from_config(config).get_config() == config
+
+
+def _tiny_classifier():
+    keras.utils.set_random_seed(1)
+    return keras_vit.vision_transformer(8, 4, 8, 1, 2, 16, classes=3, channels=1)
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (8, 8, 8, 1)).astype("float32")
+    labels = np.eye(3, dtype="float32")[rng.integers(0, 3, 8)]
+    return images, labels
+
+
+def _one_step(model, accumulation_steps=1, grad_clip=None, lr=0.5):
+    strategy = tf.distribute.get_strategy()
+    optimizer = keras.optimizers.SGD(lr)
+    trainer = training.Trainer(model, optimizer, strategy, 8, grad_clip=grad_clip, accumulation_steps=accumulation_steps, jit_compile=False)
+    images, labels = _batch()
+    dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    trainer._train_chunk(iter(strategy.experimental_distribute_dataset(dataset)), tf.constant(1))
+    return [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+
+
+def test_clipped_sgd_step_equals_a_manual_update():
+    model = _tiny_classifier()
+    before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    images, labels = _batch()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.categorical_crossentropy(labels, model(images, training=True), from_logits=True))
+    grads = [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+    norm = np.sqrt(sum((g.astype("float64") ** 2).sum() for g in grads))
+    clip = norm / 4  # make sure clipping is active
+    after = _one_step(model, grad_clip=clip)
+    for w0, w1, g in zip(before, after, grads):
+        np.testing.assert_allclose(w1, w0 - 0.5 * g * (clip / norm), atol=1e-6)
+
+
+def test_gradient_accumulation_equals_the_full_batch_update():
+    full = _one_step(_tiny_classifier(), accumulation_steps=1)
+    accumulated = _one_step(_tiny_classifier(), accumulation_steps=4)
+    for a, b in zip(full, accumulated):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_default_strategy_is_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="keras_vit"):
+        logger = logging.getLogger("keras_vit")
+        logger.addHandler(caplog.handler)
+        try:
+            strategy = distribute.get_strategy()
+        finally:
+            logger.removeHandler(caplog.handler)
+    assert strategy.num_replicas_in_sync == 1
+    assert "Strategy: _DefaultDistributionStrategy (no TPU, no cluster, at most one GPU), 1 replica(s)." in caplog.text
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_tpu_fails_fast():
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"TPU at grpc://127.0.0.1:\d+ cannot be reached"):
+        distribute.get_strategy("tpu", tpu=f"grpc://127.0.0.1:{_free_port()}", timeout=2)
+    assert time.monotonic() - start < 10
+
+
+def _helper(args, env=None, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, str(HELPER), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}, **kwargs,
+    )
+
+
+def _finish(process, timeout=300):
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def _checkpoint_weights(folder):
+    """{index: array} of every model variable in the latest checkpoint under ``folder``."""
+    latest = folder / (folder / "latest").read_text().strip()
+    return dict(enumerate(training.Checkpoints.read(latest, "model")))
+
+
+def test_mirrored_strategy_over_two_cpu_devices(tmp_path):
+    output = _finish(_helper(["--logical-cpus", "2", "strategy=mirrored", f"output_dir={tmp_path}"]))
+    assert "replicas=2" in output and "strategy=MirroredStrategy" in output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["replicas"] == 2 and np.isfinite(report["history"][-1]["loss"])
+    assert keras.models.load_model(tmp_path / "model.keras").output.shape == (None, 10)
+
+
+def test_multi_worker_mirrored_two_processes_end_identical(tmp_path):
+    ports = [_free_port(), _free_port()]
+    workers = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+        workers.append(_helper(["strategy=auto", f"output_dir={tmp_path}"], env={"TF_CONFIG": json.dumps(tf_config)}))
+    outputs = [_finish(worker) for worker in workers]
+    assert all("strategy=CollectiveAllReduceStrategy" in output and "replicas=2" in output for output in outputs)  # MultiWorkerMirroredStrategy
+    chief = _checkpoint_weights(tmp_path / "checkpoints")
+    other = _checkpoint_weights(tmp_path / "workers" / "worker_1" / "checkpoints")
+    assert chief.keys() == other.keys() and len(chief) > 5
+    for name in chief:
+        np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
+    assert (tmp_path / "model.keras").exists() and not (tmp_path / "workers" / "worker_1" / "model.keras").exists()
+
+
+def test_kill_9_then_rerun_resumes_and_ends_with_the_uninterrupted_weights(tmp_path):
+    settings = ["deterministic=true", "steps=12"]
+    reference = tmp_path / "uninterrupted"
+    _finish(_helper([*settings, f"output_dir={reference}"]))
+
+    interrupted = tmp_path / "interrupted"
+    command = [*settings, f"output_dir={interrupted}"]
+    process = _helper(["--pause-after-checkpoint", "120", *command])
+    for line in process.stdout:
+        if "checkpoint written" in line:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert (interrupted / "checkpoints" / "latest").read_text() == "step_4"
+    output = _finish(_helper(command))
+    assert "Resuming from step 4" in output
+    resumed, expected = _checkpoint_weights(interrupted / "checkpoints"), _checkpoint_weights(reference / "checkpoints")
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
+    history = (interrupted / "history.csv").read_text().splitlines()
+    assert history[0].startswith("step,loss") and [line.split(",")[0] for line in history[1:]] == ["4", "8", "12"]
