@@ -31,7 +31,7 @@ class Source:
 
     dataset: tf.data.Dataset
     num_classes: int
-    num_examples: int
+    num_examples: int | None  # None when unknown
     class_names: list | None = None
 
 
@@ -113,7 +113,8 @@ def from_tfds(name, split="train", data_dir=None, download=False):
     dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
     label = info.features["label"]
     dataset = dataset.map(lambda image, y: (image, tf.cast(y, tf.int32)))
-    return Source(dataset, label.num_classes, info.splits[split].num_examples, list(label.names))
+    num_examples = info.splits[split].num_examples if info.splits else None  # None for mocked datasets
+    return Source(dataset, label.num_classes, num_examples, list(label.names))
 
 
 def load_source(spec, split="train", data_dir=None, download=False):
@@ -201,7 +202,8 @@ def pipeline(
         dataset = dataset.map(lambda x, y: (to_unit_range(eval_transform(x, image_size)), one_hot(y)))
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-    dataset = dataset.shuffle(min(shuffle_buffer, source.num_examples), seed=seed, reshuffle_each_iteration=True)
+    buffer = min(shuffle_buffer, source.num_examples or shuffle_buffer)
+    dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.repeat().enumerate()
     if skip_batches:
         dataset = dataset.skip(skip_batches * batch_size)  # before augmentation: positions keep their seeds

@@ -1,0 +1,93 @@
+"""Input pipelines: sources (TFDS mock, image folder, arrays, digits) and the official pre-processing."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from keras_vit import data
+
+
+def _take(dataset, n):
+    return [tuple(t.numpy() for t in batch) for batch in dataset.take(n)]
+
+
+def test_digits_split_is_stratified_and_disjoint():
+    train, test = data.digits("train"), data.digits("test")
+    assert (train.num_examples, test.num_examples, train.num_classes) == (1437, 360, 10)
+    images, labels = next(iter(test.dataset.batch(400)))
+    assert images.dtype == tf.uint8 and images.shape[1:] == (8, 8, 1) and int(tf.reduce_max(images)) == 255
+    assert np.bincount(labels.numpy()).min() >= 35  # every class in the test split
+
+
+def test_train_pipeline_shapes_range_and_determinism():
+    source = data.digits("train")
+    first = _take(data.pipeline(source, 16, 32, True, seed=3), 4)
+    again = _take(data.pipeline(source, 16, 32, True, seed=3), 4)
+    other = _take(data.pipeline(source, 16, 32, True, seed=4), 1)
+    images, labels = first[0]
+    assert images.shape == (32, 16, 16, 1) and labels.shape == (32, 10)
+    assert -1.0 <= images.min() and images.max() <= 1.0 and images.min() < -0.9
+    np.testing.assert_array_equal(labels.sum(1), 1.0)
+    for (a, b), (c, d) in zip(first, again):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+    assert not np.array_equal(first[0][0], other[0][0])
+    resumed = _take(data.pipeline(source, 16, 32, True, seed=3, skip_batches=2), 2)
+    for (a, b), (c, d) in zip(first[2:], resumed):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+
+
+def test_eval_pipeline_is_a_plain_resize_keeping_the_last_batch():
+    images = np.arange(2 * 4 * 4 * 3, dtype="uint8").reshape(2, 4, 4, 3) * 2
+    source = data.from_arrays(np.concatenate([images] * 3), [0, 1] * 3, num_classes=2)
+    batches = _take(data.pipeline(source, 4, 4, False), 10)
+    assert [len(b[0]) for b in batches] == [4, 2]
+    np.testing.assert_allclose(batches[0][0][0], (images[0] - 127.5) / 127.5, atol=1e-6)
+
+
+def test_mixup_mixes_each_batch_with_itself_rolled_by_one():
+    source = data.digits("train")
+    plain_images, plain_labels = _take(data.pipeline(source, 8, 16, True, seed=1), 1)[0]
+    images, labels = _take(data.pipeline(source, 8, 16, True, seed=1, mixup_alpha=0.4), 1)[0]
+    first = plain_labels.argmax(1)
+    differs = np.flatnonzero(first != np.roll(first, 1))[0]
+    weight = labels[differs, first[differs]]  # one weight per batch
+    assert 0 < weight < 1
+    np.testing.assert_allclose(labels, weight * plain_labels + (1 - weight) * np.roll(plain_labels, 1, axis=0), atol=1e-6)
+    to_pixels = lambda x: x * 127.5 + 127.5  # noqa: E731  (mixing happens on pixels, before the [-1, 1] mapping)
+    expected = weight * to_pixels(plain_images) + (1 - weight) * to_pixels(np.roll(plain_images, 1, axis=0))
+    np.testing.assert_allclose(to_pixels(images), expected, atol=1e-3)
+
+
+def test_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, count in (("cat", 3), ("dog", 2)):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(count):
+            size = (20 + i, 30)
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype="uint8")).save(tmp_path / "train" / name / f"{i}.png")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    source = data.load_source(f"folder:{tmp_path}", "train")
+    assert (source.num_classes, source.num_examples, source.class_names) == (2, 5, ["cat", "dog"])
+    images, labels = _take(data.pipeline(source, 12, 5, False), 1)[0]
+    assert images.shape == (5, 12, 12, 3) and labels.argmax(1).tolist() == [0, 0, 0, 1, 1]
+    train = _take(data.pipeline(source, 12, 4, True, seed=0), 2)
+    assert train[0][0].shape == (4, 12, 12, 3)
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        data.from_folder(tmp_path / "train" / "cat")
+
+
+def test_tfds_source_with_mock_data():
+    with tfds.testing.mock_data(num_examples=12):
+        source = data.from_tfds("cifar10", "train", download=True)
+        assert source.num_classes == 10 and len(source.class_names) == 10
+        images, labels = _take(data.pipeline(source, 8, 4, True, seed=0), 1)[0]
+    assert images.shape == (4, 8, 8, 3) and labels.shape == (4, 10)
+
+
+def test_unprepared_tfds_dataset_is_a_clear_error_without_network(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"'mnist' is not prepared in {tmp_path}.*tfds build mnist --data_dir {tmp_path}"):
+        data.from_tfds("mnist", "train", data_dir=str(tmp_path))
