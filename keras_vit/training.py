@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -349,7 +350,9 @@ class Trainer:
         history_path = Path(output_dir) / "history.csv" if output_dir and chief else None
         if history_path and not history_path.exists():
             history_path.write_text("step,loss,train_accuracy,learning_rate,grad_norm,eval_accuracy,images_per_second\n")
-        progress = keras.utils.Progbar(steps) if verbose and chief else None
+        # A progress bar on a terminal; one line per logged step otherwise (files, CI).
+        progress = keras.utils.Progbar(steps) if verbose and chief and sys.stdout.isatty() else None
+        echo = verbose and chief and progress is None
         history = []
         step = start
         images_seen, time_spent = 0, 0.0
@@ -377,6 +380,8 @@ class Trainer:
             if step % log_every == 0 or step == steps or record["eval_accuracy"] is not None:
                 history.append(record)
                 self._log(record, writer, history_path)
+                if echo:
+                    print(", ".join(f"{k} {v:.4g}" for k, v in record.items() if v is not None), flush=True)
             if checkpoints and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
                 checkpoints.save(self.model, self.optimizer, {"step": step})
             if progress:
