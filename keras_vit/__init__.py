@@ -7,6 +7,8 @@ TensorFlow, JAX and PyTorch backends.
 
 import logging
 
+from keras_vit import analysis, evaluation
+from keras_vit.analysis import attention_maps, attention_rollout
 from keras_vit.checkpoints import CheckpointMismatchError, interpolate_posemb, load_official_weights
 from keras_vit.configs import list_models, model_config
 from keras_vit.layers import (

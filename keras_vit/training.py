@@ -322,8 +322,11 @@ class Trainer:
         averages = base._model_variables_moving_average  # Keras keeps the Polyak averages here
         return list(zip(self.model.trainable_variables, averages))
 
-    def fit(self, dataset, steps, eval_dataset=None, output_dir=None, eval_every=None, checkpoint_every=None, log_every=50, verbose=1):
+    def fit(self, dataset, steps, eval_dataset=None, output_dir=None, eval_every=None, checkpoint_every=None, log_every=50, verbose=1, callbacks=()):
         """Trains to ``steps`` (resuming from ``output_dir``'s checkpoint) and returns a history dict.
+
+        ``callbacks``: Keras callbacks; their ``on_train_batch_end(step - 1, logs)`` runs after each
+        ``steps_per_execution`` chunk (e.g. ``keras_vit.evaluation.FewShotCallback``).
 
         ``dataset`` is a repeated dataset, or a callable ``skip_batches -> dataset``
         so a resumed run continues the same stream. Writes TensorBoard logs,
@@ -377,6 +380,9 @@ class Trainer:
                 raise FloatingPointError(f"The training loss became {record['loss']} at step {step}; lower the learning rate.")
             if eval_dataset is not None and eval_every and (step % eval_every == 0 or step == steps):
                 record["eval_accuracy"] = self.evaluate(eval_dataset)
+            for callback in callbacks:
+                callback.set_model(self.model)
+                callback.on_train_batch_end(step - 1, record)
             if step % log_every == 0 or step == steps or record["eval_accuracy"] is not None:
                 history.append(record)
                 self._log(record, writer, history_path)

@@ -4,7 +4,8 @@
 1. pre-train a small ViT on the 8x8 digits at their native resolution (Adam, weight decay, warmup);
 2. fine-tune it at 2x the resolution (16x16), position embeddings interpolated the official way
    (SGD momentum, clipping, warmup + cosine);
-3. evaluate on the held-out test split and write runs/main/report.json (+ plots with matplotlib).
+3. evaluate on the held-out test split, measure few-shot accuracy of the pre-trained features, and write
+   runs/main/report.json (+ training curves and the Figure 7 panels in runs/main/figures with matplotlib).
 
     python recipes/main_job.py [--output-dir runs/main] [--quick]
 
@@ -18,6 +19,29 @@ import time
 from pathlib import Path
 
 from keras_vit import runner
+
+
+def write_analysis(root, pretrain, finetune):
+    """Few-shot accuracy of the pre-trained features (the seed's second metric) and the Figure 7 panels."""
+    import keras
+    import numpy as np
+
+    from keras_vit import data, evaluation, plotting
+
+    def arrays(split, size):
+        images, labels = zip(*data.pipeline(data.digits(split), size, 512, False).as_numpy_iterator())
+        return np.concatenate(images), np.concatenate(labels).argmax(1)
+
+    pretrained = keras.models.load_model(root / "pretrain" / "model.keras")
+    shots = evaluation.fewshot(pretrained, arrays("train", 8), arrays("test", 8), shots=(1, 5, 10), seeds=3)
+    result = {"pretrain_fewshot": shots}
+    try:
+        finetuned = keras.models.load_model(root / "finetune" / "model.keras")
+        paths = plotting.write_figures(finetuned, arrays("test", 16)[0][:6], root / "figures")
+        result["figures"] = [str(p) for p in paths]
+    except ImportError as error:
+        print(f"No figures: {error}")
+    return result
 
 
 def main(argv=None):
@@ -38,6 +62,7 @@ def main(argv=None):
             quick + [f"output_dir={root / 'finetune'}", f"weights={root / 'pretrain' / 'model.keras'}"],
         )
     )
+    figures = write_analysis(root, pretrain, finetune)
     report = {
         "task": "scikit-learn digits (1,797 real 8x8 images; stratified 80/20 split)",
         "pretrain": {"resolution": 8, "top1": pretrain["top1"], "steps": pretrain["steps"], "wall_seconds": pretrain["wall_seconds"]},
@@ -45,6 +70,7 @@ def main(argv=None):
         "test_accuracy": finetune["top1"],
         "wall_seconds": time.perf_counter() - started,
         "model": str(root / "finetune" / "model.keras"),
+        **figures,
     }
     (root / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

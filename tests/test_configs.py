@@ -30,5 +30,5 @@ def test_unknown_names_list_the_valid_ones(name):
 
 def test_list_models_are_all_parseable():
     names = configs.list_models()
-    assert names[0] == "ViT-Ti_16" and "ViT-H_14" in names and len(names) == 9
+    assert names[0] == "ViT-Ti_16" and "ViT-H_14" in names and names[-1] == "R50+ViT-L_32" and len(names) == 14
     assert [configs.model_config(n)["name"] for n in names] == names
