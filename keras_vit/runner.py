@@ -119,45 +119,59 @@ def _precision(choice, strategy):
     return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
 
 
-def run(config):
-    """Trains as ``config`` says; returns the report dict (also written to ``output_dir/report.json``)."""
+def setup(config):
+    """Seeds, determinism, strategy and precision policy for ``config``; returns ``(strategy, precision)``."""
     import keras
     import tensorflow as tf
 
-    from keras_vit import data, distribute, models, training
+    from keras_vit import distribute
 
-    output_dir = Path(config["output_dir"])
     keras.utils.set_random_seed(config["seed"])
     if config["deterministic"]:
         tf.config.experimental.enable_op_determinism()
     strategy = distribute.get_strategy(config["strategy"], config["tpu"])
     precision = _precision(config["precision"], strategy)
     keras.config.set_dtype_policy(precision)
-    chief = distribute.is_chief(strategy)
+    return strategy, precision
+
+
+def prepare_data(config):
+    """``(train_source, train_dataset(skip_batches), eval_dataset)`` for ``config``."""
+    from keras_vit import data
 
     train_source = data.load_source(config["dataset"], config["train_split"], config["data_dir"], config["download"])
     eval_source = data.load_source(config["dataset"], config["eval_split"], config["data_dir"], config["download"])
-    augment = dict(
-        mixup_alpha=config["mixup_alpha"],
-        randaugment=config["randaugment"],
-        crop_area=config["crop_area"],
-        flip=config["flip"],
-        cache=config["cache"],
-        shuffle_buffer=config["shuffle_buffer"],
-    )
 
-    def train_dataset(skip_batches):
+    def train_dataset(skip_batches=0):
         return data.pipeline(
-            train_source, config["image_size"], config["batch_size"], True, config["seed"], skip_batches=skip_batches, **augment
+            train_source,
+            config["image_size"],
+            config["batch_size"],
+            True,
+            config["seed"],
+            mixup_alpha=config["mixup_alpha"],
+            randaugment=config["randaugment"],
+            crop_area=config["crop_area"],
+            flip=config["flip"],
+            cache=config["cache"],
+            shuffle_buffer=config["shuffle_buffer"],
+            skip_batches=skip_batches,
         )
 
     eval_dataset = data.pipeline(eval_source, config["image_size"], config["batch_size"], False, cache=config["cache"])
+    return train_source, train_dataset, eval_dataset
+
+
+def build_trainer(config, strategy, precision, num_classes):
+    """The model (with its weights) and a ``Trainer`` for it, built under ``strategy``."""
+    from keras_vit import models, training
+
     with strategy.scope():
         model = models.create_model(
             config["model"],
             weights=config["weights"],
             image_size=config["image_size"],
-            classes=train_source.num_classes,
+            classes=num_classes,
             **config["model_overrides"],
         )
         schedule = training.WarmupDecay(
@@ -173,7 +187,7 @@ def run(config):
             ema_decay=config["ema_decay"],
             loss_scale=precision == "mixed_float16",
         )
-    trainer = training.Trainer(
+    return training.Trainer(
         model,
         optimizer,
         strategy,
@@ -184,6 +198,19 @@ def run(config):
         steps_per_execution=config["steps_per_execution"],
         jit_compile=config["jit_compile"],
     )
+
+
+def run(config):
+    """Trains as ``config`` says; returns the report dict (also written to ``output_dir/report.json``)."""
+    import keras
+
+    from keras_vit import distribute
+
+    output_dir = Path(config["output_dir"])
+    strategy, precision = setup(config)
+    train_source, train_dataset, eval_dataset = prepare_data(config)
+    trainer = build_trainer(config, strategy, precision, train_source.num_classes)
+    model = trainer.model
     started = time.perf_counter()
     history = trainer.fit(
         train_dataset,
@@ -207,7 +234,7 @@ def run(config):
         "config": config,
         "history": history,
     }
-    if chief:
+    if distribute.is_chief(strategy):
         output_dir.mkdir(parents=True, exist_ok=True)
         with trainer.averaged_weights():
             model.save(output_dir / ".model.tmp.keras")

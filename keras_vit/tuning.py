@@ -1,0 +1,212 @@
+"""Hyperparameter search with keras-tuner over the seed's fine-tuning grid and over ViT shapes.
+
+``ViTHyperModel`` maps keras-tuner hyperparameters onto a recipe configuration
+(``keras_vit.runner``) and trains each trial with the same data pipelines,
+strategy and ``Trainer`` as the recipes; the objective is the held-out top-1
+(``val_accuracy``) or any number the trial reports (``val_loss``-style keys of
+``TRIAL_METRICS``). Two search spaces:
+
+* ``"finetune"``: from pretrained weights: learning rate (the seed's grid
+  {0.001, 0.003, 0.01, 0.03}), steps, resolution, dropout, classifier head
+  (token / gap where the checkpoint allows), EMA on/off;
+* ``"architecture"``: from scratch: depth, width, heads (only divisors of the
+  width, through conditional scopes), MLP ratio, patch size (only divisors of
+  the image size), dropout, stochastic depth, weight decay, learning rate.
+
+A space is narrowed or extended with ``space_overrides``: ``{name: value}``
+fixes a hyperparameter, ``{name: [a, b]}`` makes it a choice and
+``{name: {"min": a, "max": b}}`` a range.
+"""
+
+import copy
+import math
+import time
+
+import keras_tuner
+
+FINETUNE_LEARNING_RATES = [0.001, 0.003, 0.01, 0.03]
+SPACES = ("finetune", "architecture")
+TRIAL_METRICS = ("val_accuracy", "train_accuracy", "train_loss")
+
+
+def _divisors(value, candidates):
+    return [c for c in candidates if value % c == 0]
+
+
+class ViTHyperModel(keras_tuner.HyperModel):
+    """A keras-tuner ``HyperModel`` whose trials are recipe runs of ``base_config`` with tuned settings.
+
+    ``strategy``: the ``tf.distribute`` strategy (give the tuner the same one
+    as ``distribution_strategy``). ``steps_per_epoch``: Hyperband's epochs are
+    this many steps; other tuners train ``config["steps"]`` steps (or the tuned ``steps``).
+    ``time_budget_s``: no trial starts after this many seconds (``keras_tuner.errors.FatalError``).
+    """
+
+    def __init__(self, base_config, space="finetune", space_overrides=None, strategy=None, precision="float32",
+                 steps_per_epoch=None, time_budget_s=None):
+        super().__init__(name=f"vit_{space}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}.")
+        self.base_config = copy.deepcopy(base_config)
+        self.space = space
+        self.space_overrides = dict(space_overrides or {})
+        self.strategy = strategy
+        self.precision = precision
+        self.steps_per_epoch = steps_per_epoch
+        self.deadline = time.monotonic() + time_budget_s if time_budget_s else None
+        self._sources = None
+
+    # --- the search space ----------------------------------------------------------------------------------------
+
+    def _value(self, hp, name, kind, default):
+        """A hyperparameter named ``name``: ``default`` unless ``space_overrides`` changes it.
+
+        ``kind`` is "choice" (default: list), "float" or "int" (default: (min, max)), or "bool".
+        """
+        spec = self.space_overrides.get(name, default)
+        if isinstance(spec, dict):
+            low, high = spec["min"], spec["max"]
+            if kind == "int" or all(isinstance(v, int) for v in (low, high)):
+                return hp.Int(name, low, high)
+            return hp.Float(name, low, high)
+        if isinstance(spec, tuple) and kind in ("float", "int"):
+            return (hp.Int if kind == "int" else hp.Float)(name, spec[0], spec[1])
+        if isinstance(spec, (list, tuple)):
+            return hp.Choice(name, list(spec))
+        if kind == "bool" and name not in self.space_overrides:
+            return hp.Boolean(name)
+        return hp.Fixed(name, spec)
+
+    def config_for(self, hp):
+        """The recipe configuration of a trial (also what ``write_best_config`` writes)."""
+        config = copy.deepcopy(self.base_config)
+        overrides = config["model_overrides"]
+        if self.space == "finetune":
+            config["base_lr"] = self._value(hp, "learning_rate", "choice", FINETUNE_LEARNING_RATES)
+            config["steps"] = self._value(hp, "steps", "choice", [config["steps"]])
+            config["image_size"] = self._value(hp, "image_size", "choice", [config["image_size"]])
+            overrides["dropout_rate"] = self._value(hp, "dropout_rate", "choice", [0.0, 0.1])
+            overrides["classifier"] = self._value(hp, "classifier", "choice", [overrides.get("classifier", "token")])
+            config["ema_decay"] = 0.9999 if self._value(hp, "ema", "bool", False) else None
+        else:
+            image_size = config["image_size"]
+            width = self._value(hp, "hidden_size", "choice", [64, 128, 192])
+            widths = self.space_overrides.get("hidden_size", [64, 128, 192])
+            heads = None
+            for candidate in widths if isinstance(widths, list) else [width]:
+                # Heads are a choice among the divisors of each width, active only with that width.
+                with hp.conditional_scope("hidden_size", [candidate]):
+                    value = self._value(
+                        hp, f"num_heads_w{candidate}", "choice", _divisors(candidate, [1, 2, 3, 4, 6, 8, 12, 16])
+                    )
+                if candidate == width:
+                    heads = value
+            overrides.update(
+                hidden_size=width,
+                num_heads=heads,
+                num_layers=self._value(hp, "num_layers", "int", (2, 8)),
+                mlp_dim=width * self._value(hp, "mlp_ratio", "choice", [2, 4]),
+                patch_size=self._value(hp, "patch_size", "choice", _divisors(image_size, [1, 2, 4, 8, 16, 32])),
+                dropout_rate=self._value(hp, "dropout_rate", "choice", [0.0, 0.1]),
+                stochastic_depth_rate=self._value(hp, "stochastic_depth_rate", "choice", [0.0, 0.1]),
+            )
+            config["weights"] = None
+            config["weight_decay"] = self._value(hp, "weight_decay", "choice", [0.0, 0.03, 0.1])
+            config["base_lr"] = self._value(hp, "learning_rate", "choice", [3e-4, 1e-3, 3e-3])
+        return config
+
+    # --- keras-tuner hooks ---------------------------------------------------------------------------------------
+
+    def declare_hyperparameters(self, hp):
+        """Declares the space without building anything (keras-tuner calls this, then ``build``, before the search)."""
+        self._declaring = True
+        self.config_for(hp)
+
+    def build(self, hp):
+        from keras_vit import runner
+
+        if getattr(self, "_declaring", False):
+            self.config_for(hp)  # keras-tuner is exploring the conditional scopes: no model needed yet
+            return None
+        if self.deadline and time.monotonic() > self.deadline:
+            raise keras_tuner.errors.FatalError("The search's time budget is spent.")
+        config = self.config_for(hp)
+        if self._sources is None:
+            self._sources = runner.prepare_data(config)
+        trainer = runner.build_trainer(config, self.strategy, self.precision, self._sources[0].num_classes)
+        trainer.model.trainer = trainer  # fit() trains this model with its Trainer
+        return trainer.model
+
+    def fit(self, hp, model, *args, epochs=None, initial_epoch=0, **kwargs):
+        from keras_vit import runner
+
+        config = self.config_for(hp)
+        if config["image_size"] != self.base_config["image_size"] or self._sources is None:
+            self._sources = runner.prepare_data(config)
+        _, train_dataset, eval_dataset = self._sources
+        steps = config["steps"] if epochs is None or not self.steps_per_epoch else epochs * self.steps_per_epoch
+        trainer = model.trainer
+        started = time.perf_counter()
+        history = trainer.fit(train_dataset, steps, log_every=max(steps // 4, 1), verbose=0)
+        results = {
+            "val_accuracy": trainer.evaluate(eval_dataset),
+            "train_accuracy": history[-1]["train_accuracy"],
+            "train_loss": history[-1]["loss"],
+            "seconds": time.perf_counter() - started,
+        }
+        if not math.isfinite(results["train_loss"]):
+            raise keras_tuner.errors.FailedTrialError(f"The training loss diverged ({results['train_loss']}).")
+        return results
+
+
+TUNERS = {
+    "random": keras_tuner.RandomSearch,
+    "bayesian": keras_tuner.BayesianOptimization,
+    "hyperband": keras_tuner.Hyperband,
+}
+
+
+def make_tuner(kind, hypermodel, objective="val_accuracy", max_trials=10, max_epochs=4, directory="tuning",
+               project_name="vit", seed=0, overwrite=False):
+    """A keras-tuner tuner (``random``, ``bayesian`` or ``hyperband``) that resumes from ``directory/project_name``."""
+    if kind not in TUNERS:
+        raise ValueError(f"tuner must be one of {sorted(TUNERS)}, got {kind!r}.")
+    direction = "min" if "loss" in objective else "max"
+    common = dict(
+        hypermodel=hypermodel,
+        objective=keras_tuner.Objective(objective, direction),
+        directory=directory,
+        project_name=project_name,
+        seed=seed,
+        overwrite=overwrite,
+        distribution_strategy=hypermodel.strategy,
+        max_consecutive_failed_trials=max(max_trials, 3),
+    )
+    if kind == "hyperband":
+        tuner = keras_tuner.Hyperband(max_epochs=max_epochs, factor=2, hyperband_iterations=1, **common)
+    else:
+        tuner = TUNERS[kind](max_trials=max_trials, **common)
+    hypermodel._declaring = False  # the space is known: trials build real models from now on
+    return tuner
+
+
+def trial_table(tuner):
+    """Rows ``{trial, status, <hyperparameters>, <metrics>}`` for every trial, in trial order."""
+    rows = []
+    for trial_id, trial in sorted(tuner.oracle.trials.items()):
+        row = {"trial": trial_id, "status": trial.status, "score": trial.score}
+        row.update(trial.hyperparameters.values)
+        for name, history in trial.metrics.metrics.items():
+            row[name] = history.get_best_value()
+        rows.append(row)
+    return rows
+
+
+def failures(tuner):
+    """``[(trial_id, message)]`` of failed or invalid trials, with the last line of their traceback."""
+    failed = []
+    for trial_id, trial in sorted(tuner.oracle.trials.items()):
+        if trial.status in ("FAILED", "INVALID"):
+            lines = [line for line in (trial.message or "").strip().splitlines() if line.strip()]
+            failed.append((trial_id, lines[-1] if lines else "no message"))
+    return failed

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Hyperparameter search (keras-tuner) over the seed's fine-tuning grid or ViT architectures.
+
+    python recipes/tune.py --space architecture --preset pretrain_digits --tuner random --max-trials 4 \
+        --directory runs/tune --project-name digits steps=200
+
+Re-running the same command resumes the search (finished trials are not repeated). Writes trials.csv,
+trials.md, trials.png and best_config.json (runs as is: recipes/pretrain.py --preset .../best_config.json)
+into DIRECTORY/PROJECT_NAME. Exits non-zero when every trial failed.
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from keras_vit import runner, tuning
+
+
+def parse_space(items, path):
+    space = json.loads(Path(path).read_text()) if path else {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set-space takes name=JSON, got {item!r}")
+        space[name] = runner.parse_value(value)
+    return space
+
+
+def write_results(tuner, hypermodel, folder, objective):
+    rows = tuning.trial_table(tuner)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(folder / "trials.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    (folder / "trials.md").write_text("\n".join(lines) + "\n")
+    completed = [row for row in rows if row["status"] == "COMPLETED"]
+    if completed:
+        best = tuner.oracle.get_best_trials(1)[0]
+        config = hypermodel.config_for(best.hyperparameters)
+        config["output_dir"] = str(folder / "best_run")
+        (folder / "best_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        print(f"best trial {best.trial_id}: {objective} {best.score:.4f}; config in {folder / 'best_config.json'}")
+    _plot(rows, objective, folder / "trials.png")
+    return rows
+
+
+def _cell(value):
+    return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def _plot(rows, objective, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    done = [row for row in rows if row.get(objective) is not None]
+    figure, axis = plt.subplots(figsize=(5, 3))
+    axis.plot(range(len(done)), [row[objective] for row in done], "o-")
+    axis.set(xlabel="trial", ylabel=objective, title="Search")
+    axis.set_xticks(range(len(done)), [row["trial"] for row in done], rotation=90, fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", choices=tuning.SPACES, default="finetune")
+    parser.add_argument("--preset", help="base recipe preset (a name in recipes/configs/ or a JSON file)")
+    parser.add_argument("--tuner", choices=sorted(tuning.TUNERS), default="random")
+    parser.add_argument("--objective", default="val_accuracy", help=f"one of {', '.join(tuning.TRIAL_METRICS)}")
+    parser.add_argument("--max-trials", type=int, default=10)
+    parser.add_argument("--max-time", type=float, help="seconds; no trial starts after that")
+    parser.add_argument("--max-epochs", type=int, default=4, help="Hyperband: most epochs of a trial")
+    parser.add_argument("--steps-per-epoch", type=int, default=50, help="Hyperband: steps in one epoch")
+    parser.add_argument("--space-config", help="JSON file of search-space overrides")
+    parser.add_argument("--set-space", action="append", default=[], help="name=JSON: fix (value), choose ([...]) or range ({min, max})")
+    parser.add_argument("--directory", default="runs/tune")
+    parser.add_argument("--project-name", default="vit")
+    parser.add_argument("--overwrite", action="store_true", help="start the search afresh")
+    parser.add_argument("overrides", nargs="*", help="key=value settings of the base recipe")
+    args = parser.parse_args(argv)
+    if args.objective not in tuning.TRIAL_METRICS:
+        parser.error(f"--objective must be one of {tuning.TRIAL_METRICS}")
+    defaults = runner.FINETUNE if args.space == "finetune" else runner.PRETRAIN
+    try:
+        config = runner.load_config(defaults, args.preset, args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    strategy, precision = runner.setup(config)
+    hypermodel = tuning.ViTHyperModel(
+        config, args.space, parse_space(args.set_space, args.space_config), strategy, precision,
+        steps_per_epoch=args.steps_per_epoch if args.tuner == "hyperband" else None, time_budget_s=args.max_time,
+    )
+    tuner = tuning.make_tuner(
+        args.tuner, hypermodel, args.objective, args.max_trials, args.max_epochs, args.directory, args.project_name,
+        seed=config["seed"], overwrite=args.overwrite,
+    )
+    try:
+        tuner.search()
+    except Exception as error:  # keras-tuner stops on a fatal error or too many failed trials
+        print(f"search stopped: {type(error).__name__}: {str(error).strip().splitlines()[-1]}")
+    folder = Path(args.directory) / args.project_name
+    rows = write_results(tuner, hypermodel, folder, args.objective)
+    failed = tuning.failures(tuner)
+    for trial_id, message in failed:
+        print(f"trial {trial_id} failed: {message}")
+    if rows and len(failed) == len(rows):
+        print(f"error: all {len(rows)} trials failed; the first: {failed[0][1]}", file=sys.stderr)
+        return 1
+    if not rows:
+        print("error: no trial ran", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
