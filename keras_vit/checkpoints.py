@@ -243,7 +243,8 @@ def model_arrays(model):
 def adapt_arrays(arrays, model, source_grid=None):
     """Fits checkpoint arrays to a model whose top or resolution differ (a checkpoint filter).
 
-    * a head the model lacks (``include_top=False``) is dropped;
+    * a head the model lacks (``include_top=False``) is dropped, and a model
+      head the checkpoint lacks (an encoder saved without top) stays as initialised;
     * a head with another number of classes is dropped and the model keeps
       its own zero-initialised head;
     * the pre-logits layer goes with a dropped head unless the model has one;
@@ -260,7 +261,10 @@ def adapt_arrays(arrays, model, source_grid=None):
     arrays = dict(arrays)
     kept, notes = set(), []
     head, model_head = arrays.get("head/kernel"), variables.get("head/kernel")
-    if head is not None and model_head is None:
+    if head is None and model_head is not None and "embedding/kernel" in arrays:
+        kept |= {"head/kernel", "head/bias"}  # a headless encoder (include_top=False, self-supervised)
+        notes.append(f"The checkpoint has no head: the model keeps its zero-initialised {model_head.shape[-1]}-class head.")
+    elif head is not None and model_head is None:
         arrays.pop("head/kernel"), arrays.pop("head/bias", None)
         notes.append("Dropped the checkpoint's head: the model has none (include_top=False).")
     elif head is not None and head.shape[0] == model_head.shape[0] and head.shape != tuple(model_head.shape):

@@ -137,7 +137,9 @@ def _inception_crop(image, seed, area_range=(0.05, 1.0)):
         min_object_covered=0.0,
         use_image_if_no_bounding_boxes=True,
     )
-    return tf.slice(image, begin, size)
+    crop = tf.slice(image, begin, size)
+    crop.set_shape([None, None, image.shape[-1]])  # the channel count survives the dynamic crop
+    return crop
 
 
 def to_unit_range(images):

@@ -174,11 +174,13 @@ class Checkpoints:
 
 
 class Trainer:
-    """Trains a classifier with soft-label cross-entropy on any ``tf.distribute`` strategy.
+    """Trains a model on any ``tf.distribute`` strategy: by default a classifier with soft-label cross-entropy.
 
     Build ``model`` and ``optimizer`` under ``strategy.scope()``. Batches are
-    ``(images, one-hot labels)`` of ``global_batch_size``. See the module
-    docstring for what each step does.
+    ``(images, one-hot labels)`` of ``global_batch_size``. ``loss_fn(images,
+    labels, training) -> (per-example loss (B,), per-example accuracy (B,))``
+    replaces the classification objective (e.g. ``MaskedPatchPrediction.loss_and_accuracy``,
+    which ignores the labels). See the module docstring for what each step does.
     """
 
     def __init__(
@@ -192,6 +194,7 @@ class Trainer:
         label_smoothing=0.0,
         steps_per_execution=1,
         jit_compile="auto",
+        loss_fn=None,
     ):
         replicas = strategy.num_replicas_in_sync
         if global_batch_size % (replicas * accumulation_steps):
@@ -207,6 +210,7 @@ class Trainer:
         self.accumulation_steps = accumulation_steps
         self.label_smoothing = label_smoothing
         self.steps_per_execution = steps_per_execution
+        self.loss_fn = loss_fn or self._classification
         if jit_compile == "auto":
             mirrored_on_cpu = isinstance(strategy, tf.distribute.MirroredStrategy) and not tf.config.list_logical_devices("GPU")
             jit_compile = not mirrored_on_cpu and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -219,11 +223,13 @@ class Trainer:
 
     # --- one replica -------------------------------------------------------------------------------------------
 
-    def _loss(self, labels, logits):
+    def _classification(self, images, labels, training=True):
+        logits = ops.cast(self.model(images, training=training), "float32")
         per_example = keras.losses.categorical_crossentropy(
-            labels, ops.cast(logits, "float32"), from_logits=True, label_smoothing=self.label_smoothing
+            labels, logits, from_logits=True, label_smoothing=self.label_smoothing
         )
-        return per_example
+        hits = ops.cast(ops.argmax(logits, -1) == ops.argmax(labels, -1), "float32")
+        return per_example, hits
 
     def _gradients_fn(self, images, labels):
         """Summed (not averaged) over this replica's micro-batches; the loss is scaled by the global batch."""
@@ -235,17 +241,14 @@ class Trainer:
             tf.split(images, self.accumulation_steps), tf.split(labels, self.accumulation_steps)
         ):
             with tf.GradientTape() as tape:
-                logits = self.model(part_images, training=True)
-                per_example = self._loss(part_labels, logits)
+                per_example, hits = self.loss_fn(part_images, part_labels, training=True)
                 loss = tf.reduce_sum(per_example) / self.global_batch_size
                 if self.model.losses:
                     loss += tf.add_n(self.model.losses) / (self.strategy.num_replicas_in_sync * self.accumulation_steps)
                 scaled = self.optimizer.scale_loss(loss)
             grads = [g + d for g, d in zip(grads, tape.gradient(scaled, variables))]
             loss_sum += tf.reduce_sum(per_example)
-            correct += tf.reduce_sum(
-                tf.cast(tf.argmax(logits, -1) == tf.argmax(part_labels, -1), tf.float32)
-            )
+            correct += tf.reduce_sum(hits)
         return grads, loss_sum, correct
 
     def _replica_step(self, images, labels):
@@ -280,8 +283,7 @@ class Trainer:
 
     def _eval_step_fn(self, images, labels):
         def replica(images, labels):
-            logits = self.model(images, training=False)
-            hits = tf.cast(tf.argmax(logits, -1) == tf.argmax(labels, -1), tf.float32)
+            _, hits = self.loss_fn(images, labels, training=False)
             return tf.reduce_sum(hits), tf.cast(tf.shape(labels)[0], tf.float32)
 
         hits, count = self.strategy.run(replica, args=(images, labels))
@@ -289,7 +291,7 @@ class Trainer:
         return reduce(hits), reduce(count)
 
     def evaluate(self, dataset, use_ema=True):
-        """Top-1 accuracy on a finite dataset of (images, one-hot labels); on the averaged weights when EMA is on."""
+        """Mean per-example accuracy (top-1 for classifiers) on a finite dataset; on the averaged weights with EMA."""
         with self.averaged_weights(use_ema):
             hits = count = 0.0
             for images, labels in self.strategy.experimental_distribute_dataset(dataset):
