@@ -44,6 +44,47 @@ from keras_vit.models import (
 )
 
 __version__ = "0.1.0"
+__all__ = [
+    "AddPositionEmbs",
+    "BottleneckUnit",
+    "CheckpointMismatchError",
+    "ClassToken",
+    "MultiHeadSelfAttention",
+    "Patches",
+    "R26_ViT_B32",
+    "R26_ViT_S32",
+    "R50_ViT_B16",
+    "R50_ViT_L32",
+    "R_ViT_Ti16",
+    "ResNetStage",
+    "StdConv2D",
+    "TokenPooling",
+    "TransformerBlock",
+    "ViT_B16",
+    "ViT_B32",
+    "ViT_B8",
+    "ViT_H14",
+    "ViT_L16",
+    "ViT_L32",
+    "ViT_S16",
+    "ViT_S32",
+    "ViT_Ti16",
+    "analysis",
+    "attention_maps",
+    "attention_rollout",
+    "create_model",
+    "decode_predictions",
+    "evaluation",
+    "from_official_checkpoint",
+    "interpolate_posemb",
+    "list_models",
+    "load_official_weights",
+    "load_weights",
+    "model_config",
+    "preprocess_input",
+    "resize_model",
+    "vision_transformer",
+]
 
 # One line per weight adaptation (head replaced, position embeddings interpolated), shown by default.
 _log = logging.getLogger("keras_vit")
