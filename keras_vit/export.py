@@ -1,0 +1,188 @@
+"""Deployment: SavedModel with a serving signature, TFLite/LiteRT (float32, float16, int8) and ONNX.
+
+``export(model, path, format)`` writes the artefact next to ``path`` under a
+temporary name, runs it on sample images, compares it with the Keras model
+(float32 exports: largest absolute logit difference, must be <= 1e-4;
+float16 and int8: top-1 agreement) and only then moves it into place, so a
+failed export leaves nothing behind. An existing ``path`` is refused unless
+``force=True``. Returns a dict with the path, size in bytes and the comparison.
+
+Shapes: B = batch, (H, W, C) = the model's input size, K = classes.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+FORMATS = ("saved_model", "tflite", "onnx")
+QUANTIZATIONS = (None, "float16", "int8")
+FLOAT_TOLERANCE = 1e-4
+ONNX_OPSET = 17
+
+
+def _input_size(model):
+    height, width, channels = model.input.shape[1:]
+    return height, width, channels
+
+
+def _keras_logits(model, images):
+    return np.asarray(model.predict(images, verbose=0), np.float32)
+
+
+def _to_model_input(pixels, height, width):
+    """uint8 or float pixels (B, h, w, C) in [0, 255] -> float32 (B, H, W, C) in [-1, 1] (official mapping)."""
+    resized = tf.image.resize(tf.cast(pixels, tf.float32), (height, width))
+    return (resized - 127.5) / 127.5
+
+
+class ServingModule(tf.Module):
+    """The model plus its pre-processing, for TF Serving: encoded image bytes or uint8 pixels in, logits and top-k out."""
+
+    def __init__(self, model, top_k=5):
+        super().__init__()
+        self.model = model
+        self.top_k = top_k
+        height, width, channels = _input_size(model)
+        self.size = (height, width)
+        self.channels = channels
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="pixels")])
+        def serve_pixels(pixels):
+            return self._outputs(_to_model_input(pixels, *self.size))
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serve_bytes(image_bytes):
+            def decode(data):
+                image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+                image.set_shape([None, None, channels])
+                return tf.image.resize(tf.cast(image, tf.float32), self.size)
+
+            pixels = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([*self.size, channels], tf.float32))
+            return self._outputs((pixels - 127.5) / 127.5)
+
+        self.serve_pixels = serve_pixels
+        self.serve_bytes = serve_bytes
+
+    def _outputs(self, images):
+        logits = tf.cast(self.model(images, training=False), tf.float32)
+        top = tf.math.top_k(logits, k=min(self.top_k, logits.shape[-1]))
+        return {"logits": logits, "top_k_classes": top.indices, "top_k_scores": top.values}
+
+
+def _saved_model(model, target, images, top_k):
+    module = ServingModule(model, top_k)
+    tf.saved_model.save(
+        module, str(target), signatures={"serving_default": module.serve_bytes, "serve_pixels": module.serve_pixels}
+    )
+    reloaded = tf.saved_model.load(str(target))
+    pixels = np.clip(np.round(images * 127.5 + 127.5), 0, 255).astype(np.uint8)
+    exported = reloaded.signatures["serve_pixels"](pixels=tf.constant(pixels))["logits"].numpy()
+    reference = _keras_logits(model, np.asarray(_to_model_input(pixels, *module.size)))
+    return exported, reference
+
+
+def _tflite(model, target, images, quantization):
+    height, width, channels = _input_size(model)
+    saved = Path(target).parent / "saved_model_for_tflite"
+    model.export(str(saved), format="tf_saved_model", verbose=False,
+                 input_signature=[tf.TensorSpec([1, height, width, channels], tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+    if quantization:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic-range int8 weights
+        if quantization == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+    Path(target).write_bytes(converter.convert())
+    shutil.rmtree(saved)
+    interpreter = tf.lite.Interpreter(model_path=str(target))
+    interpreter.allocate_tensors()
+    input_index = interpreter.get_input_details()[0]["index"]
+    output_index = interpreter.get_output_details()[0]["index"]
+    exported = []
+    for image in images:
+        interpreter.set_tensor(input_index, image[None].astype(np.float32))
+        interpreter.invoke()
+        exported.append(interpreter.get_tensor(output_index)[0])
+    return np.stack(exported), _keras_logits(model, images)
+
+
+def _onnx(model, target, images):
+    try:
+        import onnxruntime
+        import tf2onnx
+    except ImportError:
+        raise ImportError("ONNX export needs tf2onnx and onnxruntime: pip install 'keras-vit[onnx]'.") from None
+    height, width, channels = _input_size(model)
+
+    @tf.autograph.experimental.do_not_convert
+    def forward(images):
+        return model(images, training=False)
+
+    signature = [tf.TensorSpec([None, height, width, channels], tf.float32, name="images")]
+    proto, _ = tf2onnx.convert.from_function(tf.function(forward, input_signature=signature), input_signature=signature, opset=ONNX_OPSET)
+    Path(target).write_bytes(proto.SerializeToString())
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {session.get_inputs()[0].name: images.astype(np.float32)})[0]
+    return exported, _keras_logits(model, images)
+
+
+def _size(path):
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def export(model, path, format="saved_model", quantization=None, images=None, top_k=5, force=False):
+    """Exports ``model`` to ``path`` and verifies the artefact against Keras on ``images``.
+
+    Args:
+        format: ``"saved_model"`` (signatures ``serving_default``: encoded image
+            bytes; ``serve_pixels``: uint8 pixels; both resize and map to [-1, 1]
+            inside and return logits and top-k), ``"tflite"`` or ``"onnx"``.
+        quantization: TFLite only: None (float32), ``"float16"`` or ``"int8"``
+            (dynamic range).
+        images: (B, H, W, C) float32 in [-1, 1] to compare on; 8 random images by default.
+    Returns:
+        ``{"path", "format", "quantization", "bytes", "max_abs_diff", "top1_agreement"}``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
+    if quantization not in QUANTIZATIONS or (quantization and format != "tflite"):
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, and is for TFLite only; got {quantization!r}.")
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass force=True (--force) to replace it.")
+    height, width, channels = _input_size(model)
+    if images is None:
+        images = np.random.default_rng(0).uniform(-1, 1, (8, height, width, channels)).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    target = workdir / path.name
+    try:
+        if format == "saved_model":
+            exported, reference = _saved_model(model, target, images, top_k)
+        elif format == "tflite":
+            exported, reference = _tflite(model, target, images, quantization)
+        else:
+            exported, reference = _onnx(model, target, images)
+        result = {
+            "path": str(path),
+            "format": format,
+            "quantization": quantization,
+            "bytes": _size(target),
+            "max_abs_diff": float(np.abs(exported - reference).max()),
+            "top1_agreement": float(np.mean(exported.argmax(-1) == reference.argmax(-1))),
+        }
+        if quantization is None and result["max_abs_diff"] > FLOAT_TOLERANCE:
+            raise ValueError(
+                f"The {format} export differs from the Keras model by {result['max_abs_diff']:.3g} "
+                f"(> {FLOAT_TOLERANCE}); nothing was written."
+            )
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(target, path)
+        return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

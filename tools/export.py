@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Export a model (.keras or official .npz) to SavedModel, TFLite (float32/float16/int8) or ONNX, verified against Keras.
+
+    python tools/export.py runs/main/finetune/model.keras exported/vit_tflite_int8.tflite --format tflite --quantization int8
+"""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def main(argv=None):
+    from keras_vit.export import FORMATS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a .keras model or an official .npz checkpoint")
+    parser.add_argument("output", help="output path (a folder for saved_model, a file otherwise)")
+    parser.add_argument("--format", choices=FORMATS, default="saved_model")
+    parser.add_argument("--quantization", choices=["float16", "int8"], help="TFLite only")
+    parser.add_argument("--images", nargs="*", default=[], help="image files to compare on (default: 8 random images)")
+    parser.add_argument("--top-k", type=int, default=5, help="SavedModel: classes returned by the signatures")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    args = parser.parse_args(argv)
+
+    import keras
+    import tensorflow as tf
+
+    import keras_vit
+    from keras_vit import export
+
+    model = keras_vit.from_official_checkpoint(args.model) if args.model.endswith(".npz") else keras.models.load_model(args.model)
+    height, width, channels = model.input.shape[1:]
+    images = None
+    if args.images:
+        decoded = [tf.io.decode_image(tf.io.read_file(p), channels=channels, expand_animations=False) for p in args.images]
+        images = np.stack([keras.ops.convert_to_numpy(keras_vit.preprocess_input(tf.image.resize(d, (height, width)))) for d in decoded])
+    try:
+        result = export.export(model, args.output, args.format, args.quantization, images, args.top_k, args.force)
+    except (FileExistsError, ValueError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    print(f"{result['format']}{'/' + result['quantization'] if result['quantization'] else ''}: {result['bytes']:,} bytes, "
+          f"largest |logit - Keras| {result['max_abs_diff']:.3g}, top-1 agreement {result['top1_agreement']:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
