@@ -36,6 +36,7 @@ def gelu(x, form="tanh"):
     The exact form is written with ``keras.ops.erf`` so that it exports to ONNX
     (TensorFlow's own exact-GELU op does not).
     """
+    x = ops.convert_to_tensor(x)
     if form == "tanh":
         return ops.gelu(x, approximate=True)
     if form == "erf":
