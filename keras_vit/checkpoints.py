@@ -64,9 +64,15 @@ def read_npz(path, progress=False):
     that holds pickled objects.
     """
     try:
+        with open(path, "rb") as file:
+            magic = file.read(4)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Checkpoint file {path} does not exist.") from None
+    if magic != b"PK\x03\x04":
+        kind = "a single .npy array" if magic == b"\x93NUM" else "not a zip archive"
+        raise ValueError(f"{path} is not an .npz checkpoint ({kind}; truncated or corrupt?). Download it again.")
+    try:
         with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise ValueError(f"{path} is a single .npy array, not an .npz checkpoint archive.")
             bar = keras.utils.Progbar(len(archive.files), unit_name="array") if progress else None
             arrays = {}
             for name in archive.files:
@@ -99,6 +105,15 @@ def decode_array(array):
         bits = np.ascontiguousarray(array).view(np.uint16).astype(np.uint32) << 16
         return bits.view(np.float32)
     return array
+
+
+def encode_like(array, original):
+    """``array`` (float) in the storage type of ``original``: the same dtype, or bfloat16 bit patterns."""
+    if original.dtype.itemsize == 2 and original.dtype.kind in "Vu":
+        bits = np.asarray(array, np.float32).view(np.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+        return rounded.view(original.dtype)
+    return np.asarray(array).astype(original.dtype)
 
 
 def normalize_names(arrays):
@@ -338,7 +353,7 @@ def infer_config(arrays):
 
     Returns hidden_size, num_layers, num_heads, mlp_dim, patch_size, channels,
     classifier, representation_size, classes (None without a head),
-    image_size (from a square position-embedding grid) and, for hybrids,
+    image_size (from a square position-embedding grid; None for a rectangular one) and, for hybrids,
     resnet_layers (units per stage) and resnet_width_factor.
     """
     arrays = normalize_names(arrays)
@@ -351,7 +366,10 @@ def infer_config(arrays):
         raise ValueError(f"Not an official ViT checkpoint: it has no {error.args[0]!r} array.") from None
     blocks = {m[1] for m in map(_BLOCK_KEY.match, arrays) if m}
     prefix = int("cls" in arrays)
-    grid = square_grid(posemb.shape[1] - prefix)
+    try:
+        grid = square_grid(posemb.shape[1] - prefix)
+    except ValueError:
+        grid = None  # a rectangular grid: the image size cannot be read off the arrays
     patch = tuple(int(p) for p in kernel.shape[:2])
     hybrid = {}
     if "conv_root/kernel" in arrays:
@@ -363,7 +381,7 @@ def infer_config(arrays):
         hybrid = dict(resnet_layers=layers, resnet_width_factor=arrays["conv_root/kernel"].shape[-1] / 64)
     stride = token_stride(dict(patch_size=patch, **hybrid))
     return dict(
-        image_size=(grid[0] * stride[0], grid[1] * stride[1]),
+        image_size=(grid[0] * stride[0], grid[1] * stride[1]) if grid else None,
         patch_size=patch,
         hidden_size=int(kernel.shape[-1]),
         num_layers=len(blocks),

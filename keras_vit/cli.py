@@ -114,7 +114,8 @@ def convert_main(argv=None):
     model = models.model_from_arrays(
         arrays, args.input, image_size=args.image_size, classes=args.classes, include_top=not args.no_top
     )
-    print(_describe(model, checkpoints.infer_config(arrays)))
+    built = {k: v for k, v in checkpoints.infer_config(checkpoints.model_arrays(model)).items() if v is not None}
+    print(_describe(model, built))
     with atomic_output(args.output, args.force, inputs=[args.input]) as temporary:
         if str(temporary).endswith(".keras"):
             model.save(temporary)
@@ -133,15 +134,21 @@ def _interpolate_npz(source, target, image_size):
     from keras_vit import checkpoints
     from keras_vit.layers import to_pair
 
-    arrays = checkpoints.normalize_names(checkpoints.read_npz(source, progress=True))
+    arrays = checkpoints.read_npz(source, progress=True)
     config = checkpoints.infer_config(arrays)
+    if config["image_size"] is None:
+        raise SystemExit(f"error: {source} has a rectangular grid; interpolate the .keras model instead.")
     height, width = to_pair(image_size, "image size")
     stride = checkpoints.token_stride(config)
     if height % stride[0] or width % stride[1]:
         raise SystemExit(f"error: image size {height}x{width} is not a multiple of the token stride {stride}.")
-    name = "Transformer/posembed_input/pos_embedding"
+    # Only the position embeddings change; every other array keeps its name, shape and dtype.
+    key = next(k for k in arrays if k.endswith("Transformer/posembed_input/pos_embedding"))
     prefix = int(config["classifier"] == "token")
-    arrays[name] = checkpoints.interpolate_posemb(arrays[name], (height // stride[0], width // stride[1]), prefix)
+    resized = checkpoints.interpolate_posemb(
+        checkpoints.decode_array(arrays[key]), (height // stride[0], width // stride[1]), prefix
+    )
+    arrays[key] = checkpoints.encode_like(resized, arrays[key])
     np.savez(target, **arrays)
 
 

@@ -68,8 +68,12 @@ def digits(split="train", test_fraction=0.2, seed=0):
     return from_arrays(train_x, train_y, 10) if split == "train" else from_arrays(test_x, test_y, 10)
 
 
-def from_folder(path):
-    """Source from an image folder: one sub-folder per class (sorted names = label order), .jpg/.png files."""
+def from_folder(path, seed=0):
+    """Source from an image folder: one sub-folder per class (sorted names = label order), .jpg/.png files.
+
+    The file list is shuffled once with ``seed``, so that a shuffle buffer smaller than the dataset still
+    mixes the classes (files are listed class by class).
+    """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"Image folder {root} does not exist.")
@@ -87,7 +91,9 @@ def from_folder(path):
         image = tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False)
         return image, label
 
-    dataset = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, "int32"))).map(decode)
+    order = np.random.default_rng(seed).permutation(len(files))
+    files, labels = np.asarray(files)[order], np.asarray(labels, "int32")[order]
+    dataset = tf.data.Dataset.from_tensor_slices((files, labels)).map(decode)
     return Source(dataset, len(class_names), len(files), class_names)
 
 

@@ -3,7 +3,7 @@
 ``export(model, path, format)`` writes the artefact next to ``path`` under a
 temporary name, runs it on sample images, compares it with the Keras model
 (float32 exports: largest absolute logit difference, must be <= 1e-4;
-float16 and int8: top-1 agreement) and only then moves it into place, so a
+float16 and int8: the difference and the top-1 agreement are reported, not enforced) and only then moves it into place, so a
 failed export leaves nothing behind. An existing ``path`` is refused unless
 ``force=True``. Returns a dict with the path, size in bytes and the comparison.
 

@@ -178,7 +178,7 @@ def _pretrained_arrays(weights, model_name, image_size):
         entry = weights_lib.resolve_weights(model_name, weights, image_size)
         return checkpoints.read_npz(weights_lib.fetch(entry.url, entry.sha256)), entry.url
     if os.fspath(weights).endswith(".weights.h5"):
-        return None, str(weights)
+        return None, str(weights_lib.fetch(weights) if _is_url(weights) else weights)
     return _source_arrays(os.fspath(weights))
 
 
@@ -190,7 +190,7 @@ def load_weights(model, weights, adapt=True):
     ``keras_vit.checkpoints.adapt_arrays``; ``.weights.h5`` files must match
     exactly. Returns ``model``.
     """
-    arrays, source = _pretrained_arrays(weights, model.name, None)
+    arrays, source = _pretrained_arrays(weights, model.name, tuple(model.input.shape[1:3]))
     if arrays is None:
         model.load_weights(source)
         return model
@@ -278,6 +278,8 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
 def model_from_arrays(arrays, source, image_size=None, classes=None, include_top=True, **overrides):
     """``from_official_checkpoint`` for arrays already read (``{official name: array}``)."""
     config = checkpoints.infer_config(arrays)
+    if image_size is None and config["image_size"] is None:
+        raise ValueError(f"{source} has a rectangular position-embedding grid: pass image_size=(height, width).")
     if include_top and classes is None and config["classes"] is None:
         raise ValueError(f"{source} has no head: pass classes=K for a new head, or include_top=False.")
     if not (include_top and classes in (None, config["classes"])):

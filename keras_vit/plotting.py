@@ -16,7 +16,7 @@ def _pyplot():
 
 def _save(figure, path):
     figure.savefig(path, dpi=100, bbox_inches="tight")
-    figure.clf()
+    _pyplot().close(figure)
     return path
 
 

@@ -116,6 +116,9 @@ def load_config(defaults, preset=None, overrides=()):
         if key not in defaults:
             raise ValueError(f"Unknown setting {key!r}. Settings: {', '.join(sorted(defaults))}.")
         config[key] = parse_value(value)
+    clashing = {"image_size", "classes", "include_top", "weights"} & set(config["model_overrides"])
+    if clashing:
+        raise ValueError(f"Set {sorted(clashing)} as top-level settings, not in model_overrides.")
     unknown = set(config) - set(defaults)
     if unknown:
         raise ValueError(f"Unknown settings {sorted(unknown)} in the preset. Settings: {', '.join(sorted(defaults))}.")
@@ -130,6 +133,14 @@ def _precision(choice, strategy):
     if isinstance(strategy, tf.distribute.TPUStrategy):
         return "mixed_bfloat16"
     return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+
+
+def run_id(config):
+    """A short hash of the settings that change training (not where or how often it reports)."""
+    import hashlib
+
+    relevant = {k: v for k, v in config.items() if k not in ("output_dir", "eval_every", "checkpoint_every", "log_every")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def setup(config):
@@ -244,6 +255,7 @@ def run(config):
         eval_every=config["eval_every"],
         checkpoint_every=config["checkpoint_every"],
         log_every=config["log_every"],
+        run_id=run_id(config),
     )
     top1 = trainer.evaluate(eval_dataset)
     report = {

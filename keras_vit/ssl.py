@@ -55,6 +55,7 @@ class MaskedPatchPrediction(keras.Model):
 
     def __init__(self, encoder, corrupt_rate=0.5, mask_rate=0.8, random_rate=0.1, seed=None, **kwargs):
         super().__init__(**kwargs)
+        self.seed = seed
         self.encoder = encoder
         self.corrupt_rate, self.mask_rate, self.random_rate = corrupt_rate, mask_rate, random_rate
         self.patches = next(layer for layer in encoder.layers if isinstance(layer, Patches))
@@ -122,6 +123,7 @@ class MaskedPatchPrediction(keras.Model):
             corrupt_rate=self.corrupt_rate,
             mask_rate=self.mask_rate,
             random_rate=self.random_rate,
+            seed=self.seed,
         )
         return config
 

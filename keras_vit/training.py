@@ -149,11 +149,17 @@ class Checkpoints:
         for old in steps[: -self.keep]:
             shutil.rmtree(self.folder / f"step_{old}", ignore_errors=True)
 
-    def restore(self, model, optimizer):
+    def restore(self, model, optimizer, run_id=None):
         """Loads the latest checkpoint into ``model`` and a built ``optimizer``; returns its state or None."""
         path = self.latest()
         if path is None:
             return None
+        stored = json.loads((path / "state.json").read_text()).get("run_id")
+        if stored != run_id:
+            raise ValueError(
+                f"{path} was written by another configuration (run {stored}, this one is {run_id}): "
+                "use a new output folder, or delete the old checkpoints to start over."
+            )
         for part, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
             arrays = self.read(path, part)
             shapes = [tuple(a.shape) for a in arrays]
@@ -324,11 +330,13 @@ class Trainer:
         averages = base._model_variables_moving_average  # Keras keeps the Polyak averages here
         return list(zip(self.model.trainable_variables, averages))
 
-    def fit(self, dataset, steps, eval_dataset=None, output_dir=None, eval_every=None, checkpoint_every=None, log_every=50, verbose=1, callbacks=()):
+    def fit(self, dataset, steps, eval_dataset=None, output_dir=None, eval_every=None, checkpoint_every=None, log_every=50, verbose=1, callbacks=(), run_id=None):
         """Trains to ``steps`` (resuming from ``output_dir``'s checkpoint) and returns a history dict.
 
         ``callbacks``: Keras callbacks; their ``on_train_batch_end(step - 1, logs)`` runs after each
-        ``steps_per_execution`` chunk (e.g. ``keras_vit.evaluation.FewShotCallback``).
+        ``steps_per_execution`` chunk (e.g. ``keras_vit.evaluation.FewShotCallback``). ``run_id`` (e.g. a
+        hash of the configuration) is stored with each checkpoint; resuming from a checkpoint of another
+        run_id is refused, so a folder never silently continues a different configuration.
 
         ``dataset`` is a repeated dataset, or a callable ``skip_batches -> dataset``
         so a resumed run continues the same stream. Writes TensorBoard logs,
@@ -344,7 +352,7 @@ class Trainer:
                 folder = Path(output_dir) / "workers" / f"worker_{self.strategy.cluster_resolver.task_id}" / "checkpoints"
             checkpoints = Checkpoints(folder)
             with self.strategy.scope():
-                state = checkpoints.restore(self.model, self.optimizer)
+                state = checkpoints.restore(self.model, self.optimizer, run_id)
             if state:
                 start = state["step"]
                 print(f"Resuming from step {start} ({checkpoints.latest()}).", flush=True)
@@ -353,8 +361,11 @@ class Trainer:
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         writer = tf.summary.create_file_writer(str(Path(output_dir) / "logs")) if output_dir and chief else None
         history_path = Path(output_dir) / "history.csv" if output_dir and chief else None
-        if history_path and not history_path.exists():
-            history_path.write_text("step,loss,train_accuracy,learning_rate,grad_norm,eval_accuracy,images_per_second\n")
+        if history_path:
+            kept = history_path.read_text().splitlines()[1:] if history_path.exists() else []
+            kept = [row for row in kept if int(row.split(",")[0]) <= start]  # rows after the checkpoint are redone
+            header = "step,loss,train_accuracy,learning_rate,grad_norm,eval_accuracy,images_per_second"
+            history_path.write_text("\n".join([header, *kept]) + "\n")
         # A progress bar on a terminal; one line per logged step otherwise (files, CI).
         progress = keras.utils.Progbar(steps) if verbose and chief and sys.stdout.isatty() else None
         echo = verbose and chief and progress is None
@@ -362,7 +373,8 @@ class Trainer:
         step = start
         images_seen, time_spent = 0, 0.0
         while step < steps:
-            chunk = min(self.steps_per_execution, steps - step, log_every - step % log_every)
+            boundaries = [every - step % every for every in (log_every, eval_every, checkpoint_every) if every]
+            chunk = min(self.steps_per_execution, steps - step, *boundaries)  # stop on every log/eval/checkpoint step
             began = time.perf_counter()
             loss_sum, correct, norm = self._train_chunk(iterator, tf.constant(chunk))
             loss_sum = float(loss_sum)
@@ -391,7 +403,7 @@ class Trainer:
                 if echo:
                     print(", ".join(f"{k} {v:.4g}" for k, v in record.items() if v is not None), flush=True)
             if checkpoints and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
-                checkpoints.save(self.model, self.optimizer, {"step": step})
+                checkpoints.save(self.model, self.optimizer, {"step": step, "run_id": run_id})
             if progress:
                 values = [("loss", record["loss"]), ("acc", record["train_accuracy"])]
                 if record["eval_accuracy"] is not None:

@@ -24,6 +24,8 @@ import time
 
 import keras_tuner
 
+from keras_vit import configs
+
 FINETUNE_LEARNING_RATES = [0.001, 0.003, 0.01, 0.03]
 SPACES = ("finetune", "architecture")
 TRIAL_METRICS = ("val_accuracy", "train_accuracy", "train_loss")
@@ -54,7 +56,7 @@ class ViTHyperModel(keras_tuner.HyperModel):
         self.precision = precision
         self.steps_per_epoch = steps_per_epoch
         self.deadline = time.monotonic() + time_budget_s if time_budget_s else None
-        self._sources = None
+        self._sources = {}
 
     # --- the search space ----------------------------------------------------------------------------------------
 
@@ -81,12 +83,15 @@ class ViTHyperModel(keras_tuner.HyperModel):
         """The recipe configuration of a trial (also what ``write_best_config`` writes)."""
         config = copy.deepcopy(self.base_config)
         overrides = config["model_overrides"]
+        if self.steps_per_epoch and "tuner/epochs" in hp.values:
+            config["steps"] = hp.values["tuner/epochs"] * self.steps_per_epoch  # Hyperband: the schedule spans the trial
         if self.space == "finetune":
             config["base_lr"] = self._value(hp, "learning_rate", "choice", FINETUNE_LEARNING_RATES)
             config["steps"] = self._value(hp, "steps", "choice", [config["steps"]])
             config["image_size"] = self._value(hp, "image_size", "choice", [config["image_size"]])
             overrides["dropout_rate"] = self._value(hp, "dropout_rate", "choice", [0.0, 0.1])
-            overrides["classifier"] = self._value(hp, "classifier", "choice", [overrides.get("classifier", "token")])
+            named = configs.model_config(config["model"])["classifier"]  # e.g. "S/32-gap" keeps its gap head
+            overrides["classifier"] = self._value(hp, "classifier", "choice", [overrides.get("classifier", named)])
             config["ema_decay"] = 0.9999 if self._value(hp, "ema", "bool", False) else None
         else:
             image_size = config["image_size"]
@@ -131,20 +136,28 @@ class ViTHyperModel(keras_tuner.HyperModel):
         if self.deadline and time.monotonic() > self.deadline:
             raise keras_tuner.errors.FatalError("The search's time budget is spent.")
         config = self.config_for(hp)
-        if self._sources is None:
-            self._sources = runner.prepare_data(config)
-        trainer = runner.build_trainer(config, self.strategy, self.precision, self._sources[0].num_classes)
+        trainer = runner.build_trainer(config, self.strategy, self.precision, self._data(config)[0].num_classes)
         trainer.model.trainer = trainer  # fit() trains this model with its Trainer
         return trainer.model
 
-    def fit(self, hp, model, *args, epochs=None, initial_epoch=0, **kwargs):
+    def _data(self, config):
+        """Pipelines per image size (trials may tune the resolution)."""
         from keras_vit import runner
 
+        size = config["image_size"]
+        key = size if isinstance(size, int) else tuple(size)
+        if key not in self._sources:
+            self._sources[key] = runner.prepare_data(config)
+        return self._sources[key]
+
+    def fit(self, hp, model, *args, epochs=None, initial_epoch=0, callbacks=(), **kwargs):
+        """Trains a trial; Hyperband's ``epochs`` are ``steps_per_epoch`` steps, a promoted trial continues
+        from its parent's weights (loaded by keras-tuner) for the remaining epochs."""
         config = self.config_for(hp)
-        if config["image_size"] != self.base_config["image_size"] or self._sources is None:
-            self._sources = runner.prepare_data(config)
-        _, train_dataset, eval_dataset = self._sources
-        steps = config["steps"] if epochs is None or not self.steps_per_epoch else epochs * self.steps_per_epoch
+        _, train_dataset, eval_dataset = self._data(config)
+        steps = config["steps"]
+        if epochs is not None and self.steps_per_epoch:
+            steps = (epochs - initial_epoch) * self.steps_per_epoch
         trainer = model.trainer
         started = time.perf_counter()
         history = trainer.fit(train_dataset, steps, log_every=max(steps // 4, 1), verbose=0)
@@ -156,6 +169,9 @@ class ViTHyperModel(keras_tuner.HyperModel):
         }
         if not math.isfinite(results["train_loss"]):
             raise keras_tuner.errors.FailedTrialError(f"The training loss diverged ({results['train_loss']}).")
+        for callback in callbacks:  # keras-tuner's own: saves the trial's weights for Hyperband's promotions
+            callback.set_model(model)
+            callback.on_epoch_end((epochs or 1) - 1, logs=dict(results))
         return results
 
 

@@ -199,8 +199,10 @@ def fetch(url, sha256=None, timeout=DOWNLOAD_TIMEOUT_S):
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp for a folder it cannot write
     target = folder / cached_name(url)
-    if target.exists() and (sha256 is None or sha256_of(target) == sha256):
-        return target
+    if target.exists():
+        if sha256 is None or sha256_of(target) == sha256:
+            return target
+        target.unlink()  # a stale or damaged copy: download it again
     try:
         with _socket_timeout(timeout):
             path = Path(keras.utils.get_file(fname=target.name, origin=url, cache_dir=str(folder), cache_subdir=""))

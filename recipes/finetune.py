@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fine-tune a pretrained ViT as the official code does (SGD momentum, clipping, warmup + cosine, 384 px).
 
-    python recipes/finetune.py --preset cifar10 --output-dir runs/cifar10 model=B/16 base_lr=0.003
+    python recipes/finetune.py --preset finetune_cifar10 --output-dir runs/cifar10 model=B/16 base_lr=0.003
 
 Re-running the same command resumes from the last checkpoint. Settings: keras_vit/runner.py (COMMON).
 """

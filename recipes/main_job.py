@@ -46,10 +46,10 @@ def write_analysis(root, pretrain, finetune):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="runs/main")
+    parser.add_argument("--output-dir", help="default runs/main (runs/main_quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
     args = parser.parse_args(argv)
-    root = Path(args.output_dir)
+    root = Path(args.output_dir or ("runs/main_quick" if args.quick else "runs/main"))
     quick = ["steps=20", "warmup_steps=5", "eval_every=10", "checkpoint_every=10", "log_every=10"] if args.quick else []
     started = time.perf_counter()
     pretrain = runner.run(

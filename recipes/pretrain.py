@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pre-train a ViT from scratch as the seed does (Adam, weight decay, warmup + linear decay, dropout 0.1).
 
-    python recipes/pretrain.py --preset imagenet2012 --output-dir runs/pretrain model=B/16
+    python recipes/pretrain.py --preset pretrain_imagenet2012 --output-dir runs/pretrain model=B/16
 
 Re-running the same command resumes from the last checkpoint. Settings: keras_vit/runner.py (COMMON).
 """

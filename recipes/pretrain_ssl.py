@@ -45,4 +45,6 @@ if __name__ == "__main__":
     if known.digits_demo:
         digits_demo(Path(known.output_dir), known.quick)
         sys.exit(0)
+    if known.quick:
+        parser.error("--quick goes with --digits-demo")
     sys.exit(runner.main(runner.PRETRAIN_SSL, __doc__.splitlines()[0], rest + ["--output-dir", known.output_dir]))

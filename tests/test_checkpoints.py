@@ -121,6 +121,12 @@ def test_truncated_and_missing_files(tmp_path):
         keras_vit.load_official_weights(model, truncated)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         keras_vit.load_official_weights(model, tmp_path / "absent.npz")
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=r"not an .npz checkpoint \(a single .npy array"):
+        keras_vit.load_official_weights(model, tmp_path / "single.npy")
+    (tmp_path / "page.npz").write_text("<html>not found</html>")
+    with pytest.raises(ValueError, match="not a zip archive"):
+        keras_vit.load_official_weights(model, tmp_path / "page.npz")
     assert zipfile.is_zipfile(fixture_path("vit_tiny_token", "ckpt"))
 
 

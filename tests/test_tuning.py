@@ -66,7 +66,8 @@ def test_random_search_writes_results_and_a_best_config_that_runs(tmp_path):
 def test_hyperband(tmp_path):
     code, output = _tune(tmp_path, "--tuner", "hyperband", "--max-epochs", "2", "--steps-per-epoch", "3")
     assert code == 0, output[-3000:]
-    assert len((tmp_path / "p" / "trials.csv").read_text().splitlines()) >= 3
+    rows = (tmp_path / "p" / "trials.csv").read_text().splitlines()[1:]
+    assert len(rows) >= 2 and all(",COMPLETED," in row for row in rows)  # promoted trials load their parent's weights
 
 
 def test_kill_9_during_trial_2_then_rerun_does_not_repeat_trial_1(tmp_path):

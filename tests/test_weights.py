@@ -288,6 +288,29 @@ def test_decode_predictions_uses_the_shipped_class_names():
         keras_vit.decode_predictions(np.zeros((1, 10)))
 
 
+def test_interpolate_tool_keeps_names_and_storage_types(tmp_path):
+    arrays = checkpoints.read_npz(fixture_path("vit_tiny_token", "ckpt"))
+    np.savez(tmp_path / "bf16.npz", **{f"params/{k}": v.astype(ml_dtypes.bfloat16) for k, v in arrays.items()})
+    stored = checkpoints.read_npz(tmp_path / "bf16.npz")  # bfloat16 comes back as 2-byte void data
+    assert _run("interpolate_posemb.py", tmp_path / "bf16.npz", tmp_path / "bf16_48.npz", "--image-size", "48").returncode == 0
+    resized = checkpoints.read_npz(tmp_path / "bf16_48.npz")
+    assert resized.keys() == stored.keys() and all(v.dtype == stored[k].dtype for k, v in resized.items())
+    key = f"params/{POSEMB}"
+    assert resized[key].shape == (1, 145, 48)
+    expected = keras_vit.interpolate_posemb(checkpoints.decode_array(stored[key]), (12, 12))
+    np.testing.assert_allclose(checkpoints.decode_array(resized[key]), expected, rtol=1e-2, atol=1e-3)  # bfloat16 rounding
+    np.testing.assert_array_equal(resized["params/cls"].view(np.uint16), stored["params/cls"].view(np.uint16))
+
+
+def test_rectangular_checkpoint_needs_an_image_size(tmp_path):
+    model = keras_vit.resize_model(keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt")), (32, 48))
+    np.savez(tmp_path / "rect.npz", **checkpoints.model_arrays(model))
+    with pytest.raises(ValueError, match="rectangular position-embedding grid: pass image_size"):
+        keras_vit.from_official_checkpoint(tmp_path / "rect.npz")
+    again = keras_vit.from_official_checkpoint(tmp_path / "rect.npz", image_size=(32, 48))
+    np.testing.assert_array_equal(_posemb(again), _posemb(model))
+
+
 def test_keras_and_weights_h5_files_as_weights(tmp_path):
     ref, _ = load_reference("vit_tiny_token")
     model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"))

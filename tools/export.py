@@ -30,7 +30,11 @@ def main(argv=None):
     import keras_vit
     from keras_vit import export
 
-    model = keras_vit.from_official_checkpoint(args.model) if args.model.endswith(".npz") else keras.models.load_model(args.model)
+    try:
+        model = keras_vit.from_official_checkpoint(args.model) if args.model.endswith(".npz") else keras.models.load_model(args.model)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot load {args.model}: {error}", file=sys.stderr)
+        return 1
     height, width, channels = model.input.shape[1:]
     images = None
     if args.images:
