@@ -158,14 +158,19 @@ def _is_url(weights):
 
 
 def _source_arrays(source):
-    """``{official name: array}`` from an official ``.npz`` or a ``.keras`` model file (local or URL)."""
+    """``(arrays, path, grid)`` from an official ``.npz`` or a ``.keras`` model file (local or URL).
+
+    ``arrays`` are keyed by official name; ``grid`` is the token grid of a ``.keras`` model (None for an
+    ``.npz``, whose grid is read off the arrays when it is square).
+    """
     path = weights_lib.fetch(source) if _is_url(source) else Path(source)
     if path.suffix == ".npz":
-        return checkpoints.read_npz(path), str(path)
+        return checkpoints.read_npz(path), str(path), None
     if path.suffix == ".keras":
         if not path.exists():
             raise FileNotFoundError(f"Model file {path} does not exist.")
-        return checkpoints.model_arrays(keras.models.load_model(path)), str(path)
+        loaded = keras.models.load_model(path)
+        return checkpoints.model_arrays(loaded), str(path), checkpoints.model_grid(loaded)
     raise ValueError(
         f"Unsupported weights {source!r}: give a weights family, an official .npz, a Keras .keras or "
         ".weights.h5 file, or an URL of one of those."
@@ -173,12 +178,12 @@ def _source_arrays(source):
 
 
 def _pretrained_arrays(weights, model_name, image_size):
-    """Resolves ``weights`` (family, path or URL) to checkpoint arrays; None for ``.weights.h5`` files."""
+    """Resolves ``weights`` (family, path or URL) to ``(arrays, path, grid)``; arrays None for ``.weights.h5``."""
     if isinstance(weights, str) and weights in weights_lib.FAMILIES:
         entry = weights_lib.resolve_weights(model_name, weights, image_size)
-        return checkpoints.read_npz(weights_lib.fetch(entry.url, entry.sha256)), entry.url
+        return checkpoints.read_npz(weights_lib.fetch(entry.url, entry.sha256)), entry.url, None
     if os.fspath(weights).endswith(".weights.h5"):
-        return None, str(weights_lib.fetch(weights) if _is_url(weights) else weights)
+        return None, str(weights_lib.fetch(weights) if _is_url(weights) else weights), None
     return _source_arrays(os.fspath(weights))
 
 
@@ -190,16 +195,16 @@ def load_weights(model, weights, adapt=True):
     ``keras_vit.checkpoints.adapt_arrays``; ``.weights.h5`` files must match
     exactly. Returns ``model``.
     """
-    arrays, source = _pretrained_arrays(weights, model.name, tuple(model.input.shape[1:3]))
+    arrays, source, grid = _pretrained_arrays(weights, model.name, tuple(model.input.shape[1:3]))
     if arrays is None:
         model.load_weights(source)
         return model
-    return checkpoints.load_arrays(model, arrays, adapt=adapt, source=source, log=log.info)
+    return checkpoints.load_arrays(model, arrays, adapt=adapt, source=source, log=log.info, source_grid=grid)
 
 
 def _load_pretrained(weights, model_name, config):
     """Builds ``vision_transformer(**config)`` and loads ``weights`` into it, fitting the top to them."""
-    arrays, source = _pretrained_arrays(weights, model_name, config["image_size"])
+    arrays, source, grid = _pretrained_arrays(weights, model_name, config["image_size"])
     if arrays is None:
         model = vision_transformer(**config)
         model.load_weights(source)
@@ -210,7 +215,7 @@ def _load_pretrained(weights, model_name, config):
         keeps_head = config["include_top"] and found["classes"] == config["classes"]
         config["representation_size"] = found["representation_size"] if keeps_head else None
     model = vision_transformer(**config)
-    return checkpoints.load_arrays(model, arrays, adapt=True, source=source, log=log.info)
+    return checkpoints.load_arrays(model, arrays, adapt=True, source=source, log=log.info, source_grid=grid)
 
 
 def create_model(
@@ -271,13 +276,19 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     ``classes`` may differ from the checkpoint's (position embeddings are
     interpolated; a new zero-initialised head is made). ``path`` may be an URL.
     """
-    arrays, source = _source_arrays(os.fspath(path))
-    return model_from_arrays(arrays, source, image_size, classes, include_top, **overrides)
+    arrays, source, grid = _source_arrays(os.fspath(path))
+    return model_from_arrays(arrays, source, image_size, classes, include_top, source_grid=grid, **overrides)
 
 
-def model_from_arrays(arrays, source, image_size=None, classes=None, include_top=True, **overrides):
-    """``from_official_checkpoint`` for arrays already read (``{official name: array}``)."""
+def model_from_arrays(arrays, source, image_size=None, classes=None, include_top=True, source_grid=None, **overrides):
+    """``from_official_checkpoint`` for arrays already read (``{official name: array}``).
+
+    ``source_grid``: the checkpoint's token grid when known (a ``.keras`` source), needed for rectangular grids.
+    """
     config = checkpoints.infer_config(arrays)
+    if config["image_size"] is None and source_grid is not None:
+        stride = checkpoints.token_stride(config)
+        config["image_size"] = (source_grid[0] * stride[0], source_grid[1] * stride[1])
     if image_size is None and config["image_size"] is None:
         raise ValueError(f"{source} has a rectangular position-embedding grid: pass image_size=(height, width).")
     if include_top and classes is None and config["classes"] is None:
@@ -292,7 +303,7 @@ def model_from_arrays(arrays, source, image_size=None, classes=None, include_top
     )
     config.update(overrides)
     model = vision_transformer(**config)
-    return checkpoints.load_arrays(model, arrays, adapt=True, source=source, log=log.info)
+    return checkpoints.load_arrays(model, arrays, adapt=True, source=source, log=log.info, source_grid=source_grid)
 
 
 def resize_model(model, image_size):

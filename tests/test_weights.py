@@ -309,6 +309,12 @@ def test_rectangular_checkpoint_needs_an_image_size(tmp_path):
         keras_vit.from_official_checkpoint(tmp_path / "rect.npz")
     again = keras_vit.from_official_checkpoint(tmp_path / "rect.npz", image_size=(32, 48))
     np.testing.assert_array_equal(_posemb(again), _posemb(model))
+    # A rectangular .keras model carries its grid: it loads as is, and into another size with interpolation.
+    model.save(tmp_path / "rect.keras")
+    np.testing.assert_array_equal(_posemb(keras_vit.from_official_checkpoint(tmp_path / "rect.keras")), _posemb(model))
+    square = keras_vit.create_model("Ti/16", weights=tmp_path / "rect.keras", image_size=48, classes=10, **_tiny_overrides())
+    expected = keras_vit.interpolate_posemb(_posemb(model), (12, 12), source_grid=(8, 12))
+    np.testing.assert_allclose(_posemb(square), expected, atol=1e-7)
 
 
 def test_keras_and_weights_h5_files_as_weights(tmp_path):
