@@ -176,3 +176,21 @@ def test_kill_9_then_rerun_resumes_and_ends_with_the_uninterrupted_weights(tmp_p
         np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
     history = (interrupted / "history.csv").read_text().splitlines()
     assert history[0].startswith("step,loss") and [line.split(",")[0] for line in history[1:]] == ["4", "8", "12"]
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_training_steps(policy):
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = _tiny_classifier()
+        optimizer = training.make_optimizer("sgd", 0.1, loss_scale=policy == "mixed_float16")
+        trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, grad_clip=1.0, jit_compile=False)
+        before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+        images, labels = _batch()
+        history = trainer.fit(tf.data.Dataset.from_tensors((images, labels)).repeat(), 3, log_every=1, verbose=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert all(np.isfinite(r["loss"]) for r in history) and all(v.dtype == "float32" for v in model.trainable_variables)
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
+    moved = [not np.array_equal(a, keras.ops.convert_to_numpy(b)) for a, b in zip(before, model.trainable_variables)]
+    assert sum(moved) > len(moved) // 2
