@@ -215,17 +215,34 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.out_bias = self.add_weight(name="out_bias", shape=(hidden,), initializer=self.bias_initializer)
 
     def call(self, x, training=None, return_attention_scores=False):
-        # Inside a layer call Keras casts float32 variables to the compute dtype.
-        head_dim = self.query_kernel.shape[-1]
-        q = ops.einsum("btd,dnh->btnh", x, self.query_kernel) + self.query_bias
-        k = ops.einsum("btd,dnh->btnh", x, self.key_kernel) + self.key_bias
-        v = ops.einsum("btd,dnh->btnh", x, self.value_kernel) + self.value_bias
-        q = q * ops.cast(1.0 / math.sqrt(head_dim), x.dtype)
-        logits = ops.einsum("bqnh,bknh->bnqk", q, k)
+        # One (B*T, D) x (D, 3D) product for q, k and v, the 1/sqrt(dh) query
+        # scale folded into the query kernel; heads then move next to the batch
+        # axis for two batched products. Inside a layer call Keras casts the
+        # float32 variables to the compute dtype.
+        batch, tokens, hidden = ops.shape(x)[0], ops.shape(x)[1], self.query_kernel.shape[0]
+        heads, head_dim = self.num_heads, self.query_kernel.shape[-1]
+        scale = 1.0 / math.sqrt(head_dim)
+        kernel = ops.concatenate(
+            [ops.reshape(self.query_kernel * scale, (hidden, hidden)),
+             ops.reshape(self.key_kernel, (hidden, hidden)),
+             ops.reshape(self.value_kernel, (hidden, hidden))],
+            axis=1,
+        )
+        bias = ops.concatenate(
+            [ops.reshape(self.query_bias * scale, (hidden,)),
+             ops.reshape(self.key_bias, (hidden,)),
+             ops.reshape(self.value_bias, (hidden,))],
+            axis=0,
+        )
+        qkv = ops.matmul(ops.reshape(x, (-1, hidden)), kernel) + bias  # (B*T, 3D)
+        qkv = ops.transpose(ops.reshape(qkv, (batch, tokens, 3, heads, head_dim)), (2, 0, 3, 1, 4))
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, N, T, dh)
+        logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))  # (B, N, T, T)
         weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
         dropped = self.dropout(ops.cast(weights, x.dtype), training=training)
-        context = ops.einsum("bnqk,bknh->bqnh", dropped, v)
-        out = ops.einsum("bqnh,nhd->bqd", context, self.out_kernel) + self.out_bias
+        context = ops.transpose(ops.matmul(dropped, v), (0, 2, 1, 3))  # (B, T, N, dh)
+        out = ops.matmul(ops.reshape(context, (-1, hidden)), ops.reshape(self.out_kernel, (hidden, hidden)))
+        out = ops.reshape(out + self.out_bias, (batch, tokens, hidden))
         if return_attention_scores:
             return out, weights
         return out
@@ -351,9 +368,13 @@ class TransformerBlock(keras.layers.Layer):
     def call(self, x, training=None, return_attention_scores=False):
         y, weights = self.attention(self.norm_attention(x), training=training, return_attention_scores=True)
         x = x + self._drop_path(self.dropout(y, training=training), training)
-        y = gelu(self.mlp_in(self.norm_mlp(x)), self.gelu)
+        # The MLP runs on (B*T, D) rows: plain matrix products that TensorFlow
+        # fuses with their bias and activation.
+        shape = ops.shape(x)
+        y = ops.reshape(self.norm_mlp(x), (-1, shape[-1]))
+        y = gelu(self.mlp_in(y), self.gelu)
         y = self.dropout(self.mlp_out(self.dropout(y, training=training)), training=training)
-        x = x + self._drop_path(y, training)
+        x = x + self._drop_path(ops.reshape(y, shape), training)
         if return_attention_scores:
             return x, weights
         return x

@@ -287,6 +287,15 @@ class Trainer:
             norm = self.strategy.reduce(tf.distribute.ReduceOp.MEAN, norm, axis=None)
         return loss_sum, correct, norm
 
+    def train_steps(self, iterator, steps=1):
+        """Runs ``steps`` updates in one call on batches from ``iterator``.
+
+        ``iterator`` is ``iter(strategy.experimental_distribute_dataset(dataset))``
+        of (images, one-hot labels) global batches. Returns (summed loss,
+        correct predictions, gradient norm of the last step) as scalar tensors.
+        """
+        return self._train_chunk(iterator, tf.constant(steps))
+
     def _eval_step_fn(self, images, labels):
         def replica(images, labels):
             _, hits = self.loss_fn(images, labels, training=False)
@@ -376,7 +385,7 @@ class Trainer:
             boundaries = [every - step % every for every in (log_every, eval_every, checkpoint_every) if every]
             chunk = min(self.steps_per_execution, steps - step, *boundaries)  # stop on every log/eval/checkpoint step
             began = time.perf_counter()
-            loss_sum, correct, norm = self._train_chunk(iterator, tf.constant(chunk))
+            loss_sum, correct, norm = self.train_steps(iterator, chunk)
             loss_sum = float(loss_sum)
             time_spent += time.perf_counter() - began
             images_seen += chunk * self.global_batch_size

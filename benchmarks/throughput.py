@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Images/s and peak memory of ViT inference and training steps, keras_vit side by side with timm and keras-hub.
+
+    python benchmarks/throughput.py                       # the default table, keras_vit only
+    python benchmarks/throughput.py --peers timm,keras-hub --python timm=/path/to/venv/bin/python
+    python benchmarks/throughput.py --cells "inference Ti/16 32" --precisions float32 --xla on,off --runs 10
+
+Every (framework, XLA setting) of a cell runs in its own worker process
+(``benchmarks/throughput_worker.py``); the workers of a cell are started
+together, warmed up, then timed one step at a time in turn (interleaved, with a
+short pause between steps), so that machine noise hits all of them alike. A
+cell's number is the median over ``--runs`` steps. Peak memory is the worker's
+peak resident set size. GFLOP/s counts 2 FLOPs per multiply-add of the forward
+pass (x3 for a training step) and is compared with a square matmul measured in
+the same run. Peers are optional (``pip install timm keras-hub``); a peer that
+is not installed is reported and skipped.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "throughput_worker.py")
+TF_FRAMEWORKS = ("keras_vit", "keras-hub", "matmul")
+DEFAULT_CELLS = ("inference Ti/16 32", "inference B/16 8", "train Ti/16 32")
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def architecture(name, image_size, classes):
+    """The worker's JSON spec for a registered variant name ("B/16", "ViT-B_16", ...)."""
+    from keras_vit import configs
+
+    config = configs.model_config(name)
+    return {
+        "hidden_size": config["hidden_size"],
+        "num_layers": config["num_layers"],
+        "num_heads": config["num_heads"],
+        "mlp_dim": config["mlp_dim"],
+        "patch_size": config["patch_size"],
+        "image_size": image_size,
+        "classes": classes,
+    }
+
+
+def forward_flops(spec):
+    """Multiply-add FLOPs (x2) of one image's forward pass: patch embedding, blocks, head."""
+    d, m, p = spec["hidden_size"], spec["mlp_dim"], spec["patch_size"]
+    patches = (spec["image_size"] // p) ** 2
+    tokens = patches + 1
+    embedding = 2 * patches * p * p * 3 * d
+    projections = 2 * tokens * (4 * d * d + 2 * d * m)  # q, k, v, out; two MLP layers
+    attention = 2 * 2 * tokens * tokens * d  # q k^T and weights @ v
+    return embedding + spec["num_layers"] * (projections + attention) + 2 * d * spec["classes"]
+
+
+class Worker:
+    """One running ``throughput_worker.py`` process."""
+
+    def __init__(self, label, python, framework, spec, workload, batch, precision, xla, options, warmup):
+        self.label = label
+        command = [
+            python, WORKER, "--framework", framework, "--spec", json.dumps(spec), "--workload", workload,
+            "--batch", str(batch), "--precision", precision, "--xla", str(int(xla)),
+            "--options", json.dumps(options), "--warmup", str(warmup),
+        ]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self.times = []
+        self.info = {}
+
+    def _read(self):
+        line = self.process.stdout.readline()
+        if not line:
+            error = self.process.stderr.read().strip().splitlines()
+            raise RuntimeError(f"{self.label} failed: {' | '.join(error[-3:]) or 'no output'}")
+        return json.loads(line)
+
+    def wait_ready(self):
+        self.info.update(self._read())
+
+    def run(self):
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        self.times.append(self._read()["seconds"])
+
+    def quit(self):
+        self.process.stdin.write("quit\n")
+        self.process.stdin.flush()
+        self.info.update(self._read())
+        self.process.wait(timeout=60)
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def measure(workers, runs, pause):
+    """Warms every worker up (one at a time), then times ``runs`` steps of each, round-robin."""
+    alive = []
+    try:
+        for worker in workers:
+            try:
+                worker.wait_ready()
+                alive.append(worker)
+            except RuntimeError as error:
+                print(f"  skipped: {error}", file=sys.stderr)
+                worker.kill()
+        for _ in range(runs):
+            for worker in alive:
+                time.sleep(pause)
+                worker.run()
+        for worker in alive:
+            worker.quit()
+    finally:
+        for worker in workers:
+            worker.kill()
+    return alive
+
+
+def parse_cells(text):
+    cells = []
+    for item in text:
+        workload, model, batch = item.split()
+        if workload not in ("inference", "train"):
+            raise SystemExit(f"Cell {item!r}: the workload must be 'inference' or 'train'.")
+        cells.append((workload, model, int(batch)))
+    return cells
+
+
+def installed(python, module):
+    probe = subprocess.run(
+        [python, "-c", f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def matmul_peaks(python, size, runs, pause):
+    """GFLOP/s of a (size x size) float32 and bfloat16 matmul, best of graph and XLA."""
+    peaks = {}
+    for precision in ("float32", "bfloat16"):
+        workers = [
+            Worker(f"matmul {precision} xla={xla}", python, "matmul", {}, "inference", size, precision, xla, {}, 3)
+            for xla in (False, True)
+        ]
+        done = measure(workers, runs, pause)
+        peaks[precision] = max(2 * size**3 / statistics.median(w.times) / 1e9 for w in done)
+    return peaks
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", nargs="+", default=list(DEFAULT_CELLS),
+                        help='cells "workload model batch", e.g. "inference B/16 8" "train Ti/16 32"')
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--xla", default="on,off", help="XLA settings for the TensorFlow frameworks: on, off or both")
+    parser.add_argument("--peers", default="", help="comma-separated: timm, keras-hub")
+    parser.add_argument("--python", action="append", default=[], metavar="FRAMEWORK=PATH",
+                        help="interpreter for a framework (default: this one)")
+    parser.add_argument("--remat", action="store_true", help="also time keras_vit training with remat=True")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=10, help="timed steps per worker (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--pause", type=float, default=0.3, help="seconds of idle between timed steps")
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--json", help="write every measurement here")
+    args = parser.parse_args(argv)
+
+    pythons = {"keras_vit": sys.executable, "keras-hub": sys.executable, "timm": sys.executable, "matmul": sys.executable}
+    for item in args.python:
+        framework, _, path = item.partition("=")
+        if framework not in pythons or not path:
+            raise SystemExit(f"--python {item!r}: expected FRAMEWORK=PATH with FRAMEWORK in {sorted(pythons)}.")
+        pythons[framework] = path
+    peers = [p for p in args.peers.split(",") if p]
+    modules = {"timm": "timm", "keras-hub": "keras_hub"}
+    for peer in list(peers):
+        if peer not in modules:
+            raise SystemExit(f"Unknown peer {peer!r}: choose from {sorted(modules)}.")
+        if not installed(pythons[peer], modules[peer]):
+            print(f"Peer {peer} is not installed for {pythons[peer]}: skipped (pip install {peer}).", file=sys.stderr)
+            peers.remove(peer)
+    xla_settings = [{"on": True, "off": False}[x] for x in args.xla.split(",")]
+    precisions = args.precisions.split(",")
+
+    peaks = matmul_peaks(pythons["matmul"], args.matmul_size, args.runs, args.pause)
+    rows = []
+    for workload, model, batch in parse_cells(args.cells):
+        spec = architecture(model, args.image_size, args.classes)
+        flops = forward_flops(spec) * (3 if workload == "train" else 1)
+        for precision in precisions:
+            variants = []
+            for framework in ["keras_vit", *peers]:
+                options_list = [{}]
+                if framework == "keras_vit" and workload == "train" and args.remat:
+                    options_list.append({"remat": True})
+                xlas = xla_settings if framework in TF_FRAMEWORKS else [False]
+                for xla in xlas:
+                    for options in options_list:
+                        variants.append((framework, xla, options))
+            label = f"{workload} {model} b{batch} {precision}"
+            print(f"{label}: {len(variants)} workers", file=sys.stderr, flush=True)
+            workers = [
+                Worker(f"{framework} xla={xla} {options}", pythons[framework], framework, spec, workload, batch,
+                       precision, xla, options, args.warmup)
+                for framework, xla, options in variants
+            ]
+            by_worker = dict(zip(workers, variants))
+            for worker in measure(workers, args.runs, args.pause):
+                framework, xla, options = by_worker[worker]
+                seconds = statistics.median(worker.times)
+                rows.append({
+                    "workload": workload, "model": model, "batch": batch, "precision": precision,
+                    "framework": framework, "xla": xla if framework in TF_FRAMEWORKS else None,
+                    "remat": bool(options.get("remat")), "images_per_s": batch / seconds,
+                    "step_s": seconds, "runs": worker.times, "gflops_per_s": batch * flops / seconds / 1e9,
+                    "peak_rss_mb": worker.info["peak_rss_mb"],
+                })
+    print(report(rows, peaks, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "matmul_peak_gflops": peaks, "args": vars(args), "rows": rows}, f, indent=1)
+
+
+def machine():
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def report(rows, peaks, args):
+    info = machine()
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores. Matmul peak ({args.matmul_size}^2): "
+        f"{peaks['float32']:.0f} GFLOP/s float32, {peaks['bfloat16']:.0f} GFLOP/s bfloat16.",
+        f"Median of {args.runs} steps after {args.warmup} warm-up steps, interleaved across frameworks.",
+        "",
+        "| workload | model | batch | precision | framework | XLA | remat | images/s | GFLOP/s | % of matmul peak | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = peaks["bfloat16" if "bfloat16" in r["precision"] else "float32"]
+        xla = {True: "on", False: "off", None: "-"}[r["xla"]]
+        lines.append(
+            f"| {r['workload']} | {r['model']} | {r['batch']} | {r['precision']} | {r['framework']} | {xla} | "
+            f"{'yes' if r['remat'] else 'no'} | {r['images_per_s']:.2f} | {r['gflops_per_s']:.0f} | "
+            f"{100 * r['gflops_per_s'] / peak:.0f}% | {r['peak_rss_mb']:.0f} |"
+        )
+    summary = ["", "| workload | model | batch | precision | keras_vit best | best peer | ratio |", "|---|---|---|---|---|---|---|"]
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["workload"], r["model"], r["batch"], r["precision"]), []).append(r)
+    for (workload, model, batch, precision), group in cells.items():
+        ours = [r for r in group if r["framework"] == "keras_vit" and not r["remat"]]
+        theirs = [r for r in group if r["framework"] not in ("keras_vit",)]
+        if not ours or not theirs:
+            continue
+        best = max(ours, key=lambda r: r["images_per_s"])
+        peer = max(theirs, key=lambda r: r["images_per_s"])
+        summary.append(
+            f"| {workload} | {model} | {batch} | {precision} | {best['images_per_s']:.2f} ({_setting(best)}) | "
+            f"{peer['images_per_s']:.2f} ({peer['framework']}{', ' + _setting(peer) if peer['xla'] is not None else ''}) | "
+            f"{best['images_per_s'] / peer['images_per_s']:.2f}x |"
+        )
+    if len(summary) > 3:
+        lines += summary
+    return "\n".join(lines)
+
+
+def _setting(row):
+    return "XLA" if row["xla"] else "no XLA"
+
+
+if __name__ == "__main__":
+    main()
