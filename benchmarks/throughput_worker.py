@@ -70,7 +70,7 @@ def build_keras_vit(spec, workload, batch, precision, xla, options):
         forward = tf.function(lambda x: model(x, training=False), jit_compile=xla)
         images = tf.constant(images)
         return lambda: forward(images).numpy()
-    optimizer = training.make_optimizer("adamw", 1e-3, weight_decay=1e-4)
+    optimizer = training.make_optimizer("adam", 1e-3, weight_decay=1e-4)
     strategy = distribute.get_strategy("default")
     trainer = training.Trainer(model, optimizer, strategy, batch, jit_compile=xla)
     batches = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat()))
@@ -99,10 +99,12 @@ def build_keras_hub(spec, workload, batch, precision, xla, options):
         return lambda: forward(images).numpy()
     model.compile(
         optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[],
         jit_compile=xla,
     )
-    return lambda: model.train_on_batch(images, labels)
+    classes = labels.argmax(-1)
+    return lambda: model.train_on_batch(images, classes)
 
 
 # --- PyTorch (timm) ---------------------------------------------------------------------------------------------

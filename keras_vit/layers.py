@@ -236,7 +236,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         )
         qkv = ops.matmul(ops.reshape(x, (-1, hidden)), kernel) + bias  # (B*T, 3D)
         qkv = ops.transpose(ops.reshape(qkv, (batch, tokens, 3, heads, head_dim)), (2, 0, 3, 1, 4))
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, N, T, dh)
+        q, k, v = ops.unstack(qkv, 3, axis=0)  # (B, N, T, dh) each; unstacking has a cheap gradient
         logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))  # (B, N, T, T)
         weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
         dropped = self.dropout(ops.cast(weights, x.dtype), training=training)
@@ -296,6 +296,13 @@ class TransformerBlock(keras.layers.Layer):
 
     ``stochastic_depth_rate`` is the probability that a training sample skips
     each residual branch (kept branches are scaled by 1 / keep probability).
+
+    ``remat=True`` (gradient checkpointing) keeps only the block input for the
+    backward pass and recomputes the block's activations there: less memory,
+    about one more forward pass of compute. The random masks of a training
+    call (dropout, drop path) are drawn before the recomputed part, so the
+    recomputation sees the same masks; attention dropout is not supported
+    with it.
     """
 
     def __init__(
@@ -308,9 +315,15 @@ class TransformerBlock(keras.layers.Layer):
         gelu="tanh",
         layer_norm_epsilon=LAYER_NORM_EPSILON,
         seed=None,
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if remat and attention_dropout_rate:
+            raise ValueError(
+                "remat=True does not support attention dropout (its (B, N, T, T) mask would have to be kept): "
+                "set attention_dropout_rate=0 or remat=False."
+            )
         if gelu not in GELU_FORMS:
             raise ValueError(f"gelu must be one of {GELU_FORMS}, got {gelu!r}.")
         if not 0.0 <= stochastic_depth_rate < 1.0:
@@ -323,6 +336,7 @@ class TransformerBlock(keras.layers.Layer):
         self.gelu = gelu
         self.layer_norm_epsilon = layer_norm_epsilon
         self.seed = seed
+        self.remat = remat
         policy = self.dtype_policy
         self.norm_attention = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=policy, name="LayerNorm_0"
@@ -340,7 +354,8 @@ class TransformerBlock(keras.layers.Layer):
         )
         self.mlp_out = None  # built once the hidden size is known
         self.dropout = keras.layers.Dropout(dropout_rate, dtype=policy, name="dropout")
-        self.seed_generator = keras.random.SeedGenerator(seed) if stochastic_depth_rate else None
+        random = stochastic_depth_rate or (remat and dropout_rate)
+        self.seed_generator = keras.random.SeedGenerator(seed) if random else None
 
     def build(self, input_shape):
         hidden = input_shape[-1]
@@ -357,24 +372,60 @@ class TransformerBlock(keras.layers.Layer):
         self.mlp_in.build(input_shape)
         self.mlp_out.build((*input_shape[:-1], self.mlp_dim))
 
-    def _drop_path(self, branch, training):
+    def _mask(self, shape, rate, dtype):
+        """A (shape) tensor of 0 and 1 / (1 - rate), each entry kept with probability 1 - rate."""
+        keep = 1.0 - rate
+        noise = keras.random.uniform(shape, seed=self.seed_generator)
+        return ops.cast(noise < keep, dtype) / ops.cast(keep, dtype)
+
+    def _training_masks(self, x):
+        """Every random mask of one training call: drop path (B, 1, 1) x 2, dropout (B*T, D), (B*T, M), (B*T, D)."""
+        batch, tokens, hidden = ops.shape(x)[0], ops.shape(x)[1], x.shape[-1]
+        masks = {}
+        if self.stochastic_depth_rate:
+            for name in ("path_attention", "path_mlp"):
+                masks[name] = self._mask((batch, 1, 1), self.stochastic_depth_rate, x.dtype)
+        if self.dropout_rate:
+            for name, width in (("attention_out", hidden), ("mlp_hidden", self.mlp_dim), ("mlp_out", hidden)):
+                masks[name] = self._mask((batch * tokens, width), self.dropout_rate, x.dtype)
+        return masks
+
+    def _dropout(self, y, training, masks, name):
+        if masks is None:
+            return self.dropout(y, training=training)
+        return y * masks[name] if name in masks else y
+
+    def _drop_path(self, branch, training, masks, name):
         if not training or not self.stochastic_depth_rate:
             return branch
-        keep = 1.0 - self.stochastic_depth_rate
-        noise = keras.random.uniform((ops.shape(branch)[0], 1, 1), seed=self.seed_generator)
-        mask = ops.cast(noise < keep, branch.dtype)
-        return branch * mask / ops.cast(keep, branch.dtype)
+        if masks is None:
+            masks = {name: self._mask((ops.shape(branch)[0], 1, 1), self.stochastic_depth_rate, branch.dtype)}
+        return branch * masks[name]
 
-    def call(self, x, training=None, return_attention_scores=False):
+    def _forward(self, x, training, masks=None):
+        """The block on (B, T, D); ``masks`` (from ``_training_masks``) replace the layers' own random draws."""
+        shape = ops.shape(x)
         y, weights = self.attention(self.norm_attention(x), training=training, return_attention_scores=True)
-        x = x + self._drop_path(self.dropout(y, training=training), training)
+        y = ops.reshape(self._dropout(ops.reshape(y, (-1, shape[-1])), training, masks, "attention_out"), shape)
+        x = x + self._drop_path(y, training, masks, "path_attention")
         # The MLP runs on (B*T, D) rows: plain matrix products that TensorFlow
         # fuses with their bias and activation.
-        shape = ops.shape(x)
         y = ops.reshape(self.norm_mlp(x), (-1, shape[-1]))
-        y = gelu(self.mlp_in(y), self.gelu)
-        y = self.dropout(self.mlp_out(self.dropout(y, training=training)), training=training)
-        x = x + self._drop_path(ops.reshape(y, shape), training)
+        y = self._dropout(gelu(self.mlp_in(y), self.gelu), training, masks, "mlp_hidden")
+        y = self._dropout(self.mlp_out(y), training, masks, "mlp_out")
+        x = x + self._drop_path(ops.reshape(y, shape), training, masks, "path_mlp")
+        return x, weights
+
+    def call(self, x, training=None, return_attention_scores=False):
+        if self.remat and training and not return_attention_scores:
+            masks = self._training_masks(x)
+            names = sorted(masks)
+
+            def block(x, *mask_values):
+                return self._forward(x, training, dict(zip(names, mask_values)))[0]
+
+            return keras.remat(block)(x, *(masks[name] for name in names))
+        x, weights = self._forward(x, training)
         if return_attention_scores:
             return x, weights
         return x
@@ -393,6 +444,7 @@ class TransformerBlock(keras.layers.Layer):
             gelu=self.gelu,
             layer_norm_epsilon=self.layer_norm_epsilon,
             seed=self.seed,
+            remat=self.remat,
         )
         return config
 

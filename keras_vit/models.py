@@ -55,6 +55,7 @@ def vision_transformer(
     attention_dropout_rate=0.0,
     stochastic_depth_rate=0.0,
     gelu="tanh",
+    remat=False,
     channels=3,
     resnet_layers=None,
     resnet_width_factor=1,
@@ -94,6 +95,10 @@ def vision_transformer(
         stochastic_depth_rate: drop-path rate of the last block; block i uses
             ``rate * i / (num_layers - 1)``.
         gelu: ``"tanh"`` (official approximation) or ``"erf"`` (exact).
+        remat: gradient checkpointing of every Transformer block in training
+            (see ``TransformerBlock``): only each block's input is kept for the
+            backward pass, which recomputes the rest, for about a third more
+            compute per training step.
         channels: input channels.
         resnet_layers: units per stage of a hybrid's ResNet stem, e.g.
             ``(3, 4, 9)``; ``()`` is the root alone; ``None`` (default) is a
@@ -135,6 +140,7 @@ def vision_transformer(
             attention_dropout_rate=attention_dropout_rate,
             stochastic_depth_rate=stochastic_depth_rate * i / max(num_layers - 1, 1),
             gelu=gelu,
+            remat=remat,
             name=f"encoderblock_{i}",
         )(x)
     x = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="encoder_norm")(x)

@@ -8,8 +8,10 @@
 before they are summed. Here each step sums the gradients over replicas
 first, then clips the global norm of the full-batch gradient (as the official
 code), then updates; ``steps_per_execution`` steps run in one ``tf.function``;
-XLA compiles the gradient computation where it works (not under
-``MirroredStrategy`` on CPUs). Gradient accumulation splits each replica's
+XLA compiles the gradient computation where it works and pays (not under
+``MirroredStrategy`` on CPUs, and not for bfloat16 on CPUs, where XLA computes
+bfloat16 products in float32 and oneDNN's bfloat16 kernels are faster:
+benchmarks/RESULTS.md). Gradient accumulation splits each replica's
 batch into micro-batches whose gradients are summed before the update, so
 the update equals the full-batch one.
 
@@ -179,6 +181,18 @@ class Checkpoints:
             return [values[k] for k in sorted(values.files)]
 
 
+def default_jit_compile(strategy, model):
+    """Whether XLA speeds up ``model``'s training here: yes except multi-worker, mirrored on CPUs, bfloat16 on CPUs."""
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return True
+    on_cpu = not tf.config.list_logical_devices("GPU")
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    if on_cpu and isinstance(strategy, tf.distribute.MirroredStrategy):
+        return False
+    return not (on_cpu and model.compute_dtype == "bfloat16")
+
+
 class Trainer:
     """Trains a model on any ``tf.distribute`` strategy: by default a classifier with soft-label cross-entropy.
 
@@ -218,8 +232,7 @@ class Trainer:
         self.steps_per_execution = steps_per_execution
         self.loss_fn = loss_fn or self._classification
         if jit_compile == "auto":
-            mirrored_on_cpu = isinstance(strategy, tf.distribute.MirroredStrategy) and not tf.config.list_logical_devices("GPU")
-            jit_compile = not mirrored_on_cpu and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            jit_compile = default_jit_compile(strategy, model)
         self.jit_compile = jit_compile
         with strategy.scope():
             optimizer.build(model.trainable_variables)

@@ -143,3 +143,60 @@ def test_get_config_round_trip(layer):
     assert clone.get_config() == config
     registered = keras.saving.get_registered_object(f"keras_vit>{type(layer).__name__}")
     assert registered is type(layer)
+
+
+tensorflow_only = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="gradients via tf.GradientTape")
+
+
+def _input_gradient(block, x, weights_too=False):
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    cotangent = tf.constant(np.random.default_rng(5).normal(size=x.shape), x.dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(block(x, training=True) * cotangent)
+    return loss, tape.gradient(loss, [x, *block.trainable_variables] if weights_too else x), cotangent
+
+
+@tensorflow_only
+def test_remat_block_has_the_plain_block_gradients():
+    x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
+    plain, remat = TransformerBlock(2, 16), TransformerBlock(2, 16, remat=True)
+    plain.build(x.shape)
+    remat.build(x.shape)
+    remat.set_weights(plain.get_weights())
+    _, expected, _ = _input_gradient(plain, x, weights_too=True)
+    _, actual, _ = _input_gradient(remat, x, weights_too=True)
+    assert len(actual) == 1 + len(remat.trainable_variables) == 17  # input + 16 weights
+    for e, a in zip(expected, actual):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=1e-5)
+
+
+@tensorflow_only
+def test_remat_recomputation_reuses_the_dropout_and_drop_path_masks():
+    # Central finite differences of the same random draw (the seed state is reset
+    # before each call) must agree with the gradient: masks drawn again during the
+    # recomputation would give the gradient of another network.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 6, 8))
+    block = TransformerBlock(2, 16, dropout_rate=0.3, stochastic_depth_rate=0.4, remat=True, seed=3, dtype="float64")
+    block.build(x.shape)
+    state = np.asarray(block.seed_generator.state)
+
+    def run(inputs):
+        block.seed_generator.state.assign(state)
+        return _input_gradient(block, inputs)
+
+    loss, gradient, cotangent = run(x)
+    inference_loss = np.sum(np.asarray(block(x, training=False)) * np.asarray(cotangent))
+    assert not np.isclose(float(loss), inference_loss)  # the masks are in effect
+    direction = rng.normal(size=x.shape)
+    eps = 1e-3
+    slope = (float(run(x + eps * direction)[0]) - float(run(x - eps * direction)[0])) / (2 * eps)
+    np.testing.assert_allclose(slope, float(np.sum(np.asarray(gradient) * direction)), rtol=1e-3)
+
+
+def test_remat_refuses_attention_dropout():
+    with pytest.raises(ValueError, match="attention_dropout_rate=0"):
+        TransformerBlock(2, 16, attention_dropout_rate=0.1, remat=True)
