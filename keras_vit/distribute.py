@@ -28,6 +28,38 @@ def cluster_spec():
     return cluster if tasks > 1 else None
 
 
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), read from ``/proc/cpuinfo``.
+
+    Without it TensorFlow emulates bfloat16 and mixed_bfloat16 is slower than
+    float32; where the file cannot be read (not Linux) the answer is False.
+    """
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+
+
+def default_precision(strategy):
+    """The fastest mixed-precision policy for ``strategy``'s devices (benchmarks/RESULTS.md).
+
+    ``"mixed_bfloat16"`` on TPUs and on CPUs with native bfloat16,
+    ``"mixed_float16"`` on GPUs, ``"float32"`` on other CPUs.
+    """
+    import tensorflow as tf
+
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "mixed_bfloat16"
+    if tf.config.list_logical_devices("GPU"):
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
+
+
 def _check_reachable(address, timeout):
     """Fails fast when a grpc:// TPU address does not answer (TF would otherwise wait forever)."""
     parsed = urllib.parse.urlsplit(address if "://" in address else f"grpc://{address}")

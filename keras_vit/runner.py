@@ -45,7 +45,7 @@ COMMON = {
     "randaugment": None,  # [num_ops, magnitude]
     "crop_area": [0.05, 1.0],  # inception crop area range; None: no crop
     "flip": True,
-    "precision": "auto",  # auto (bf16 on TPU and CPU, fp16 on GPU) | float32 | mixed_bfloat16 | mixed_float16
+    "precision": "auto",  # auto (bf16 on TPU and bf16-capable CPUs, fp16 on GPU, else f32) | float32 | mixed_bfloat16 | mixed_float16
     "jit_compile": "auto",
     "steps_per_execution": 1,
     "strategy": "auto",  # auto | default | mirrored | multi_worker | tpu
@@ -126,13 +126,9 @@ def load_config(defaults, preset=None, overrides=()):
 
 
 def _precision(choice, strategy):
-    import tensorflow as tf
+    from keras_vit import distribute
 
-    if choice != "auto":
-        return choice
-    if isinstance(strategy, tf.distribute.TPUStrategy):
-        return "mixed_bfloat16"
-    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+    return distribute.default_precision(strategy) if choice == "auto" else choice
 
 
 def run_id(config):

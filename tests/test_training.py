@@ -194,3 +194,27 @@ def test_mixed_precision_training_steps(policy):
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
     moved = [not np.array_equal(a, keras.ops.convert_to_numpy(b)) for a, b in zip(before, model.trainable_variables)]
     assert sum(moved) > len(moved) // 2
+
+
+@pytest.mark.parametrize(
+    "flags, native", [("fpu avx2 avx512f avx512_bf16 fma", True), ("fpu amx_bf16 amx_tile", True), ("fpu avx2 fma", False)]
+)
+def test_bfloat16_cpu_detection_and_default_precision(tmp_path, monkeypatch, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    assert distribute.cpu_has_bfloat16(str(cpuinfo)) is native
+    assert distribute.cpu_has_bfloat16(str(tmp_path / "missing")) is False
+    monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda: native)
+    expected = "mixed_bfloat16" if native else "float32"
+    assert distribute.default_precision(tf.distribute.get_strategy()) == expected
+
+
+@pytest.mark.parametrize("policy, xla", [("float32", True), ("mixed_bfloat16", False)])
+def test_default_xla_setting_on_cpu(policy, xla):
+    # bfloat16 products under XLA on CPUs run in float32 and lose to oneDNN's (benchmarks/RESULTS.md).
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = _tiny_classifier()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert training.default_jit_compile(tf.distribute.get_strategy(), model) is xla
