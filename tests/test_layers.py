@@ -159,13 +159,19 @@ def _input_gradient(block, x, weights_too=False):
     return loss, tape.gradient(loss, [x, *block.trainable_variables] if weights_too else x), cotangent
 
 
+def _plain_and_remat_blocks(shape):
+    """Two blocks with the same weights, the second with remat=True."""
+    plain, remat = TransformerBlock(2, 16), TransformerBlock(2, 16, remat=True)
+    plain.build(shape)
+    remat.build(shape)
+    remat.set_weights(plain.get_weights())
+    return plain, remat
+
+
 @tensorflow_only
 def test_remat_block_has_the_plain_block_gradients():
     x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
-    plain, remat = TransformerBlock(2, 16), TransformerBlock(2, 16, remat=True)
-    plain.build(x.shape)
-    remat.build(x.shape)
-    remat.set_weights(plain.get_weights())
+    plain, remat = _plain_and_remat_blocks(x.shape)
     _, expected, _ = _input_gradient(plain, x, weights_too=True)
     _, actual, _ = _input_gradient(remat, x, weights_too=True)
     assert len(actual) == 1 + len(remat.trainable_variables) == 17  # input + 16 weights
@@ -200,3 +206,11 @@ def test_remat_recomputation_reuses_the_dropout_and_drop_path_masks():
 def test_remat_refuses_attention_dropout():
     with pytest.raises(ValueError, match="attention_dropout_rate=0"):
         TransformerBlock(2, 16, attention_dropout_rate=0.1, remat=True)
+
+
+def test_remat_block_forward_equals_the_plain_block_on_every_backend():
+    x = np.random.default_rng(2).normal(size=(2, 5, 8)).astype("float32")
+    plain, remat = _plain_and_remat_blocks(x.shape)
+    expected = keras.ops.convert_to_numpy(plain(x, training=True))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(remat(x, training=True)), expected, atol=1e-6)
+    assert TransformerBlock.from_config(remat.get_config()).remat is True
