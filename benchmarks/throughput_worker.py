@@ -47,6 +47,15 @@ def _tf_batch(spec, batch):
     return images, labels
 
 
+def _tf_forward(model, images, xla):
+    """One inference step: ``model(images, training=False)`` in a ``tf.function``, XLA-compiled or not."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: model(x, training=False), jit_compile=xla)
+    images = tf.constant(images)
+    return lambda: forward(images).numpy()
+
+
 def build_keras_vit(spec, workload, batch, precision, xla, options):
     import keras
     import tensorflow as tf
@@ -55,21 +64,10 @@ def build_keras_vit(spec, workload, batch, precision, xla, options):
     from keras_vit import distribute, training
 
     keras.mixed_precision.set_global_policy(precision)
-    model = keras_vit.vision_transformer(
-        image_size=spec["image_size"],
-        patch_size=spec["patch_size"],
-        hidden_size=spec["hidden_size"],
-        num_layers=spec["num_layers"],
-        num_heads=spec["num_heads"],
-        mlp_dim=spec["mlp_dim"],
-        classes=spec["classes"],
-        **options,
-    )
+    model = keras_vit.vision_transformer(**spec, **options)  # the spec's keys are the builder's arguments
     images, labels = _tf_batch(spec, batch)
     if workload == "inference":
-        forward = tf.function(lambda x: model(x, training=False), jit_compile=xla)
-        images = tf.constant(images)
-        return lambda: forward(images).numpy()
+        return _tf_forward(model, images, xla)
     optimizer = training.make_optimizer("adam", 1e-3, weight_decay=1e-4)
     strategy = distribute.get_strategy("default")
     trainer = training.Trainer(model, optimizer, strategy, batch, jit_compile=xla)
@@ -80,7 +78,6 @@ def build_keras_vit(spec, workload, batch, precision, xla, options):
 def build_keras_hub(spec, workload, batch, precision, xla, options):
     import keras
     import keras_hub
-    import tensorflow as tf
 
     keras.mixed_precision.set_global_policy(precision)
     backbone = keras_hub.models.ViTBackbone(
@@ -94,9 +91,7 @@ def build_keras_hub(spec, workload, batch, precision, xla, options):
     model = keras_hub.models.ViTImageClassifier(backbone, num_classes=spec["classes"], preprocessor=None)
     images, labels = _tf_batch(spec, batch)
     if workload == "inference":
-        forward = tf.function(lambda x: model(x, training=False), jit_compile=xla)
-        images = tf.constant(images)
-        return lambda: forward(images).numpy()
+        return _tf_forward(model, images, xla)
     model.compile(
         optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -399,7 +399,7 @@ class TransformerBlock(keras.layers.Layer):
         if not training or not self.stochastic_depth_rate:
             return branch
         if masks is None:
-            masks = {name: self._mask((ops.shape(branch)[0], 1, 1), self.stochastic_depth_rate, branch.dtype)}
+            return branch * self._mask((ops.shape(branch)[0], 1, 1), self.stochastic_depth_rate, branch.dtype)
         return branch * masks[name]
 
     def _forward(self, x, training, masks=None):

@@ -185,12 +185,10 @@ def default_jit_compile(strategy, model):
     """Whether XLA speeds up ``model``'s training here: yes except multi-worker, mirrored on CPUs, bfloat16 on CPUs."""
     if isinstance(strategy, tf.distribute.TPUStrategy):
         return True
-    on_cpu = not tf.config.list_logical_devices("GPU")
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return False
-    if on_cpu and isinstance(strategy, tf.distribute.MirroredStrategy):
-        return False
-    return not (on_cpu and model.compute_dtype == "bfloat16")
+    on_cpu = not tf.config.list_logical_devices("GPU")
+    return not (on_cpu and (isinstance(strategy, tf.distribute.MirroredStrategy) or model.compute_dtype == "bfloat16"))
 
 
 class Trainer:
