@@ -61,7 +61,7 @@ def build_keras_vit(spec, workload, batch, precision, xla, options):
     import tensorflow as tf
 
     import keras_vit
-    from keras_vit import distribute, training
+    from keras_vit.train import distribute, trainer as training
 
     keras.mixed_precision.set_global_policy(precision)
     model = keras_vit.vision_transformer(**spec, **options)  # the spec's keys are the builder's arguments

@@ -93,7 +93,7 @@ def fewshot(model_or_features, train, test, shots=DEFAULT_SHOTS, seeds=3, l2=1.0
 class FewShotCallback(keras.callbacks.Callback):
     """Reports few-shot accuracy every ``every_n_steps`` training steps (as the seed does during pre-training).
 
-    Works with ``model.fit`` and with ``keras_vit.training.Trainer.fit(callbacks=...)``; results are added to
+    Works with ``model.fit`` and with ``keras_vit.train.trainer.Trainer.fit(callbacks=...)``; results are added to
     the logs as ``fewshot_<k>shot`` and kept in ``self.history`` as ``(step, results)``.
     """
 

@@ -3,12 +3,12 @@
 
     python recipes/finetune.py --preset finetune_cifar10 --output-dir runs/cifar10 model=B/16 base_lr=0.003
 
-Re-running the same command resumes from the last checkpoint. Settings: keras_vit/runner.py (COMMON).
+Re-running the same command resumes from the last checkpoint. Settings: keras_vit/train/runner.py (COMMON).
 """
 
 import sys
 
-from keras_vit.runner import FINETUNE, main
+from keras_vit.train.runner import FINETUNE, main
 
 if __name__ == "__main__":
     sys.exit(main(FINETUNE, __doc__.splitlines()[0]))

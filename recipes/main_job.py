@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from keras_vit import runner
+from keras_vit.train import runner
 
 
 def write_analysis(root, pretrain, finetune):
@@ -26,7 +26,8 @@ def write_analysis(root, pretrain, finetune):
     import keras
     import numpy as np
 
-    from keras_vit import data, evaluation, plotting
+    from keras_vit import evaluation, plotting
+    from keras_vit.train import data
 
     def arrays(split, size):
         images, labels = zip(*data.pipeline(data.digits(split), size, 512, False).as_numpy_iterator())

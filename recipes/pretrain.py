@@ -3,12 +3,12 @@
 
     python recipes/pretrain.py --preset pretrain_imagenet2012 --output-dir runs/pretrain model=B/16
 
-Re-running the same command resumes from the last checkpoint. Settings: keras_vit/runner.py (COMMON).
+Re-running the same command resumes from the last checkpoint. Settings: keras_vit/train/runner.py (COMMON).
 """
 
 import sys
 
-from keras_vit.runner import PRETRAIN, main
+from keras_vit.train.runner import PRETRAIN, main
 
 if __name__ == "__main__":
     sys.exit(main(PRETRAIN, __doc__.splitlines()[0]))

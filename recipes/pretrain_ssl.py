@@ -5,7 +5,7 @@
     python recipes/finetune.py --output-dir runs/ssl_ft weights=runs/ssl/model.keras ...
     python recipes/pretrain_ssl.py --digits-demo       # SSL + fine-tuning vs from scratch, offline, report.json
 
-Re-running the same command resumes from the last checkpoint. Settings: keras_vit/runner.py (COMMON).
+Re-running the same command resumes from the last checkpoint. Settings: keras_vit/train/runner.py (COMMON).
 """
 
 import argparse
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from keras_vit import runner
+from keras_vit.train import runner
 
 
 def digits_demo(root, quick=False):

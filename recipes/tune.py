@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from keras_vit import runner, tuning
+from keras_vit.train import runner, tuning
 
 
 def parse_space(items, path):
@@ -74,7 +74,7 @@ def _plot(rows, objective, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", choices=tuning.SPACES, default="finetune")
-    parser.add_argument("--preset", help="base recipe preset (a name in recipes/configs/ or a JSON file)")
+    parser.add_argument("--preset", help="base recipe preset (a name in keras_vit/train/presets/ or a JSON file)")
     parser.add_argument("--tuner", choices=sorted(tuning.TUNERS), default="random")
     parser.add_argument("--objective", default="val_accuracy", help=f"one of {', '.join(tuning.TRIAL_METRICS)}")
     parser.add_argument("--max-trials", type=int, default=10)

@@ -6,7 +6,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from keras_vit import data
+from keras_vit.train import data
 
 
 def _take(dataset, n):

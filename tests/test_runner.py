@@ -7,11 +7,11 @@ import sys
 import pytest
 
 from conftest import REPO
-from keras_vit import runner
+from keras_vit.train import runner
 
 
 def test_every_preset_loads_into_its_recipe():
-    presets = sorted((REPO / "recipes" / "configs").glob("*.json"))
+    presets = sorted(runner.PRESETS_DIR.glob("*.json"))
     assert {p.stem for p in presets} >= {"finetune_cifar10", "finetune_oxford_iiit_pet", "pretrain_digits", "finetune_digits"}
     for path in presets:
         defaults = runner.PRETRAIN if path.stem.startswith("pretrain") else runner.FINETUNE

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 import keras_vit
 from conftest import REPO
-from keras_vit import distribute, training
+from keras_vit.train import distribute, trainer as training
 
 HELPER = Path(__file__).parent / "helpers" / "run_recipe.py"
 

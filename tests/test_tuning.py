@@ -10,7 +10,7 @@ import keras_tuner
 import pytest
 
 from conftest import REPO
-from keras_vit import runner, tuning
+from keras_vit.train import runner, tuning
 
 FAST = ["steps=6", "warmup_steps=2", "batch_size=32", "eval_every=0", "checkpoint_every=0", "log_every=3",
         'model_overrides={"channels": 1}']

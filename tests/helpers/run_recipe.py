@@ -38,7 +38,7 @@ if args.logical_cpus:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus)
 
-from keras_vit import runner, training  # noqa: E402
+from keras_vit.train import runner, trainer as training  # noqa: E402
 
 if args.pause_after_checkpoint:
     save = training.Checkpoints.save

@@ -1,7 +1,7 @@
 """The recipe runner: a configuration dict in, a trained model, logs and a JSON report out.
 
 ``recipes/finetune.py`` and ``recipes/pretrain.py`` call ``main`` with their
-defaults (``FINETUNE`` / ``PRETRAIN``), a preset from ``recipes/configs/`` and
+defaults (``FINETUNE`` / ``PRETRAIN``), a preset from ``keras_vit/train/presets/`` and
 ``key=value`` overrides. Every key is documented in ``COMMON``. Outputs under
 ``output_dir``: ``checkpoints/`` (resume by re-running the same command),
 ``logs/`` (TensorBoard), ``history.csv``, ``model.keras``, ``report.json``
@@ -84,7 +84,8 @@ PRETRAIN = COMMON | {
     "weights": None,
     "model_overrides": {"dropout_rate": 0.1},
 }
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+# Presets are package data: found in an installed wheel as in a checkout.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def parse_value(text):
@@ -96,14 +97,14 @@ def parse_value(text):
 
 
 def load_config(defaults, preset=None, overrides=()):
-    """``defaults`` updated by a preset (a JSON file path or a name in recipes/configs/) and ``key=value`` overrides."""
+    """``defaults`` updated by a preset (a JSON file path or a name in keras_vit/train/presets/) and ``key=value`` overrides."""
     config = dict(defaults)
     if preset:
         path = Path(preset)
         if not path.exists():
-            path = CONFIGS_DIR / f"{preset}.json"
+            path = PRESETS_DIR / f"{preset}.json"
         if not path.exists():
-            known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+            known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
             raise ValueError(f"Unknown preset {preset!r}: give a JSON file or one of {', '.join(known)}.")
         config.update(json.loads(path.read_text()))
     for override in overrides:
@@ -126,7 +127,7 @@ def load_config(defaults, preset=None, overrides=()):
 
 
 def _precision(choice, strategy):
-    from keras_vit import distribute
+    from keras_vit.train import distribute
 
     return distribute.default_precision(strategy) if choice == "auto" else choice
 
@@ -144,7 +145,7 @@ def setup(config):
     import keras
     import tensorflow as tf
 
-    from keras_vit import distribute
+    from keras_vit.train import distribute
 
     keras.utils.set_random_seed(config["seed"])
     if config["deterministic"]:
@@ -157,7 +158,7 @@ def setup(config):
 
 def prepare_data(config):
     """``(train_source, train_dataset(skip_batches), eval_dataset)`` for ``config``."""
-    from keras_vit import data
+    from keras_vit.train import data
 
     train_source = data.load_source(config["dataset"], config["train_split"], config["data_dir"], config["download"])
     eval_source = data.load_source(config["dataset"], config["eval_split"], config["data_dir"], config["download"])
@@ -188,7 +189,8 @@ def build_trainer(config, strategy, precision, num_classes):
     For ``task="masked_patch_prediction"`` the trained model is a
     ``keras_vit.ssl.MaskedPatchPrediction`` around an encoder without head.
     """
-    from keras_vit import models, ssl, training
+    from keras_vit import models, ssl
+    from keras_vit.train import trainer as training
 
     if config["task"] not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {config['task']!r}.")
@@ -235,7 +237,7 @@ def run(config):
     """Trains as ``config`` says; returns the report dict (also written to ``output_dir/report.json``)."""
     import keras
 
-    from keras_vit import distribute
+    from keras_vit.train import distribute
 
     output_dir = Path(config["output_dir"])
     strategy, precision = setup(config)
@@ -306,7 +308,7 @@ def plot_history(history, path):
 def main(defaults, description, argv=None):
     """Command line of the recipes: ``[--preset NAME|FILE] [--output-dir DIR] [key=value ...]``."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--preset", help="a JSON file or a preset name in recipes/configs/")
+    parser.add_argument("--preset", help="a JSON file or a preset name in keras_vit/train/presets/")
     parser.add_argument("--output-dir", help="where checkpoints, logs, model and report go")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("overrides", nargs="*", help="key=value settings (JSON values), e.g. base_lr=0.003")

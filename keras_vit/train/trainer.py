@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_vit.distribute import is_chief
+from keras_vit.train.distribute import is_chief
 from keras_vit.layers import PACKAGE
 
 DECAYS = ("cosine", "linear", "constant")

@@ -128,7 +128,7 @@ class ViTHyperModel(keras_tuner.HyperModel):
         self.config_for(hp)
 
     def build(self, hp):
-        from keras_vit import runner
+        from keras_vit.train import runner
 
         if getattr(self, "_declaring", False):
             self.config_for(hp)  # keras-tuner is exploring the conditional scopes: no model needed yet
@@ -142,7 +142,7 @@ class ViTHyperModel(keras_tuner.HyperModel):
 
     def _data(self, config):
         """Pipelines per image size (trials may tune the resolution)."""
-        from keras_vit import runner
+        from keras_vit.train import runner
 
         size = config["image_size"]
         key = size if isinstance(size, int) else tuple(size)
