@@ -90,6 +90,7 @@ def test_export_tool(tmp_path):
 
 
 def test_keras_file_saved_under_tensorflow_gives_the_same_outputs_under_jax(tmp_path, fixture_model):
+    pytest.importorskip("jax", reason="the JAX backend is the optional extra [jax]: pip install -e \".[jax]\"")
     model, ref = fixture_model
     model.save(tmp_path / "vit.keras")
     np.save(tmp_path / "images.npy", ref["images"])

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import keras_vit
 from conftest import REPO
 from keras_vit.train import runner
 
@@ -51,16 +52,26 @@ def test_recipe_command_line_prints_the_resolved_config():
     assert bad.returncode == 2 and "Overrides are key=value" in bad.stderr
 
 
-def test_main_job_quick_end_to_end(tmp_path):
+def _main_job(output_dir, *args):
     result = subprocess.run(
-        [sys.executable, "recipes/main_job.py", "--quick", "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "recipes/main_job.py", "--quick", "--output-dir", str(output_dir), *args],
+        cwd=REPO, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    return result, json.loads((output_dir / "report.json").read_text())
+
+
+def test_main_job_quick_end_to_end_is_deterministic(tmp_path):
+    result, report = _main_job(tmp_path / "first", "--seed", "1")
     assert report["pretrain"]["resolution"] == 8 and report["finetune"]["resolution"] == 16
     assert 0.0 <= report["test_accuracy"] <= 1.0
+    assert report["seed"] == 1 and report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    assert report["machine"]["keras_vit"] == keras_vit.__version__
     assert "Interpolated position embeddings from 16 grid tokens to a 8x8 grid" in result.stderr
     for stage in ("pretrain", "finetune"):
-        assert (tmp_path / stage / "model.keras").exists() and (tmp_path / stage / "history.csv").exists()
-        assert (tmp_path / stage / "training.png").stat().st_size > 5000
-        assert list((tmp_path / stage / "logs").iterdir())
+        assert (tmp_path / "first" / stage / "model.keras").exists() and (tmp_path / "first" / stage / "history.csv").exists()
+        assert (tmp_path / "first" / stage / "training.png").stat().st_size > 5000
+        assert list((tmp_path / "first" / stage / "logs").iterdir())
+    _, again = _main_job(tmp_path / "second", "--seed", "1")
+    accuracies = lambda r: (r["pretrain"]["top1"], r["finetune"]["top1"], r["pretrain_fewshot"])  # noqa: E731
+    assert accuracies(again) == accuracies(report)
