@@ -7,7 +7,14 @@ optimizer, keyed by list index, and the dropout seed states not at all), and
 ``model.save_weights`` (``.weights.h5``) leaves the seed-generator states out,
 so a resumed run would draw other dropout masks. Here every variable of the
 model (seed states included) and of the optimizer (iteration, slots, EMA
-averages, loss scale) is stored under its unique Keras ``variable.path``.
+averages, loss scale) is stored under its unique Keras ``variable.path``,
+except for the two parts of a path that Keras numbers per process (so that they
+differ between a run and its resumption, or between two models in one process):
+an optimizer's name (``adam``, ``adam_1``, ...) is replaced by its role
+(``optimizer``, ``inner_optimizer`` inside a ``LossScaleOptimizer``), and the
+seed-generator states, which Keras names ``seed_generator_<n>`` process-wide
+rather than inside their layer, are numbered in the model's variable order
+(``seed_generator_state/<k>``; all are int (2,) arrays).
 
 Layout, as ``tf.train.CheckpointManager`` names it: ``folder/ckpt-<step>/``
 with ``model.npz``, ``optimizer.npz`` and ``state.json`` (the step, the
@@ -20,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -35,14 +43,41 @@ class IncompatibleCheckpointError(ValueError):
     """A checkpoint does not fit the model or optimizer it is restored into (names, shapes or run id)."""
 
 
-def variables_by_path(variables, what):
-    """``{variable.path: variable}``; refuses duplicated paths (they could not be told apart on restore)."""
-    by_path = {}
-    for variable in variables:
-        if variable.path in by_path:
-            raise ValueError(f"Two {what} variables share the path {variable.path!r}: give the layers unique names.")
-        by_path[variable.path] = variable
-    return by_path
+SEED_STATE = re.compile(r"seed_generator(_\d+)?/seed_generator_state")
+
+
+def model_variables(model):
+    """``{key: variable}`` of every model variable: its ``path``; seed-generator states numbered in order."""
+    keys, seeds = [], 0
+    for variable in model.variables:
+        if SEED_STATE.fullmatch(variable.path):
+            keys.append(f"seed_generator_state/{seeds}")
+            seeds += 1
+        else:
+            keys.append(variable.path)
+    return _unique(keys, model.variables, "model")
+
+
+def optimizer_variables(optimizer):
+    """``{key: variable}`` of every optimizer variable: its ``path`` with the optimizer's name replaced by its role."""
+    roles = {optimizer.name: "optimizer"}
+    inner = getattr(optimizer, "inner_optimizer", None)  # LossScaleOptimizer
+    if inner is not None:
+        roles[inner.name] = "inner_optimizer"
+    keys = []
+    for variable in optimizer.variables:
+        owner, _, rest = variable.path.partition("/")
+        keys.append(f"{roles[owner]}/{rest}" if owner in roles and rest else variable.path)
+    return _unique(keys, optimizer.variables, "optimizer")
+
+
+def _unique(keys, variables, what):
+    by_key = {}
+    for key, variable in zip(keys, variables):
+        if key in by_key:
+            raise ValueError(f"Two {what} variables share the path {key!r}: give the layers unique names.")
+        by_key[key] = variable
+    return by_key
 
 
 def _sha256(path):
@@ -54,7 +89,7 @@ def _sha256(path):
 
 
 def read(path, part="model"):
-    """``{variable path: array}`` of ``model.npz`` or ``optimizer.npz`` in the checkpoint folder ``path``."""
+    """``{key: array}`` (keys: see ``model_variables``, ``optimizer_variables``) of ``model.npz`` or ``optimizer.npz`` in the checkpoint folder ``path``."""
     with np.load(Path(path) / f"{part}.npz", allow_pickle=False) as arrays:
         return {name: arrays[name] for name in arrays.files}
 
@@ -113,8 +148,8 @@ class CheckpointManager:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
         digests = {}
-        for part, variables in zip(PARTS, (model.variables, optimizer.variables)):
-            arrays = {path: keras.ops.convert_to_numpy(v) for path, v in variables_by_path(variables, part).items()}
+        for part, variables in zip(PARTS, (model_variables(model), optimizer_variables(optimizer))):
+            arrays = {key: keras.ops.convert_to_numpy(v) for key, v in variables.items()}
             np.savez(temporary / f"{part}.npz", **arrays)
             digests[part] = _sha256(temporary / f"{part}.npz")
         state = {"step": step, "stream_position": stream_position, "run_id": run_id, "sha256": digests}
@@ -151,7 +186,7 @@ class CheckpointManager:
                     f"{path} was written by another configuration (run {state.get('run_id')}, this one is {run_id}): "
                     "use a new output folder, or delete the old checkpoints to start over."
                 )
-            targets = {part: variables_by_path(v, part) for part, v in zip(PARTS, (model.variables, optimizer.variables))}
+            targets = dict(zip(PARTS, (model_variables(model), optimizer_variables(optimizer))))
             for part in PARTS:
                 _check_fits(path, part, stored[part], targets[part])
             for part in PARTS:
