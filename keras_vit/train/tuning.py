@@ -18,8 +18,8 @@ fixes a hyperparameter, ``{name: [a, b]}`` makes it a choice and
 ``{name: {"min": a, "max": b}}`` a range.
 """
 
+import contextlib
 import copy
-import math
 import time
 
 import keras_tuner
@@ -58,6 +58,7 @@ class ViTHyperModel(keras_tuner.HyperModel):
         self.deadline = time.monotonic() + time_budget_s if time_budget_s else None
         self._sources = {}
         self._trainer = None  # the Trainer of the model the last build() returned
+        self._space_only = False
 
     # --- the search space ----------------------------------------------------------------------------------------
 
@@ -127,14 +128,26 @@ class ViTHyperModel(keras_tuner.HyperModel):
         """Declares the whole space, every conditional scope included, without building anything."""
         self.config_for(hp)
 
-    def build(self, hp):
-        """The trial's model, built with its ``Trainer`` (kept for ``fit``) by the recipe runner.
+    @contextlib.contextmanager
+    def space_only(self):
+        """Inside the context ``build`` declares the trial's hyperparameters and builds nothing.
 
-        keras-tuner also calls this while it explores the conditional scopes of the space; those
-        models are small or share the cached data pipelines, and are dropped.
+        keras-tuner calls ``build`` while a tuner is constructed, to explore the conditional scopes of
+        the space; ``make_tuner`` constructs the tuner inside this context.
         """
+        self._space_only = True
+        try:
+            yield self
+        finally:
+            self._space_only = False
+
+    def build(self, hp):
+        """The trial's model, built with its ``Trainer`` (kept for ``fit``) by the recipe runner."""
         from keras_vit.train import runner
 
+        if self._space_only:
+            self.config_for(hp)
+            return None
         if self.deadline and time.monotonic() > self.deadline:
             raise keras_tuner.errors.FatalError("The search's time budget is spent.")
         config = self.config_for(hp)
@@ -199,11 +212,10 @@ def make_tuner(kind, hypermodel, objective="val_accuracy", max_trials=10, max_ep
         distribution_strategy=hypermodel.strategy,
         max_consecutive_failed_trials=max(max_trials, 3),
     )
-    if kind == "hyperband":
-        tuner = keras_tuner.Hyperband(max_epochs=max_epochs, factor=2, hyperband_iterations=1, **common)
-    else:
-        tuner = TUNERS[kind](max_trials=max_trials, **common)
-    return tuner
+    with hypermodel.space_only():
+        if kind == "hyperband":
+            return keras_tuner.Hyperband(max_epochs=max_epochs, factor=2, hyperband_iterations=1, **common)
+        return TUNERS[kind](max_trials=max_trials, **common)
 
 
 def trial_table(tuner):
