@@ -298,8 +298,8 @@ def run(config):
 
 def make_callbacks(config, output_dir, chief=True):
     """The runner's callbacks: a progress line every ``log_every`` steps; on the chief stock ``TensorBoard``
-    (``output_dir/logs``, batch scalars every ``log_every`` steps) and ``CSVLogger`` (``output_dir/history.csv``,
-    one row per evaluation interval; rows after the checkpoint a resumed run starts from are dropped first)."""
+    (``output_dir/logs``) and ``CSVLogger`` (``output_dir/history.csv``), each one entry per evaluation
+    interval (rows after the checkpoint a resumed run starts from are dropped first)."""
     import keras
 
     from keras_vit.train import callbacks, checkpointing
@@ -310,7 +310,8 @@ def make_callbacks(config, output_dir, chief=True):
     history = Path(output_dir) / "history.csv"
     _drop_rows_after(history, checkpointing.CheckpointManager(Path(output_dir) / "checkpoints").latest_step())
     return progress + [
-        keras.callbacks.TensorBoard(str(Path(output_dir) / "logs"), update_freq=config["log_every"] or "epoch"),
+        # epoch summaries only: TensorBoard counts batch summaries from 0 again when a run resumes
+        keras.callbacks.TensorBoard(str(Path(output_dir) / "logs")),
         keras.callbacks.CSVLogger(str(history), append=True),
     ]
 
