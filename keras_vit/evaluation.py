@@ -11,9 +11,8 @@ import logging
 import keras
 import numpy as np
 
-log = logging.getLogger(__name__)
-
 DEFAULT_SHOTS = (1, 5, 10, 25)
+log = logging.getLogger(__name__)
 
 
 def feature_model(model):

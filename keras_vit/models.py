@@ -27,7 +27,7 @@ from keras_vit.layers import (
     to_pair,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("keras_vit")
 CLASSIFIERS = ("token", "gap", "unpooled")
 POOLINGS = (None, "token", "gap", "avg")
 

@@ -44,21 +44,26 @@ def test_no_private_attributes_of_keras_objects():
 
 
 def test_the_library_never_prints_and_logs_through_module_loggers():
+    """Outside command-line entry points (``main``, ``*_main``): no print; module loggers named ``__name__``;
+    ``logging.basicConfig`` only in modules with an entry point."""
     prints, loggers = [], []
     for path in SOURCES:
         tree = ast.parse(path.read_text())
-        for function in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and not n.name.endswith("main")]:
+        functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+        entry_points = any(f.name == "main" or f.name.endswith("_main") for f in functions)
+        for function in [f for f in functions if not (f.name == "main" or f.name.endswith("_main"))]:
             for node in ast.walk(function):
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
                     prints.append(f"{path.relative_to(REPO)}:{node.lineno}")
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "getLogger":
-                if not (len(node.args) == 1 and getattr(node.args[0], "id", None) == "__name__"):
+        for node in tree.body:  # module-level loggers
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and getattr(node.value.func, "attr", None) == "getLogger":
+                if not (len(node.value.args) == 1 and getattr(node.value.args[0], "id", None) == "__name__"):
                     loggers.append(f"{path.relative_to(REPO)}:{node.lineno}")
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "basicConfig" and path.name != "cli.py":
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "basicConfig" and not entry_points:
                 loggers.append(f"{path.relative_to(REPO)}:{node.lineno} basicConfig")
     assert not prints, f"print outside command-line entry points: {prints}"
-    assert not loggers, f"loggers not named by __name__, or logging configured: {loggers}"
+    assert not loggers, f"module loggers not named by __name__, or logging configured by the library: {loggers}"
 
 
 def test_no_process_wide_setters_in_the_library():
