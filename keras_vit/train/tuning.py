@@ -1,10 +1,11 @@
 """Hyperparameter search with keras-tuner over the seed's fine-tuning grid and over ViT shapes.
 
 ``ViTHyperModel`` maps keras-tuner hyperparameters onto a recipe configuration
-(``keras_vit.runner``) and trains each trial with the same data pipelines,
-strategy and ``Trainer`` as the recipes; the objective is the held-out top-1
-(``val_accuracy``) or any number the trial reports (``val_loss``-style keys of
-``TRIAL_METRICS``). Two search spaces:
+(``keras_vit.train.runner``) and trains each trial with the same data pipelines,
+strategy and ``Trainer`` as the recipes, through ``Trainer.fit`` with keras-tuner's
+own callbacks (a trial is one epoch: its evaluation gives ``val_accuracy``); the
+objective is the held-out top-1 (``val_accuracy``) or any number the trial reports
+(``TRIAL_METRICS``). A diverging trial (non-finite loss) fails. Two search spaces:
 
 * ``"finetune"``: from pretrained weights: learning rate (the seed's grid
   {0.001, 0.003, 0.01, 0.03}), steps, resolution, dropout, classifier head
