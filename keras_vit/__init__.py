@@ -5,8 +5,6 @@ checkpoint loading. Models are written with ``keras.ops`` and run on the
 TensorFlow, JAX and PyTorch backends.
 """
 
-import logging
-
 from keras_vit import analysis, evaluation
 from keras_vit.analysis import attention_maps, attention_rollout
 from keras_vit.checkpoints import CheckpointMismatchError, interpolate_posemb, load_official_weights
@@ -85,12 +83,3 @@ __all__ = [
     "resize_model",
     "vision_transformer",
 ]
-
-# One line per weight adaptation (head replaced, position embeddings interpolated), shown by default.
-_log = logging.getLogger("keras_vit")
-if not _log.handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("keras_vit: %(message)s"))
-    _log.addHandler(_handler)
-    _log.setLevel(logging.INFO)
-    _log.propagate = False

@@ -9,6 +9,7 @@ behind; an existing output is never overwritten without ``--force``.
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -88,6 +89,7 @@ def _reload(model, path):
 
 def convert_main(argv=None):
     """keras-vit-convert INPUT.npz OUTPUT.keras|OUTPUT.weights.h5 [options]"""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(
         prog="keras-vit-convert",
         description="Convert an official JAX/Flax ViT .npz checkpoint to a Keras .keras model or .weights.h5 file. "
@@ -185,6 +187,7 @@ def _interpolate_weights_h5(source, target, image_size):
 
 def interpolate_main(argv=None):
     """keras-vit-interpolate-posemb INPUT OUTPUT --image-size H[,W]"""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(
         prog="keras-vit-interpolate-posemb",
         description="Resize the position embeddings of a checkpoint (.npz, .keras or .weights.h5) to another "

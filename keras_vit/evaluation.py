@@ -6,10 +6,13 @@ solved in closed form. Features are the pre-logits (what the head reads).
 Shapes: N = examples, D = feature size, K = classes.
 """
 
+import logging
+
 import keras
 import numpy as np
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
+log = logging.getLogger(__name__)
 
 
 def feature_model(model):
@@ -91,10 +94,12 @@ def fewshot(model_or_features, train, test, shots=DEFAULT_SHOTS, seeds=3, l2=1.0
 
 
 class FewShotCallback(keras.callbacks.Callback):
-    """Reports few-shot accuracy every ``every_n_steps`` training steps (as the seed does during pre-training).
+    """Few-shot accuracy every ``every_n_steps`` optimizer steps (as the seed does during pre-training).
 
-    Works with ``model.fit`` and with ``keras_vit.train.trainer.Trainer.fit(callbacks=...)``; results are added to
-    the logs as ``fewshot_<k>shot`` and kept in ``self.history`` as ``(step, results)``.
+    A plain Keras callback: works with ``model.fit`` and with ``keras_vit.train.trainer.Trainer.fit``. The
+    step is the optimizer's ``iterations`` (so epochs and ``steps_per_execution`` chunks do not matter): it
+    runs at the first batch end at or after each multiple of ``every_n_steps``. Results are added to the
+    batch logs as ``fewshot_<k>shot``, kept in ``self.history`` as ``(step, results)`` and logged (INFO).
     """
 
     def __init__(self, train, test, every_n_steps=1000, shots=(5, 10), seeds=1, l2=1.0):
@@ -104,11 +109,12 @@ class FewShotCallback(keras.callbacks.Callback):
         self.history = []
 
     def on_train_batch_end(self, batch, logs=None):
-        step = batch + 1
-        if step % self.every_n_steps:
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        done = self.history[-1][0] if self.history else 0
+        if step // self.every_n_steps <= done // self.every_n_steps:
             return
         results = fewshot(self.model, self.train, self.test, self.shots, self.seeds, self.l2)
         self.history.append((step, results))
         if logs is not None:
             logs.update({f"fewshot_{k}shot": v["mean"] for k, v in results.items()})
-        print(f"step {step}: " + ", ".join(f"{k}-shot {v['mean']:.3f}" for k, v in results.items()), flush=True)
+        log.info("step %d: %s", step, ", ".join(f"{k}-shot {v['mean']:.3f}" for k, v in results.items()))

@@ -15,6 +15,7 @@ deterministic on one machine: the same command gives the same report.json accura
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -111,4 +112,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sys.exit(main())

@@ -1,5 +1,6 @@
 """Schedules, optimisation steps, strategies (default, mirrored, multi-worker) and resume after kill -9."""
 
+import csv
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import tensorflow as tf
 
 import keras_vit
 from conftest import REPO
-from keras_vit.train import distribute, trainer as training
+from keras_vit.train import checkpointing, distribute, trainer as training
 
 HELPER = Path(__file__).parent / "helpers" / "run_recipe.py"
 
@@ -61,7 +62,7 @@ def _one_step(model, accumulation_steps=1, grad_clip=None, lr=0.5):
     trainer = training.Trainer(model, optimizer, strategy, 8, grad_clip=grad_clip, accumulation_steps=accumulation_steps, jit_compile=False)
     images, labels = _batch()
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    trainer._train_chunk(iter(strategy.experimental_distribute_dataset(dataset)), tf.constant(1))
+    trainer.train_steps(iter(strategy.experimental_distribute_dataset(dataset)), 1)
     return [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
 
 
@@ -125,9 +126,8 @@ def _finish(process, timeout=300):
 
 
 def _checkpoint_weights(folder):
-    """{index: array} of every model variable in the latest checkpoint under ``folder``."""
-    latest = folder / (folder / "latest").read_text().strip()
-    return dict(enumerate(training.Checkpoints.read(latest, "model")))
+    """{key: array} of every model variable in the latest checkpoint under ``folder``."""
+    return checkpointing.read(checkpointing.CheckpointManager(folder).latest_checkpoint, "model")
 
 
 def test_mirrored_strategy_over_two_cpu_devices(tmp_path):
@@ -147,11 +147,11 @@ def test_multi_worker_mirrored_two_processes_end_identical(tmp_path):
     outputs = [_finish(worker) for worker in workers]
     assert all("strategy=CollectiveAllReduceStrategy" in output and "replicas=2" in output for output in outputs)  # MultiWorkerMirroredStrategy
     chief = _checkpoint_weights(tmp_path / "checkpoints")
-    other = _checkpoint_weights(tmp_path / "workers" / "worker_1" / "checkpoints")
+    other = _checkpoint_weights(tmp_path / "checkpoints" / "workers" / "worker_1")
     assert chief.keys() == other.keys() and len(chief) > 5
     for name in chief:
         np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
-    assert (tmp_path / "model.keras").exists() and not (tmp_path / "workers" / "worker_1" / "model.keras").exists()
+    assert (tmp_path / "model.keras").exists() and not list((tmp_path / "checkpoints" / "workers").rglob("*.keras"))
 
 
 def test_kill_9_then_rerun_resumes_and_ends_with_the_uninterrupted_weights(tmp_path):
@@ -167,15 +167,16 @@ def test_kill_9_then_rerun_resumes_and_ends_with_the_uninterrupted_weights(tmp_p
             break
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    assert (interrupted / "checkpoints" / "latest").read_text() == "step_4"
+    assert (interrupted / "checkpoints" / "checkpoint").read_text() == "ckpt-4"
     output = _finish(_helper(command))
-    assert "Resuming from step 4" in output
+    assert f"Restored step 4 from {interrupted / 'checkpoints' / 'ckpt-4'}" in output
     resumed, expected = _checkpoint_weights(interrupted / "checkpoints"), _checkpoint_weights(reference / "checkpoints")
     assert resumed.keys() == expected.keys()
     for name in expected:
         np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
-    history = (interrupted / "history.csv").read_text().splitlines()
-    assert history[0].startswith("step,loss") and [line.split(",")[0] for line in history[1:]] == ["4", "8", "12"]
+    with open(interrupted / "history.csv") as file:
+        rows = list(csv.DictReader(file))  # CSVLogger: one row per evaluation interval, none repeated
+    assert [(row["epoch"], float(row["step"])) for row in rows] == [("0", 4), ("1", 8), ("2", 12)]
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -187,10 +188,11 @@ def test_mixed_precision_training_steps(policy):
         trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, grad_clip=1.0, jit_compile=False)
         before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
         images, labels = _batch()
-        history = trainer.fit(tf.data.Dataset.from_tensors((images, labels)).repeat(), 3, log_every=1, verbose=0)
+        history = trainer.fit(tf.data.Dataset.from_tensors((images, labels)).repeat(), 3, eval_every=1).history
     finally:
         keras.config.set_dtype_policy("float32")
-    assert all(np.isfinite(r["loss"]) for r in history) and all(v.dtype == "float32" for v in model.trainable_variables)
+    assert len(history["loss"]) == 3 and np.isfinite(history["loss"]).all()
+    assert all(v.dtype == "float32" for v in model.trainable_variables)
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
     moved = [not np.array_equal(a, keras.ops.convert_to_numpy(b)) for a, b in zip(before, model.trainable_variables)]
     assert sum(moved) > len(moved) // 2

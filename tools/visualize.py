@@ -5,6 +5,7 @@
 """
 
 import argparse
+import logging
 import sys
 
 import numpy as np
@@ -36,4 +37,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sys.exit(main())

@@ -15,7 +15,7 @@ import os
 import socket
 import urllib.parse
 
-log = logging.getLogger("keras_vit")
+log = logging.getLogger(__name__)
 KINDS = ("auto", "tpu", "multi_worker", "mirrored", "default")
 TPU_CONNECT_TIMEOUT_S = 10.0
 

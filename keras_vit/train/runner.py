@@ -9,10 +9,14 @@ and, with matplotlib installed, ``training.png``.
 """
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 TASKS = ("classify", "masked_patch_prediction")
 COMMON = {
@@ -141,7 +145,10 @@ def run_id(config):
 
 
 def setup(config):
-    """Seeds, determinism, strategy and precision policy for ``config``; returns ``(strategy, precision)``."""
+    """Seeds, determinism, strategy and precision policy name for ``config``; returns ``(strategy, precision)``.
+
+    The precision is applied to the model only (``build_trainer``), not to Keras' global dtype policy.
+    """
     import keras
     import tensorflow as tf
 
@@ -152,8 +159,20 @@ def setup(config):
         tf.config.experimental.enable_op_determinism()
     strategy = distribute.get_strategy(config["strategy"], config["tpu"])
     precision = _precision(config["precision"], strategy)
-    keras.config.set_dtype_policy(precision)
     return strategy, precision
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Keras' global dtype policy is ``name`` inside the context and what it was after (layers keep theirs)."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def prepare_data(config):
@@ -195,7 +214,7 @@ def build_trainer(config, strategy, precision, num_classes):
     if config["task"] not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {config['task']!r}.")
     self_supervised = config["task"] == "masked_patch_prediction"
-    with strategy.scope():
+    with strategy.scope(), dtype_policy(precision):
         model = models.create_model(
             config["model"],
             weights=config["weights"],
@@ -235,8 +254,6 @@ def build_trainer(config, strategy, precision, num_classes):
 
 def run(config):
     """Trains as ``config`` says; returns the report dict (also written to ``output_dir/report.json``)."""
-    import keras
-
     from keras_vit.train import distribute
 
     output_dir = Path(config["output_dir"])
@@ -249,12 +266,13 @@ def run(config):
         train_dataset,
         config["steps"],
         eval_dataset=eval_dataset,
-        output_dir=output_dir,
         eval_every=config["eval_every"],
+        callbacks=make_callbacks(config, output_dir, distribute.is_chief(strategy)),
+        checkpoint_dir=output_dir / "checkpoints",
         checkpoint_every=config["checkpoint_every"],
-        log_every=config["log_every"],
         run_id=run_id(config),
     )
+    history = [dict(zip(history.history, values)) for values in zip(*history.history.values())]  # one row per epoch
     top1 = trainer.evaluate(eval_dataset)
     report = {
         "top1": top1,  # masked_patch_prediction: accuracy of the mean-colour classes of all patches
@@ -270,14 +288,41 @@ def run(config):
     }
     if distribute.is_chief(strategy):
         output_dir.mkdir(parents=True, exist_ok=True)
-        with trainer.averaged_weights():
-            model.save(output_dir / ".model.tmp.keras")
+        model.save(output_dir / ".model.tmp.keras")  # after fit the model holds the EMA weights (with EMA)
         os.replace(output_dir / ".model.tmp.keras", output_dir / "model.keras")
         (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
         plot_history(history, output_dir / "training.png")
-        print(f"top-1 {top1:.4f} after {config['steps']} steps; wrote {output_dir / 'model.keras'} and report.json")
-    keras.config.set_dtype_policy("float32")
+        log.info("top-1 %.4f after %d steps; wrote %s and report.json", top1, config["steps"], output_dir / "model.keras")
     return report
+
+
+def make_callbacks(config, output_dir, chief=True):
+    """The runner's callbacks: a progress line every ``log_every`` steps; on the chief stock ``TensorBoard``
+    (``output_dir/logs``) and ``CSVLogger`` (``output_dir/history.csv``), each one entry per evaluation
+    interval (rows after the checkpoint a resumed run starts from are dropped first)."""
+    import keras
+
+    from keras_vit.train import callbacks, checkpointing
+
+    progress = [callbacks.ProgressLogger(config["log_every"])] if config["log_every"] else []
+    if not chief:
+        return progress
+    history = Path(output_dir) / "history.csv"
+    _drop_rows_after(history, checkpointing.CheckpointManager(Path(output_dir) / "checkpoints").latest_step())
+    return progress + [
+        # epoch summaries only: TensorBoard counts batch summaries from 0 again when a run resumes
+        keras.callbacks.TensorBoard(str(Path(output_dir) / "logs")),
+        keras.callbacks.CSVLogger(str(history), append=True),
+    ]
+
+
+def _drop_rows_after(path, step):
+    if not path.exists() or not path.read_text().strip():
+        return
+    header, *rows = path.read_text().splitlines()
+    column = header.split(",").index("step")
+    kept = [row for row in rows if step and float(row.split(",")[column]) <= step]
+    path.write_text("\n".join([header, *kept]) + "\n")
 
 
 def plot_history(history, path):
@@ -288,15 +333,15 @@ def plot_history(history, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install keras-vit[plots]).")
+        log.warning("matplotlib is not installed: no plot (pip install keras-vit[plots]).")
         return None
     steps = [r["step"] for r in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     left.plot(steps, [r["loss"] for r in history])
     left.set(xlabel="step", ylabel="training loss")
-    right.plot(steps, [r["train_accuracy"] for r in history], label="train (batch)")
-    evaluated = [r for r in history if r["eval_accuracy"] is not None]
-    right.plot([r["step"] for r in evaluated], [r["eval_accuracy"] for r in evaluated], "o-", label="eval")
+    right.plot(steps, [r["accuracy"] for r in history], label="train")
+    evaluated = [r for r in history if r.get("val_accuracy") is not None]
+    right.plot([r["step"] for r in evaluated], [r["val_accuracy"] for r in evaluated], "o-", label="eval")
     right.set(xlabel="step", ylabel="top-1", ylim=(0, 1))
     right.legend()
     figure.tight_layout()

@@ -15,27 +15,24 @@ benchmarks/RESULTS.md). Gradient accumulation splits each replica's
 batch into micro-batches whose gradients are summed before the update, so
 the update equals the full-batch one.
 
-Checkpoints (every N steps and at the end) hold the model, optimizer and step;
-re-running the same command resumes from the latest. Every worker keeps its
-own checkpoint folder, so multi-worker runs need no shared file system.
+``Trainer.fit`` drives stock ``keras.callbacks`` through the whole protocol
+(one epoch is one evaluation interval), keeps name-keyed checkpoints
+(``keras_vit.train.checkpointing``; re-running resumes from the latest, every
+worker in its own folder, so multi-worker runs need no shared file system)
+and evaluates on the EMA weights with the stock ``SwapEMAWeights``.
 """
 
-import contextlib
-import json
 import math
-import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_vit.train.distribute import is_chief
 from keras_vit.layers import PACKAGE
+from keras_vit.train.checkpointing import CheckpointManager
+from keras_vit.train.distribute import is_chief
 
 DECAYS = ("cosine", "linear", "constant")
 
@@ -106,81 +103,6 @@ def make_optimizer(name, learning_rate, momentum=0.9, beta_1=0.9, beta_2=0.999, 
     return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scale else optimizer
 
 
-def _base_optimizer(optimizer):
-    return getattr(optimizer, "inner_optimizer", optimizer)
-
-
-class Checkpoints:
-    """``folder/step_<N>/`` with ``model.npz``, ``optimizer.npz`` and ``state.json``; ``folder/latest`` names the newest.
-
-    ``model.npz`` holds every model variable, the random-generator states of
-    dropout included (``.weights.h5`` files leave those out), so a resumed
-    run draws the same dropout masks as an uninterrupted one.
-
-    A checkpoint is written to a temporary folder and renamed into place, and
-    ``latest`` is replaced atomically, so a crash never leaves a half-written
-    checkpoint behind. Older checkpoints than the last ``keep`` are deleted.
-    """
-
-    def __init__(self, folder, keep=2):
-        self.folder = Path(folder)
-        self.keep = keep
-
-    def latest(self):
-        pointer = self.folder / "latest"
-        if not pointer.exists():
-            return None
-        path = self.folder / pointer.read_text().strip()
-        return path if (path / "state.json").exists() else None
-
-    def save(self, model, optimizer, state):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"step_{state['step']}"
-        temporary = self.folder / f".{name}.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir()
-        for part, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
-            values = {f"v{i:05d}": keras.ops.convert_to_numpy(v) for i, v in enumerate(variables)}
-            np.savez(temporary / f"{part}.npz", **values)
-        (temporary / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(self.folder / name, ignore_errors=True)
-        os.replace(temporary, self.folder / name)
-        (self.folder / "latest.tmp").write_text(name)
-        os.replace(self.folder / "latest.tmp", self.folder / "latest")
-        steps = sorted(int(p.name[5:]) for p in self.folder.glob("step_*") if p.name[5:].isdigit())
-        for old in steps[: -self.keep]:
-            shutil.rmtree(self.folder / f"step_{old}", ignore_errors=True)
-
-    def restore(self, model, optimizer, run_id=None):
-        """Loads the latest checkpoint into ``model`` and a built ``optimizer``; returns its state or None."""
-        path = self.latest()
-        if path is None:
-            return None
-        stored = json.loads((path / "state.json").read_text()).get("run_id")
-        if stored != run_id:
-            raise ValueError(
-                f"{path} was written by another configuration (run {stored}, this one is {run_id}): "
-                "use a new output folder, or delete the old checkpoints to start over."
-            )
-        for part, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
-            arrays = self.read(path, part)
-            shapes = [tuple(a.shape) for a in arrays]
-            if shapes != [tuple(v.shape) for v in variables]:
-                raise ValueError(
-                    f"Checkpoint {path} does not fit this {part} ({len(arrays)} stored variables, {len(variables)} "
-                    "expected, or other shapes): it was written by another configuration. Use a new output folder."
-                )
-            for variable, array in zip(variables, arrays):
-                variable.assign(array)
-        return json.loads((path / "state.json").read_text())
-
-    @staticmethod
-    def read(path, part="model"):
-        """The arrays of ``model.npz`` or ``optimizer.npz`` in a checkpoint folder, in variable order."""
-        with np.load(Path(path) / f"{part}.npz", allow_pickle=False) as values:
-            return [values[k] for k in sorted(values.files)]
-
-
 def default_jit_compile(strategy, model):
     """Whether XLA speeds up ``model``'s training here: yes except multi-worker, mirrored on CPUs, bfloat16 on CPUs."""
     if isinstance(strategy, tf.distribute.TPUStrategy):
@@ -234,6 +156,7 @@ class Trainer:
         self.jit_compile = jit_compile
         with strategy.scope():
             optimizer.build(model.trainable_variables)
+        model.optimizer = optimizer  # as model.compile does: stock callbacks (SwapEMAWeights, TensorBoard) read it
         self._gradients = tf.function(self._gradients_fn, jit_compile=jit_compile)
         self._train_chunk = tf.function(self._train_chunk_fn)
         self._eval_step = tf.function(self._eval_step_fn)
@@ -316,135 +239,132 @@ class Trainer:
         reduce = lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)  # noqa: E731
         return reduce(hits), reduce(count)
 
-    def evaluate(self, dataset, use_ema=True):
-        """Mean per-example accuracy (top-1 for classifiers) on a finite dataset; on the averaged weights with EMA."""
-        with self.averaged_weights(use_ema):
-            hits = count = 0.0
-            for images, labels in self.strategy.experimental_distribute_dataset(dataset):
-                batch_hits, batch_count = self._eval_step(images, labels)
-                hits += float(batch_hits)
-                count += float(batch_count)
-        return hits / max(count, 1.0)
+    # --- the loop --------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def averaged_weights(self, enabled=True):
-        """Inside the context the model holds the EMA (Polyak-averaged) weights; no-op without EMA."""
-        pairs = self._ema_pairs() if enabled else []
+    @property
+    def uses_ema(self):
+        """Whether the optimizer keeps Polyak averages (``use_ema``) of the weights."""
+        return getattr(self.optimizer, "inner_optimizer", self.optimizer).use_ema
 
-        def swap():
-            for variable, average in pairs:
-                stored = keras.ops.convert_to_numpy(variable)
-                variable.assign(average)
-                average.assign(stored)
+    def evaluate(self, dataset, use_ema=True, callbacks=None):
+        """Mean per-example accuracy (top-1 for classifiers) on a finite dataset; on the averaged weights with EMA.
 
-        swap()
-        try:
-            yield
-        finally:
-            swap()
-
-    def _ema_pairs(self):
-        base = _base_optimizer(self.optimizer)
-        if not base.use_ema:
-            return []
-        averages = base._model_variables_moving_average  # Keras keeps the Polyak averages here
-        return list(zip(self.model.trainable_variables, averages))
-
-    def fit(self, dataset, steps, eval_dataset=None, output_dir=None, eval_every=None, checkpoint_every=None, log_every=50, verbose=1, callbacks=(), run_id=None):
-        """Trains to ``steps`` (resuming from ``output_dir``'s checkpoint) and returns a history dict.
-
-        ``callbacks``: Keras callbacks; their ``on_train_batch_end(step - 1, logs)`` runs after each
-        ``steps_per_execution`` chunk (e.g. ``keras_vit.evaluation.FewShotCallback``). ``run_id`` (e.g. a
-        hash of the configuration) is stored with each checkpoint; resuming from a checkpoint of another
-        run_id is refused, so a folder never silently continues a different configuration.
-
-        ``dataset`` is a repeated dataset, or a callable ``skip_batches -> dataset``
-        so a resumed run continues the same stream. Writes TensorBoard logs,
-        ``history.csv`` and checkpoints under ``output_dir`` (chief only, except
-        each worker's own checkpoint folder).
+        ``callbacks`` get ``on_test_begin``, ``on_test_batch_begin/end`` and ``on_test_end``
+        (logs: ``{"accuracy": ...}``). With EMA and ``use_ema`` a stock
+        ``keras.callbacks.SwapEMAWeights`` swaps the averages in on the device for the evaluation.
         """
-        chief = is_chief(self.strategy)
-        checkpoints = None
-        start = 0
-        if output_dir:
-            folder = Path(output_dir) / "checkpoints"
-            if not chief:
-                folder = Path(output_dir) / "workers" / f"worker_{self.strategy.cluster_resolver.task_id}" / "checkpoints"
-            checkpoints = Checkpoints(folder)
+        callbacks = list(callbacks or [])
+        if use_ema and self.uses_ema and not any(isinstance(c, keras.callbacks.SwapEMAWeights) for c in callbacks):
+            callbacks.append(keras.callbacks.SwapEMAWeights())
+        return self._evaluate(dataset, keras.callbacks.CallbackList(callbacks, model=self.model))
+
+    def _evaluate(self, dataset, callbacks):
+        callbacks.on_test_begin()
+        hits = count = 0.0
+        for batch, (images, labels) in enumerate(self.strategy.experimental_distribute_dataset(dataset)):
+            callbacks.on_test_batch_begin(batch)
+            batch_hits, batch_count = self._eval_step(images, labels)
+            hits += float(batch_hits)
+            count += float(batch_count)
+            callbacks.on_test_batch_end(batch, {"accuracy": hits / max(count, 1.0)})
+        logs = {"accuracy": hits / max(count, 1.0)}
+        callbacks.on_test_end(logs)
+        return logs["accuracy"]
+
+    def fit(self, dataset, steps, eval_dataset=None, eval_every=None, callbacks=None, checkpoint_dir=None,
+            checkpoint_every=None, keep_checkpoints=2, run_id=None):
+        """Trains to step ``steps``, resuming from ``checkpoint_dir``, and returns the ``keras.callbacks.History``.
+
+        Args:
+            dataset: a repeated dataset of (images, one-hot labels) global batches, or a callable
+                ``skip_batches -> dataset`` so that a resumed run continues the same stream.
+            steps: the step to train to (counted from the first run, not from the resumed step).
+            eval_dataset: a finite dataset evaluated at the end of every epoch (``val_accuracy``).
+            eval_every: steps per epoch: one epoch is one evaluation interval; default: all ``steps``.
+            callbacks: ``keras.callbacks.Callback`` instances, driven as ``model.fit`` drives them:
+                train, epoch, batch and test begin/end with logs. ``batch`` is the global step index of
+                the last step of each ``steps_per_execution`` chunk (the step is ``batch + 1``). Batch
+                logs: ``loss``, ``accuracy``, ``grad_norm``; epoch logs add ``learning_rate`` (of the next
+                step, as Keras reports it), ``images_per_second``, ``step`` and ``val_accuracy``.
+                ``model.stop_training = True`` ends training after the current chunk. With EMA a
+                ``SwapEMAWeights`` is added (unless given) so evaluations use the averaged weights.
+            checkpoint_dir: where ``checkpointing.CheckpointManager`` keeps the last ``keep_checkpoints``
+                checkpoints, every ``checkpoint_every`` steps and at ``steps``; each worker but the chief
+                writes under ``checkpoint_dir/workers/worker_<i>`` (no shared file system needed).
+            run_id: stored with each checkpoint; resuming a checkpoint of another run id is refused.
+
+        A non-finite loss raises ``FloatingPointError`` naming the step, unless a callback (e.g.
+        ``TerminateOnNaN``) stopped training on it. At the end, as ``model.fit`` does, the optimizer's
+        ``finalize_variable_values`` writes the EMA averages into the model (no-op without EMA).
+        """
+        manager = self._checkpoint_manager(checkpoint_dir, keep_checkpoints)
+        state = None
+        if manager:
             with self.strategy.scope():
-                state = checkpoints.restore(self.model, self.optimizer, run_id)
-            if state:
-                start = state["step"]
-                print(f"Resuming from step {start} ({checkpoints.latest()}).", flush=True)
+                state = manager.restore(self.model, self.optimizer, run_id)
+        step = state["step"] if state else 0
         if callable(dataset):
-            dataset = dataset(start)
+            dataset = dataset(state["stream_position"] if state else 0)
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
-        writer = tf.summary.create_file_writer(str(Path(output_dir) / "logs")) if output_dir and chief else None
-        history_path = Path(output_dir) / "history.csv" if output_dir and chief else None
-        if history_path:
-            kept = history_path.read_text().splitlines()[1:] if history_path.exists() else []
-            kept = [row for row in kept if int(row.split(",")[0]) <= start]  # rows after the checkpoint are redone
-            header = "step,loss,train_accuracy,learning_rate,grad_norm,eval_accuracy,images_per_second"
-            history_path.write_text("\n".join([header, *kept]) + "\n")
-        # A progress bar on a terminal; one line per logged step otherwise (files, CI).
-        progress = keras.utils.Progbar(steps) if verbose and chief and sys.stdout.isatty() else None
-        echo = verbose and chief and progress is None
-        history = []
-        step = start
-        images_seen, time_spent = 0, 0.0
-        while step < steps:
-            boundaries = [every - step % every for every in (log_every, eval_every, checkpoint_every) if every]
-            chunk = min(self.steps_per_execution, steps - step, *boundaries)  # stop on every log/eval/checkpoint step
-            began = time.perf_counter()
-            loss_sum, correct, norm = self.train_steps(iterator, chunk)
-            loss_sum = float(loss_sum)
-            time_spent += time.perf_counter() - began
-            images_seen += chunk * self.global_batch_size
+        epoch_steps = eval_every or steps
+        callbacks = self._callback_list(callbacks, epochs=math.ceil(steps / epoch_steps), steps=epoch_steps)
+        self.model.stop_training = False
+        callbacks.on_train_begin()
+        logs = {}
+        while step < steps and not self.model.stop_training:
+            epoch = step // epoch_steps
+            callbacks.on_epoch_begin(epoch)
+            logs = self._train_epoch(iterator, step, min(steps, (epoch + 1) * epoch_steps), callbacks, manager, checkpoint_every, run_id)
+            step = logs["step"]
+            if eval_dataset is not None:
+                logs["val_accuracy"] = self._evaluate(eval_dataset, callbacks)
+            callbacks.on_epoch_end(epoch, logs)
+            if manager and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+                manager.save(self.model, self.optimizer, step, step, run_id)
+        callbacks.on_train_end(logs)
+        with self.strategy.scope():
+            self.optimizer.finalize_variable_values(self.model.trainable_variables)
+        return self.model.history
+
+    def _train_epoch(self, iterator, step, end, callbacks, manager, checkpoint_every, run_id):
+        """Steps ``step`` to ``end`` in ``steps_per_execution`` chunks (cut at checkpoint steps); the epoch logs."""
+        first, loss_sum, correct, began = step, 0.0, 0.0, time.perf_counter()
+        while step < end and not self.model.stop_training:
+            boundary = checkpoint_every - step % checkpoint_every if manager and checkpoint_every else end - step
+            chunk = min(self.steps_per_execution, end - step, boundary)
+            callbacks.on_train_batch_begin(step)
+            chunk_loss, chunk_correct, norm = (float(t) for t in self.train_steps(iterator, chunk))
             step += chunk
-            record = dict(
-                step=step,
-                loss=loss_sum / (chunk * self.global_batch_size),
-                train_accuracy=float(correct) / (chunk * self.global_batch_size),
-                learning_rate=float(_learning_rate(self.optimizer, step - 1)),
-                grad_norm=float(norm),
-                eval_accuracy=None,
-                images_per_second=images_seen / time_spent,
-            )
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"The training loss became {record['loss']} at step {step}; lower the learning rate.")
-            if eval_dataset is not None and eval_every and (step % eval_every == 0 or step == steps):
-                record["eval_accuracy"] = self.evaluate(eval_dataset)
-            for callback in callbacks:
-                callback.set_model(self.model)
-                callback.on_train_batch_end(step - 1, record)
-            if step % log_every == 0 or step == steps or record["eval_accuracy"] is not None:
-                history.append(record)
-                self._log(record, writer, history_path)
-                if echo:
-                    print(", ".join(f"{k} {v:.4g}" for k, v in record.items() if v is not None), flush=True)
-            if checkpoints and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
-                checkpoints.save(self.model, self.optimizer, {"step": step, "run_id": run_id})
-            if progress:
-                values = [("loss", record["loss"]), ("acc", record["train_accuracy"])]
-                if record["eval_accuracy"] is not None:
-                    values.append(("eval_acc", record["eval_accuracy"]))
-                progress.update(step, values)
-        return history
+            loss_sum, correct = loss_sum + chunk_loss, correct + chunk_correct
+            examples = chunk * self.global_batch_size
+            batch_logs = {"loss": chunk_loss / examples, "accuracy": chunk_correct / examples, "grad_norm": norm}
+            callbacks.on_train_batch_end(step - 1, batch_logs)
+            if not math.isfinite(batch_logs["loss"]) and not self.model.stop_training:
+                raise FloatingPointError(
+                    f"The training loss became {batch_logs['loss']} at step {step}; lower the learning rate."
+                )
+            if manager and checkpoint_every and step % checkpoint_every == 0 and step < end:
+                manager.save(self.model, self.optimizer, step, step, run_id)
+        examples = max(step - first, 1) * self.global_batch_size
+        return {
+            "loss": loss_sum / examples,
+            "accuracy": correct / examples,
+            "grad_norm": batch_logs["grad_norm"] if step > first else float("nan"),
+            "learning_rate": float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)),
+            "images_per_second": (step - first) * self.global_batch_size / (time.perf_counter() - began),
+            "step": step,
+        }
 
-    @staticmethod
-    def _log(record, writer, history_path):
-        if writer:
-            with writer.as_default(step=record["step"]):
-                for key, value in record.items():
-                    if key != "step" and value is not None:
-                        tf.summary.scalar(key, value)
-            writer.flush()
-        if history_path:
-            fields = ("step", "loss", "train_accuracy", "learning_rate", "grad_norm", "eval_accuracy", "images_per_second")
-            with history_path.open("a") as file:
-                file.write(",".join("" if record[k] is None else f"{record[k]:.6g}" for k in fields) + "\n")
+    def _callback_list(self, callbacks, epochs, steps):
+        callbacks = list(callbacks or [])
+        if self.uses_ema and not any(isinstance(c, keras.callbacks.SwapEMAWeights) for c in callbacks):
+            callbacks.append(keras.callbacks.SwapEMAWeights())
+        return keras.callbacks.CallbackList(callbacks, add_history=True, model=self.model, epochs=epochs, steps=steps, verbose=0)
 
-
-def _learning_rate(optimizer, iteration):
-    rate = _base_optimizer(optimizer)._learning_rate
-    return rate(iteration) if callable(rate) else keras.ops.convert_to_numpy(rate)
+    def _checkpoint_manager(self, checkpoint_dir, keep):
+        if not checkpoint_dir:
+            return None
+        folder = Path(checkpoint_dir)
+        if not is_chief(self.strategy):
+            folder = folder / "workers" / f"worker_{self.strategy.cluster_resolver.task_id}"
+        return CheckpointManager(folder, keep)

@@ -1,10 +1,11 @@
 """Hyperparameter search with keras-tuner over the seed's fine-tuning grid and over ViT shapes.
 
 ``ViTHyperModel`` maps keras-tuner hyperparameters onto a recipe configuration
-(``keras_vit.runner``) and trains each trial with the same data pipelines,
-strategy and ``Trainer`` as the recipes; the objective is the held-out top-1
-(``val_accuracy``) or any number the trial reports (``val_loss``-style keys of
-``TRIAL_METRICS``). Two search spaces:
+(``keras_vit.train.runner``) and trains each trial with the same data pipelines,
+strategy and ``Trainer`` as the recipes, through ``Trainer.fit`` with keras-tuner's
+own callbacks (a trial is one epoch: its evaluation gives ``val_accuracy``); the
+objective is the held-out top-1 (``val_accuracy``) or any number the trial reports
+(``TRIAL_METRICS``). A diverging trial (non-finite loss) fails. Two search spaces:
 
 * ``"finetune"``: from pretrained weights: learning rate (the seed's grid
   {0.001, 0.003, 0.01, 0.03}), steps, resolution, dropout, classifier head
@@ -18,8 +19,8 @@ fixes a hyperparameter, ``{name: [a, b]}`` makes it a choice and
 ``{name: {"min": a, "max": b}}`` a range.
 """
 
+import contextlib
 import copy
-import math
 import time
 
 import keras_tuner
@@ -57,6 +58,8 @@ class ViTHyperModel(keras_tuner.HyperModel):
         self.steps_per_epoch = steps_per_epoch
         self.deadline = time.monotonic() + time_budget_s if time_budget_s else None
         self._sources = {}
+        self._trainer = None  # the Trainer of the model the last build() returned
+        self._space_only = False
 
     # --- the search space ----------------------------------------------------------------------------------------
 
@@ -123,22 +126,34 @@ class ViTHyperModel(keras_tuner.HyperModel):
     # --- keras-tuner hooks ---------------------------------------------------------------------------------------
 
     def declare_hyperparameters(self, hp):
-        """Declares the space without building anything (keras-tuner calls this, then ``build``, before the search)."""
-        self._declaring = True
+        """Declares the whole space, every conditional scope included, without building anything."""
         self.config_for(hp)
 
+    @contextlib.contextmanager
+    def space_only(self):
+        """Inside the context ``build`` declares the trial's hyperparameters and builds nothing.
+
+        keras-tuner calls ``build`` while a tuner is constructed, to explore the conditional scopes of
+        the space; ``make_tuner`` constructs the tuner inside this context.
+        """
+        self._space_only = True
+        try:
+            yield self
+        finally:
+            self._space_only = False
+
     def build(self, hp):
+        """The trial's model, built with its ``Trainer`` (kept for ``fit``) by the recipe runner."""
         from keras_vit.train import runner
 
-        if getattr(self, "_declaring", False):
-            self.config_for(hp)  # keras-tuner is exploring the conditional scopes: no model needed yet
+        if self._space_only:
+            self.config_for(hp)
             return None
         if self.deadline and time.monotonic() > self.deadline:
             raise keras_tuner.errors.FatalError("The search's time budget is spent.")
         config = self.config_for(hp)
-        trainer = runner.build_trainer(config, self.strategy, self.precision, self._data(config)[0].num_classes)
-        trainer.model.trainer = trainer  # fit() trains this model with its Trainer
-        return trainer.model
+        self._trainer = runner.build_trainer(config, self.strategy, self.precision, self._data(config)[0].num_classes)
+        return self._trainer.model
 
     def _data(self, config):
         """Pipelines per image size (trials may tune the resolution)."""
@@ -158,21 +173,21 @@ class ViTHyperModel(keras_tuner.HyperModel):
         steps = config["steps"]
         if epochs is not None and self.steps_per_epoch:
             steps = (epochs - initial_epoch) * self.steps_per_epoch
-        trainer = model.trainer
+        if self._trainer is None or self._trainer.model is not model:
+            raise ValueError("ViTHyperModel.fit trains the model its last build() returned.")
         started = time.perf_counter()
-        history = trainer.fit(train_dataset, steps, log_every=max(steps // 4, 1), verbose=0)
-        results = {
-            "val_accuracy": trainer.evaluate(eval_dataset),
-            "train_accuracy": history[-1]["train_accuracy"],
-            "train_loss": history[-1]["loss"],
+        try:
+            # One epoch: the evaluation at its end gives keras-tuner's callbacks (e.g. SaveBestEpoch) val_accuracy.
+            history = self._trainer.fit(train_dataset, steps, eval_dataset=eval_dataset, callbacks=callbacks)
+        except FloatingPointError as error:
+            raise keras_tuner.errors.FailedTrialError(f"The training loss diverged: {error}") from None
+        last = {name: values[-1] for name, values in history.history.items()}
+        return {
+            "val_accuracy": last["val_accuracy"],
+            "train_accuracy": last["accuracy"],
+            "train_loss": last["loss"],
             "seconds": time.perf_counter() - started,
         }
-        if not math.isfinite(results["train_loss"]):
-            raise keras_tuner.errors.FailedTrialError(f"The training loss diverged ({results['train_loss']}).")
-        for callback in callbacks:  # keras-tuner's own: saves the trial's weights for Hyperband's promotions
-            callback.set_model(model)
-            callback.on_epoch_end((epochs or 1) - 1, logs=dict(results))
-        return results
 
 
 TUNERS = {
@@ -198,12 +213,10 @@ def make_tuner(kind, hypermodel, objective="val_accuracy", max_trials=10, max_ep
         distribution_strategy=hypermodel.strategy,
         max_consecutive_failed_trials=max(max_trials, 3),
     )
-    if kind == "hyperband":
-        tuner = keras_tuner.Hyperband(max_epochs=max_epochs, factor=2, hyperband_iterations=1, **common)
-    else:
-        tuner = TUNERS[kind](max_trials=max_trials, **common)
-    hypermodel._declaring = False  # the space is known: trials build real models from now on
-    return tuner
+    with hypermodel.space_only():
+        if kind == "hyperband":
+            return keras_tuner.Hyperband(max_epochs=max_epochs, factor=2, hyperband_iterations=1, **common)
+        return TUNERS[kind](max_trials=max_trials, **common)
 
 
 def trial_table(tuner):

@@ -6,6 +6,7 @@ test can kill the process there.
 """
 
 import argparse
+import logging
 import sys
 import time
 
@@ -38,17 +39,19 @@ if args.logical_cpus:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus)
 
-from keras_vit.train import runner, trainer as training  # noqa: E402
+from keras_vit.train import checkpointing, runner  # noqa: E402
 
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
 if args.pause_after_checkpoint:
-    save = training.Checkpoints.save
+    save = checkpointing.CheckpointManager.save
 
     def save_then_pause(self, *a, **k):
-        save(self, *a, **k)
+        path = save(self, *a, **k)
         print("checkpoint written", flush=True)
         time.sleep(args.pause_after_checkpoint)
+        return path
 
-    training.Checkpoints.save = save_then_pause
+    checkpointing.CheckpointManager.save = save_then_pause
 
 config = runner.load_config(runner.FINETUNE, None, TINY + overrides)
 report = runner.run(config)
