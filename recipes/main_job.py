@@ -9,7 +9,8 @@
 
     python recipes/main_job.py [--output-dir runs/main] [--quick]
 
-Each stage resumes from its checkpoints when re-run. --quick runs a few steps (a smoke test).
+Each stage resumes from its checkpoints when re-run; re-running a finished job changes nothing. --quick runs a few
+steps (a smoke test).
 """
 
 import argparse
@@ -63,6 +64,9 @@ def main(argv=None):
             quick + [f"output_dir={root / 'finetune'}", f"weights={root / 'pretrain' / 'model.keras'}"],
         )
     )
+    if pretrain.get("already_finished") and finetune.get("already_finished") and (root / "report.json").exists():
+        print(f"{root} already holds the finished main job: report.json and the figures are kept (use another --output-dir to run again).")
+        return 0
     figures = write_analysis(root, pretrain, finetune)
     report = {
         "task": "scikit-learn digits (1,797 real 8x8 images; stratified 80/20 split)",

@@ -69,6 +69,12 @@ def test_main_job_quick_end_to_end(tmp_path):
         assert (tmp_path / stage / "model.keras").exists() and (tmp_path / stage / "history.csv").exists()
         assert (tmp_path / stage / "training.png").stat().st_size > 5000
         assert list((tmp_path / stage / "logs").iterdir())
+    kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    again = subprocess.run(
+        [sys.executable, "recipes/main_job.py", "--quick", "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "already holds the finished main job" in again.stdout, again.stderr[-2000:]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"} == kept
 
 
 @pytest.mark.parametrize(

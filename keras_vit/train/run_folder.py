@@ -93,8 +93,8 @@ def differences(stored, settings):
     lines = []
     for key in keys:
         old, new = stored.get(key, missing), settings.get(key, missing)
-        if json.dumps(old, default=str) != json.dumps(new, default=str):
-            describe = lambda v: "unset" if v is missing else json.dumps(v, default=str)  # noqa: E731
+        if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
+            describe = lambda v: "unset" if v is missing else json.dumps(v, sort_keys=True, default=str)  # noqa: E731
             lines.append(f"{key}: {describe(old)} in the folder, {describe(new)} now")
     return lines
 
