@@ -5,7 +5,9 @@ defaults (``FINETUNE`` / ``PRETRAIN``), a preset from ``keras_vit/train/presets/
 ``key=value`` overrides. Every key is documented in ``COMMON``. Outputs under
 ``output_dir``: ``checkpoints/`` (resume by re-running the same command),
 ``logs/`` (TensorBoard), ``history.csv``, ``model.keras``, ``report.json``
-and, with matplotlib installed, ``training.png``.
+and, with matplotlib installed, ``training.png``; ``settings.json`` (the
+settings the checkpoints were written with) and, while a run is live,
+``.lock``. Settings are checked by ``keras_vit.train.settings`` first.
 """
 
 import argparse
@@ -136,6 +138,8 @@ def load_config(defaults, preset=None, overrides=()):
     if unknown:
         raise ValueError(f"Unknown settings {sorted(unknown)} in the preset. Settings: {', '.join(sorted(defaults))}.")
     settings.validate(config)
+    if config["model"] is None and not _is_keras_file(config["weights"]):
+        config["model"] = DEFAULT_MODEL  # without a .keras file to take the architecture from
     clashing = {"image_size", "classes", "include_top", "weights"} & set(config["model_overrides"])
     if clashing:
         raise ValueError(f"Set {sorted(clashing)} as top-level settings, not in model_overrides.")
