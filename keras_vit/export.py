@@ -5,14 +5,25 @@ temporary name, runs it on sample images, compares it with the Keras model
 (float32 exports: largest absolute logit difference, must be <= 1e-4;
 float16 and int8: the difference and the top-1 agreement are reported, not enforced) and only then moves it into place, so a
 failed export leaves nothing behind. An existing ``path`` is refused unless
-``force=True``. Returns a dict with the path, size in bytes and the comparison.
+``force=True``; a ``path`` that is (or holds) one of ``inputs`` is always refused.
+Returns a dict with the path, size in bytes and the comparison.
+
+Exports compute in float32: a mixed-precision model (``mixed_bfloat16``,
+``mixed_float16`` policies) is exported as a float32 copy (same weights), and
+compared with that copy. What the converters print goes to a log file, not to
+the terminal; a failed conversion raises ``ExportError`` with one line that
+names the log file.
 
 Shapes: B = batch, (H, W, C) = the model's input size, K = classes.
 """
 
+import contextlib
+import logging
 import os
 import shutil
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +33,74 @@ FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = (None, "float16", "int8")
 FLOAT_TOLERANCE = 1e-4
 ONNX_OPSET = 17
+FLOAT32_POLICIES = ("float32",)
+log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """A converter failed; the message names the log file with its full output."""
+
+
+def _float32_config(config):
+    """``config`` (a nested ``get_config()``) with every dtype policy other than float32 made float32; and whether
+    any was."""
+    changed = False
+
+    def visit(node):
+        nonlocal changed
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and node["config"]["name"] not in FLOAT32_POLICIES:
+                changed = True
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            if node.get("class_name") == "__keras_tensor__" and node["config"].get("dtype") in ("bfloat16", "float16"):
+                return {**node, "config": {**node["config"], "dtype": "float32"}}
+            return {key: visit(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [visit(value) for value in node]
+        return node
+
+    return visit(config), changed
+
+
+def float32_model(model):
+    """``model`` itself when it computes in float32, else a float32 copy (rebuilt from its config, same weights).
+
+    Mixed-precision policies keep float32 variables, so the copy holds exactly the trained weights; TFLite
+    cannot convert bfloat16 convolutions, and exports are compared with float32 Keras outputs.
+    """
+    config, changed = _float32_config(model.get_config())
+    if not changed:
+        return model
+    copy = model.__class__.from_config(config)
+    copy.set_weights(model.get_weights())
+    log.info("Exporting a float32 copy of %s (it computes in %s).", model.name, model.compute_dtype)
+    return copy
+
+
+@contextlib.contextmanager
+def _converter_output_to(log_path):
+    """Sends everything printed meanwhile (Python and native code, stdout and stderr) to ``log_path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log_path, "a") as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
+                yield log_file
+        finally:
+            log_file.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def _one_line(error, limit=300):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def _input_size(model):
@@ -110,11 +189,9 @@ def _tflite(model, target, images, quantization):
 
 
 def _onnx(model, target, images):
-    try:
-        import onnxruntime
-        import tf2onnx
-    except ImportError:
-        raise ImportError("ONNX export needs tf2onnx and onnxruntime: pip install 'keras-vit[onnx]'.") from None
+    import onnxruntime
+    import tf2onnx
+
     height, width, channels = _input_size(model)
 
     @tf.autograph.experimental.do_not_convert
@@ -134,7 +211,41 @@ def _size(path):
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def export(model, path, format="saved_model", quantization=None, images=None, top_k=5, force=False):
+def _convert(model, target, format, images, quantization, top_k):
+    """Writes ``target`` and returns (its outputs, Keras outputs) on ``images``; converter output goes to a log file."""
+    handle, log_path = tempfile.mkstemp(prefix=f"keras_vit_export_{target.name}.", suffix=".log")
+    os.close(handle)
+    failure = None
+    with _converter_output_to(log_path) as log_file:
+        try:
+            if format == "saved_model":
+                outputs = _saved_model(model, target, images, top_k)
+            elif format == "tflite":
+                outputs = _tflite(model, target, images, quantization)
+            else:
+                outputs = _onnx(model, target, images)
+        except Exception as error:
+            traceback.print_exc(file=log_file)
+            failure = error
+    if failure is not None:
+        raise ExportError(
+            f"The {format} export failed ({type(failure).__name__}: {_one_line(failure)}); nothing was written. "
+            f"The converter's full output is in {log_path}."
+        )
+    os.unlink(log_path)
+    return outputs
+
+
+def _check_path(path, inputs, force):
+    """Refuses an output that is, or is a folder holding, one of ``inputs``; and an existing one without ``force``."""
+    for source in map(Path, inputs):
+        if path.exists() and source.exists() and (path.samefile(source) or (path.is_dir() and source.resolve().is_relative_to(path.resolve()))):
+            raise FileExistsError(f"The output {path} is (or holds) the input {source}: choose another output path; --force never replaces an input.")
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass force=True (--force) to replace it.")
+
+
+def export(model, path, format="saved_model", quantization=None, images=None, top_k=5, force=False, inputs=()):
     """Exports ``model`` to ``path`` and verifies the artefact against Keras on ``images``.
 
     Args:
@@ -144,6 +255,7 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
         quantization: TFLite only: None (float32), ``"float16"`` or ``"int8"``
             (dynamic range).
         images: (B, H, W, C) float32 in [-1, 1] to compare on; 8 random images by default.
+        inputs: paths the export must never replace (e.g. the file ``model`` was loaded from).
     Returns:
         ``{"path", "format", "quantization", "bytes", "max_abs_diff", "top1_agreement"}``.
     """
@@ -152,8 +264,14 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
     if quantization not in QUANTIZATIONS or (quantization and format != "tflite"):
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, and is for TFLite only; got {quantization!r}.")
     path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass force=True (--force) to replace it.")
+    _check_path(path, inputs, force)
+    if format == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+            import tf2onnx  # noqa: F401
+        except ImportError:
+            raise ImportError("ONNX export needs tf2onnx and onnxruntime: pip install 'keras-vit[onnx]'.") from None
+    model = float32_model(model)
     height, width, channels = _input_size(model)
     if images is None:
         images = np.random.default_rng(0).uniform(-1, 1, (8, height, width, channels)).astype(np.float32)
@@ -161,12 +279,7 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
     workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     target = workdir / path.name
     try:
-        if format == "saved_model":
-            exported, reference = _saved_model(model, target, images, top_k)
-        elif format == "tflite":
-            exported, reference = _tflite(model, target, images, quantization)
-        else:
-            exported, reference = _onnx(model, target, images)
+        exported, reference = _convert(model, target, format, images, quantization, top_k)
         result = {
             "path": str(path),
             "format": format,

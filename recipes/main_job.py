@@ -9,8 +9,8 @@
 
     python recipes/main_job.py [--output-dir runs/main] [--seed 0] [--quick]
 
-Each stage resumes from its checkpoints when re-run. --quick runs a few steps (a smoke test). The run is
-deterministic on one machine: the same command gives the same report.json accuracies.
+Each stage resumes from its checkpoints when re-run; re-running a finished job changes nothing. --quick runs a few
+steps (a smoke test). The run is deterministic on one machine: the same command gives the same report.json accuracies.
 """
 
 import argparse
@@ -94,6 +94,9 @@ def main(argv=None):
             quick + [f"output_dir={root / 'finetune'}", f"weights={root / 'pretrain' / 'model.keras'}"],
         )
     )
+    if pretrain.get("already_finished") and finetune.get("already_finished") and (root / "report.json").exists():
+        print(f"{root} already holds the finished main job: report.json and the figures are kept (use another --output-dir to run again).")
+        return 0
     figures = write_analysis(root, pretrain, finetune)
     report = {
         "task": "scikit-learn digits (1,797 real 8x8 images; stratified 80/20 split)",

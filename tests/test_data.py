@@ -1,5 +1,7 @@
 """Input pipelines: sources (TFDS mock, image folder, arrays, digits) and the official pre-processing."""
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -93,3 +95,68 @@ def test_tfds_source_with_mock_data():
 def test_unprepared_tfds_dataset_is_a_clear_error_without_network(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"'mnist' is not prepared in {tmp_path}.*tfds build mnist --data_dir {tmp_path}"):
         data.from_tfds("mnist", "train", data_dir=str(tmp_path))
+
+
+def _image_folder(root, splits, size=(10, 12), mode="RGB"):
+    """``root/<split>/<class>/<i>.png`` random images; ``splits`` maps split -> {class: count}."""
+    rng = np.random.default_rng(0)
+    for split, classes in splits.items():
+        for name, count in classes.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (*size, 3), dtype="uint8")
+                Image.fromarray(pixels).convert(mode).save(root / split / name / f"{i}.png")
+
+
+def test_splits_share_the_train_class_list_and_a_missing_class_is_a_warning(tmp_path, caplog):
+    from keras_vit.train import runner
+
+    _image_folder(tmp_path, {"train": {"ant": 2, "bee": 2, "cat": 2}, "test": {"ant": 1, "cat": 2}})
+    config = runner.load_config(
+        runner.FINETUNE, None, [f"dataset=folder:{tmp_path}", "image_size=8", "batch_size=8", "channels=3"]
+    )
+    with caplog.at_level(logging.WARNING, logger="keras_vit"):
+        logging.getLogger("keras_vit").addHandler(caplog.handler)
+        try:
+            train, _, eval_dataset = runner.prepare_data(config)
+        finally:
+            logging.getLogger("keras_vit").removeHandler(caplog.handler)
+    assert train.class_names == ["ant", "bee", "cat"] and train.num_classes == 3
+    labels = np.concatenate([y for _, y in eval_dataset.as_numpy_iterator()])
+    assert labels.shape == (3, 3)  # one-hot over the train split's three classes
+    assert sorted(labels.argmax(1).tolist()) == [0, 2, 2]  # "cat" keeps label 2 although "bee" is absent
+    assert "has no images of class(es) 'bee'" in caplog.text
+    extra = data.load_source(f"folder:{tmp_path}", "test", classes=["ant", "cat"])  # a shared classes= list
+    assert extra.num_classes == 2
+    (tmp_path / "test" / "dog").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), "uint8")).save(tmp_path / "test" / "dog" / "0.png")
+    with pytest.raises(ValueError, match=r"class folders that are not in the class list \['ant', 'bee', 'cat'\]: \['dog'\]"):
+        data.from_folder(tmp_path / "test", classes=train.class_names)
+
+
+def test_folder_channels_one_decodes_grayscale(tmp_path):
+    _image_folder(tmp_path, {"train": {"a": 2}})
+    gray = _take(data.from_folder(tmp_path / "train", channels=1).dataset, 2)
+    rgb = _take(data.from_folder(tmp_path / "train", channels=3).dataset, 2)
+    for (image, _), (colour, _) in zip(gray, rgb):
+        assert image.shape == (10, 12, 1)
+        luma = colour.astype(float) @ [0.299, 0.587, 0.114]  # ITU-R 601 luma, as PIL and libpng
+        np.testing.assert_allclose(image[..., 0], luma, atol=1.01)
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        data.from_folder(tmp_path / "train", channels=4)
+
+
+def test_a_file_that_is_not_an_image_is_named_or_skipped_with_a_count(tmp_path, caplog):
+    _image_folder(tmp_path, {"train": {"a": 2, "b": 1}})
+    (tmp_path / "train" / "b" / "saved_page.jpg").write_text("<html>not an image</html>")
+    (tmp_path / "train" / "a" / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"train/a/empty.png and 1 more is not a JPEG or PNG image.*skip_undecodable=True"):
+        data.from_folder(tmp_path / "train")
+    with caplog.at_level(logging.WARNING, logger="keras_vit"):
+        logging.getLogger("keras_vit").addHandler(caplog.handler)
+        try:
+            source = data.from_folder(tmp_path / "train", skip_undecodable=True)
+        finally:
+            logging.getLogger("keras_vit").removeHandler(caplog.handler)
+    assert source.num_examples == 3 and len(_take(source.dataset, 10)) == 3  # every kept file decodes
+    assert "Skipped 2 file(s)" in caplog.text

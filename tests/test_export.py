@@ -102,3 +102,77 @@ def test_keras_file_saved_under_tensorflow_gives_the_same_outputs_under_jax(tmp_
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, capture_output=True)
     np.testing.assert_allclose(np.load(tmp_path / "jax.npy"), ref["logits"], atol=1e-5)
+
+
+def _tiny_model(policy="float32"):
+    keras.config.set_dtype_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras_vit.vision_transformer(16, 4, 32, 1, 2, 64, classes=5)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    for variable in model.weights:  # a non-zero head, so the outputs say something
+        variable.assign(np.random.default_rng(1).normal(scale=0.2, size=variable.shape).astype(variable.dtype))
+    return model
+
+
+def test_output_that_is_the_input_is_refused_even_with_force(tmp_path):
+    victim = tmp_path / "victim.keras"
+    _tiny_model().save(victim)
+    original = victim.read_bytes()
+    result = subprocess.run(
+        [sys.executable, "tools/export.py", str(victim), str(victim), "--format", "tflite", "--force"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert result.returncode == 1 and f"The output {victim} is (or holds) the input {victim}" in result.stderr
+    assert victim.read_bytes() == original
+    with pytest.raises(FileExistsError, match="is \\(or holds\\) the input"):  # a SavedModel folder over the input's folder
+        export.export(keras.models.load_model(victim), tmp_path, force=True, inputs=[victim])
+    assert victim.read_bytes() == original and sorted(p.name for p in tmp_path.iterdir()) == ["victim.keras"]
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_model_exports_as_float32(tmp_path, policy):
+    mixed = _tiny_model(policy)
+    assert mixed.compute_dtype != "float32"
+    reference = _tiny_model()  # the same weights computed in float32: what the export must equal
+    reference.set_weights(mixed.get_weights())
+    images = np.random.default_rng(2).uniform(-1, 1, (4, 16, 16, 3)).astype("float32")
+    result = export.export(mixed, tmp_path / "vit.tflite", "tflite", images=images)
+    assert result["max_abs_diff"] <= 1e-4
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(tmp_path / "vit.tflite"))
+    interpreter.allocate_tensors()
+    outputs = []
+    for image in images:
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image[None])
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0])
+    np.testing.assert_allclose(np.stack(outputs), reference.predict(images, verbose=0), atol=1e-4)
+    assert export.export(mixed, tmp_path / "vit8.tflite", "tflite", "int8", images=images)["top1_agreement"] >= 0.75
+
+
+def test_converter_output_goes_to_a_log_named_by_a_one_line_error(tmp_path, monkeypatch, capfd):
+    import tensorflow as tf
+
+    dump = "\n".join(f"loc(fused[#{i}]): 'tf.Conv2D' op is neither a custom op nor a flex op" for i in range(2000))
+
+    class FailingConverter:
+        def convert(self):
+            os.write(2, dump.encode())  # native code writes straight to the stderr file descriptor
+            print("python-level converter chatter")
+            raise RuntimeError("<unknown>:0: error: conversion failed\n" + dump)
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_saved_model", staticmethod(lambda path: FailingConverter()))
+    with pytest.raises(export.ExportError) as raised:
+        export.export(_tiny_model(), tmp_path / "vit.tflite", "tflite")
+    message = str(raised.value)
+    captured = capfd.readouterr()
+    assert "neither a custom op" not in captured.err + captured.out and "chatter" not in captured.out
+    assert "\n" not in message and len(message) < 600 and "conversion failed" in message
+    log_path = message.rsplit(" is in ", 1)[1].rstrip(".")
+    logged = open(log_path).read()
+    os.unlink(log_path)
+    assert dump in logged and "python-level converter chatter" in logged
+    assert list(tmp_path.iterdir()) == []

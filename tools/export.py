@@ -21,7 +21,7 @@ def main(argv=None):
     parser.add_argument("--quantization", choices=["float16", "int8"], help="TFLite only")
     parser.add_argument("--images", nargs="*", default=[], help="image files to compare on (default: 8 random images)")
     parser.add_argument("--top-k", type=int, default=5, help="SavedModel: classes returned by the signatures")
-    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("--force", action="store_true", help="replace an existing output (never the input model)")
     args = parser.parse_args(argv)
 
     import keras
@@ -41,8 +41,10 @@ def main(argv=None):
         decoded = [tf.io.decode_image(tf.io.read_file(p), channels=channels, expand_animations=False) for p in args.images]
         images = np.stack([keras.ops.convert_to_numpy(keras_vit.preprocess_input(tf.image.resize(d, (height, width)))) for d in decoded])
     try:
-        result = export.export(model, args.output, args.format, args.quantization, images, args.top_k, args.force)
-    except (FileExistsError, ValueError, ImportError) as error:
+        result = export.export(
+            model, args.output, args.format, args.quantization, images, args.top_k, args.force, inputs=[args.model]
+        )
+    except (FileExistsError, ValueError, ImportError, export.ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))

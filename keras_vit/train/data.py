@@ -16,12 +16,14 @@ skip the batches already seen and get exactly the same stream.
 """
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -68,27 +70,83 @@ def digits(split="train", test_fraction=0.2, seed=0):
     return from_arrays(train_x, train_y, 10) if split == "train" else from_arrays(test_x, test_y, 10)
 
 
-def from_folder(path, seed=0):
-    """Source from an image folder: one sub-folder per class (sorted names = label order), .jpg/.png files.
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_image_file(path):
+    """Whether ``path`` starts as a JPEG or PNG file does (a cheap check: 8 bytes read, nothing decoded)."""
+    with open(path, "rb") as file:
+        head = file.read(len(PNG_SIGNATURE))
+    return head.startswith(JPEG_SIGNATURE) or head == PNG_SIGNATURE
+
+
+def folder_classes(path):
+    """The sorted class sub-folder names of an image folder split (``path/<class>/``)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist.")
+    return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def from_folder(path, seed=0, classes=None, channels=3, skip_undecodable=False):
+    """Source from an image folder: one sub-folder per class, .jpg/.jpeg/.png files, decoded to (H, W, ``channels``).
+
+    ``classes``: the class names in label order, shared by every split of a
+    dataset (e.g. the train split's ``class_names`` for the test split); None:
+    this folder's sorted sub-folder names. A listed class without a folder or
+    images here is a logged warning (its label stays its index in ``classes``);
+    a sub-folder not in ``classes`` is an error. ``channels``: 1 (grayscale)
+    or 3 (RGB), whatever the files hold.
+
+    Each file's first bytes must be those of a JPEG or PNG image: otherwise a
+    ``ValueError`` names the file, or with ``skip_undecodable=True`` such
+    files are left out and counted in a logged warning.
 
     The file list is shuffled once with ``seed``, so that a shuffle buffer smaller than the dataset still
     mixes the classes (files are listed class by class).
     """
     root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"Image folder {root} does not exist.")
-    class_names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    files, labels = [], []
+    found = folder_classes(root)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}.")
+    class_names = list(found if classes is None else classes)
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise ValueError(
+            f"{root} has class folders that are not in the class list {class_names}: {unknown}. "
+            "Add them to classes= (in the train split too), or move them out."
+        )
+    files, labels, undecodable, empty = [], [], [], []
     for label, name in enumerate(class_names):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() in IMAGE_EXTENSIONS:
+        folder_files = sorted((root / name).iterdir()) if (root / name).is_dir() else []
+        images = [f for f in folder_files if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not images:
+            empty.append(name)
+        for file in images:
+            if _is_image_file(file):
                 files.append(str(file))
                 labels.append(label)
+            else:
+                undecodable.append(file)
+    if undecodable and not skip_undecodable:
+        more = f" and {len(undecodable) - 1} more" if len(undecodable) > 1 else ""
+        raise ValueError(
+            f"{undecodable[0]}{more} is not a JPEG or PNG image: remove or replace it, or pass "
+            "skip_undecodable=True to leave such files out."
+        )
+    if undecodable:
+        log.warning("Skipped %d file(s) of %s that are not JPEG or PNG images, e.g. %s.", len(undecodable), root, undecodable[0])
     if not files:
         raise ValueError(f"{root} has no class sub-folders with .jpg or .png images (expected {root}/<class>/<image>).")
+    if empty:
+        log.warning(
+            "%s has no images of class(es) %s; the labels of the other classes keep their index in the class list.",
+            root, ", ".join(map(repr, empty)),
+        )
 
     def decode(file, label):
-        image = tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False)
+        image = tf.io.decode_image(tf.io.read_file(file), channels=channels, expand_animations=False)
         return image, label
 
     order = np.random.default_rng(seed).permutation(len(files))
@@ -123,13 +181,14 @@ def from_tfds(name, split="train", data_dir=None, download=False):
     return Source(dataset, label.num_classes, num_examples, list(label.names))
 
 
-def load_source(spec, split="train", data_dir=None, download=False):
+def load_source(spec, split="train", data_dir=None, download=False, **folder_options):
     """A source from a string: ``"digits"``, ``"folder:PATH"`` (classes in ``PATH/<split>/<class>/``) or a
-    TFDS name (``"tfds:NAME"`` or ``"NAME"``)."""
+    TFDS name (``"tfds:NAME"`` or ``"NAME"``). ``folder_options`` go to ``from_folder`` (``classes``,
+    ``channels``, ``skip_undecodable``) for image folders."""
     if spec == "digits":
         return digits(split)
     if spec.startswith("folder:"):
-        return from_folder(os.path.join(spec[len("folder:") :], split))
+        return from_folder(os.path.join(spec[len("folder:") :], split), **folder_options)
     return from_tfds(spec.removeprefix("tfds:"), split, data_dir, download)
 
 

@@ -5,7 +5,9 @@ defaults (``FINETUNE`` / ``PRETRAIN``), a preset from ``keras_vit/train/presets/
 ``key=value`` overrides. Every key is documented in ``COMMON``. Outputs under
 ``output_dir``: ``checkpoints/`` (resume by re-running the same command),
 ``logs/`` (TensorBoard), ``history.csv``, ``model.keras``, ``report.json``
-and, with matplotlib installed, ``training.png``.
+and, with matplotlib installed, ``training.png``; ``settings.json`` (the
+settings the checkpoints were written with) and, while a run is live,
+``.lock``. Settings are checked by ``keras_vit.train.settings`` first.
 """
 
 import argparse
@@ -13,19 +15,24 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from keras_vit.train import run_folder, settings
 
-TASKS = ("classify", "masked_patch_prediction")
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "B/16"
 COMMON = {
     "task": "classify",  # classify | masked_patch_prediction (self-supervised, keras_vit.ssl)
-    "model": "B/16",  # model name (keras_vit.create_model)
+    "model": None,  # model name (keras_vit.create_model); None: the architecture of a .keras weights file, else B/16
     "model_overrides": {},  # vision_transformer keyword arguments, e.g. {"dropout_rate": 0.1}
     "weights": None,  # None, a family ("augreg_in21k"), a checkpoint path or URL
     "image_size": 224,
     "dataset": "digits",  # "digits", "folder:PATH" (PATH/<split>/<class>/*.jpg) or a TFDS name
+    "classes": None,  # image folders: class folder names in label order, for every split (None: the train split's)
+    "channels": None,  # image folders: 1 or 3 (None: the model's channel count)
+    "skip_undecodable": False,  # image folders: skip files that are not JPEG/PNG images (counted and logged) instead of failing
     "train_split": "train",
     "eval_split": "test",
     "data_dir": None,  # TFDS data_dir
@@ -54,6 +61,7 @@ COMMON = {
     "steps_per_execution": 1,
     "strategy": "auto",  # auto | default | mirrored | multi_worker | tpu
     "tpu": None,
+    "cluster_timeout": 300,  # seconds a multi-worker task waits for the other tasks of TF_CONFIG to start
     "seed": 0,
     "deterministic": False,  # deterministic TF ops (slower); resumed runs then equal uninterrupted ones
     "shuffle_buffer": 10_000,
@@ -110,7 +118,13 @@ def load_config(defaults, preset=None, overrides=()):
         if not path.exists():
             known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
             raise ValueError(f"Unknown preset {preset!r}: give a JSON file or one of {', '.join(known)}.")
-        config.update(json.loads(path.read_text()))
+        try:
+            preset_settings = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Preset {path} is not valid JSON: {error}.") from None
+        if not isinstance(preset_settings, dict):
+            raise ValueError(f"Preset {path} must be a JSON object of settings, got {type(preset_settings).__name__}.")
+        config.update(preset_settings)
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
@@ -121,12 +135,15 @@ def load_config(defaults, preset=None, overrides=()):
         if key not in defaults:
             raise ValueError(f"Unknown setting {key!r}. Settings: {', '.join(sorted(defaults))}.")
         config[key] = parse_value(value)
-    clashing = {"image_size", "classes", "include_top", "weights"} & set(config["model_overrides"])
-    if clashing:
-        raise ValueError(f"Set {sorted(clashing)} as top-level settings, not in model_overrides.")
     unknown = set(config) - set(defaults)
     if unknown:
         raise ValueError(f"Unknown settings {sorted(unknown)} in the preset. Settings: {', '.join(sorted(defaults))}.")
+    settings.validate(config)
+    if config["model"] is None and not _is_keras_file(config["weights"]):
+        config["model"] = DEFAULT_MODEL  # without a .keras file to take the architecture from
+    clashing = {"image_size", "classes", "include_top", "weights"} & set(config["model_overrides"])
+    if clashing:
+        raise ValueError(f"Set {sorted(clashing)} as top-level settings, not in model_overrides.")
     return config
 
 
@@ -136,12 +153,14 @@ def _precision(choice, strategy):
     return distribute.default_precision(strategy) if choice == "auto" else choice
 
 
+REPORTING_SETTINGS = ("output_dir", "eval_every", "checkpoint_every", "log_every", "cluster_timeout")
+
+
 def run_id(config):
-    """A short hash of the settings that change training (not where or how often it reports)."""
+    """A short hash of the settings that change training (``training_settings``)."""
     import hashlib
 
-    relevant = {k: v for k, v in config.items() if k not in ("output_dir", "eval_every", "checkpoint_every", "log_every")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(training_settings(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def setup(config):
@@ -157,7 +176,7 @@ def setup(config):
     keras.utils.set_random_seed(config["seed"])
     if config["deterministic"]:
         tf.config.experimental.enable_op_determinism()
-    strategy = distribute.get_strategy(config["strategy"], config["tpu"])
+    strategy = distribute.get_strategy(config["strategy"], config["tpu"], cluster_timeout=config["cluster_timeout"])
     precision = _precision(config["precision"], strategy)
     return strategy, precision
 
@@ -175,12 +194,42 @@ def dtype_policy(name):
         keras.config.set_dtype_policy(previous)
 
 
+def _is_keras_file(weights):
+    return isinstance(weights, str) and weights.endswith(".keras")
+
+
+def _architecture_from_file(config):
+    """True when the model comes from a ``.keras`` weights file: ``weights`` is one and ``model`` is unset."""
+    return config["model"] is None and _is_keras_file(config["weights"])
+
+
+def folder_channels(config):
+    """The channel count image folders decode to: ``channels``, else the model's (overrides, a .keras file) or 3."""
+    if config["channels"] is not None:
+        return config["channels"]
+    if "channels" in config["model_overrides"]:
+        return config["model_overrides"]["channels"]
+    if _architecture_from_file(config):
+        import keras
+
+        return int(keras.models.load_model(config["weights"]).input.shape[-1])
+    return 3
+
+
 def prepare_data(config):
-    """``(train_source, train_dataset(skip_batches), eval_dataset)`` for ``config``."""
+    """``(train_source, train_dataset(skip_batches), eval_dataset)`` for ``config``.
+
+    Image folders: both splits take their labels from one class list (``classes``, else the train split's).
+    """
     from keras_vit.train import data
 
-    train_source = data.load_source(config["dataset"], config["train_split"], config["data_dir"], config["download"])
-    eval_source = data.load_source(config["dataset"], config["eval_split"], config["data_dir"], config["download"])
+    folder = {}
+    if config["dataset"].startswith("folder:"):
+        folder = dict(classes=config["classes"], channels=folder_channels(config), skip_undecodable=config["skip_undecodable"])
+    train_source = data.load_source(config["dataset"], config["train_split"], config["data_dir"], config["download"], **folder)
+    if folder:
+        folder["classes"] = train_source.class_names
+    eval_source = data.load_source(config["dataset"], config["eval_split"], config["data_dir"], config["download"], **folder)
 
     def train_dataset(skip_batches=0):
         return data.pipeline(
@@ -202,27 +251,43 @@ def prepare_data(config):
     return train_source, train_dataset, eval_dataset
 
 
+def build_model(config, num_classes):
+    """The model ``config`` describes, with its weights (build it under the strategy's scope).
+
+    With ``model`` unset and a ``.keras`` file as ``weights``, the architecture is the file's
+    (``keras_vit.from_official_checkpoint``); otherwise ``keras_vit.create_model(model or "B/16")``.
+    """
+    import keras_vit
+
+    include_top = config["task"] != "masked_patch_prediction"
+    if _architecture_from_file(config):
+        log.info("Architecture from %s (no model setting given).", config["weights"])
+        return keras_vit.from_official_checkpoint(
+            config["weights"], image_size=config["image_size"], classes=num_classes, include_top=include_top,
+            **config["model_overrides"],
+        )
+    return keras_vit.create_model(
+        config["model"] or DEFAULT_MODEL,
+        weights=config["weights"],
+        image_size=config["image_size"],
+        classes=num_classes,
+        include_top=include_top,
+        **config["model_overrides"],
+    )
+
+
 def build_trainer(config, strategy, precision, num_classes):
     """The model (with its weights) and a ``Trainer`` for it, built under ``strategy``.
 
     For ``task="masked_patch_prediction"`` the trained model is a
     ``keras_vit.ssl.MaskedPatchPrediction`` around an encoder without head.
     """
-    from keras_vit import models, ssl
+    from keras_vit import ssl
     from keras_vit.train import trainer as training
 
-    if config["task"] not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {config['task']!r}.")
     self_supervised = config["task"] == "masked_patch_prediction"
     with strategy.scope(), dtype_policy(precision):
-        model = models.create_model(
-            config["model"],
-            weights=config["weights"],
-            image_size=config["image_size"],
-            classes=num_classes,
-            include_top=not self_supervised,
-            **config["model_overrides"],
-        )
+        model = build_model(config, num_classes)
         if self_supervised:
             model = ssl.MaskedPatchPrediction(model, seed=config["seed"])
         schedule = training.WarmupDecay(
@@ -252,8 +317,105 @@ def build_trainer(config, strategy, precision, num_classes):
     )
 
 
+def task_folder(config):
+    """Where this process keeps its checkpoints: ``output_dir``, or ``output_dir/workers/worker_<i>`` for a
+    multi-worker task that is not the chief (as ``Trainer.fit``)."""
+    from keras_vit.train import distribute
+
+    output_dir = Path(config["output_dir"])
+    task = distribute.cluster_task() if config["strategy"] in ("auto", "multi_worker") else None
+    if task is None or task.chief:
+        return output_dir
+    return output_dir / "workers" / f"worker_{task.index}"
+
+
+def training_settings(config):
+    """The settings that change training (not where or how often it reports): what a checkpoint folder remembers."""
+    return {k: v for k, v in config.items() if k not in REPORTING_SETTINGS}
+
+
+def _final_checkpoint(folder, config):
+    """The state of ``folder``'s latest checkpoint when it is the last step of this configuration's run, else None."""
+    from keras_vit.train import checkpointing
+
+    latest = checkpointing.CheckpointManager(Path(folder) / "checkpoints").latest_checkpoint
+    if latest is None or not (latest / "state.json").exists():
+        return None
+    state = json.loads((latest / "state.json").read_text())
+    return state if state.get("step") == config["steps"] and state.get("run_id") == run_id(config) else None
+
+
+def _finished_report(config):
+    """The report of a finished single-process run of ``config`` in ``output_dir`` (None when there is none).
+
+    A finished run has its final checkpoint (same settings) and its report.json. Multi-worker runs are
+    not skipped: every task must take part in the final evaluation, so they re-evaluate instead.
+    """
+    from keras_vit.train import distribute
+
+    report_path = Path(config["output_dir"]) / "report.json"
+    if not report_path.exists() or distribute.cluster_task() is not None:
+        return None
+    if _final_checkpoint(config["output_dir"], config) is None:
+        return None
+    return json.loads(report_path.read_text())
+
+
+def _check_settings(folder, config):
+    """Refuses checkpoints of other settings (naming them); remembers this run's settings for the next check."""
+    from keras_vit.train import checkpointing
+
+    has_checkpoint = checkpointing.CheckpointManager(Path(folder) / "checkpoints").latest_checkpoint is not None
+    if has_checkpoint and run_folder.stored_settings(folder) is not None:
+        run_folder.check_settings(folder, training_settings(config))
+    elif not has_checkpoint:
+        run_folder.store_settings(folder, training_settings(config))
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None  # CSVLogger writes "NA" for a value an epoch did not log
+
+
+def read_history(path):
+    """The rows of a ``history.csv`` as dicts of floats (None for empty or "NA" cells); [] when the file is missing."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    header, *rows = path.read_text().splitlines()
+    keys = header.split(",")
+    history = []
+    for row in rows:
+        record = {k: _number(v) for k, v in zip(keys, row.split(","))}
+        record["step"] = int(record["step"])
+        history.append(record)
+    return history
+
+
 def run(config):
-    """Trains as ``config`` says; returns the report dict (also written to ``output_dir/report.json``)."""
+    """Trains as ``config`` says; returns the report dict (also written to ``output_dir/report.json``).
+
+    Every setting is checked first (``keras_vit.train.settings``); the output folder is then locked
+    against a second live run. A run whose ``output_dir`` already holds its final checkpoint and
+    report is not redone: the stored report comes back, with ``"already_finished": True``.
+    """
+    settings.validate(config)
+    with run_folder.lock(task_folder(config)):
+        finished = _finished_report(config)
+        if finished is not None:
+            log.info(
+                "%s already holds this finished run (top-1 %.4f after %d steps): nothing to do; report.json, "
+                "history.csv and model.keras are kept. Use another output_dir to train again.",
+                config["output_dir"], finished["top1"], finished["steps"],
+            )
+            return {**finished, "already_finished": True}
+        _check_settings(task_folder(config), config)
+        return _train(config)
+
+
+def _train(config):
     from keras_vit.train import distribute
 
     output_dir = Path(config["output_dir"])
@@ -274,6 +436,8 @@ def run(config):
     )
     history = [dict(zip(history.history, values)) for values in zip(*history.history.values())]  # one row per epoch
     top1 = trainer.evaluate(eval_dataset)
+    chief = distribute.is_chief(strategy)
+    history = read_history(output_dir / "history.csv") if chief else history  # every row, also those before a resume
     report = {
         "top1": top1,  # masked_patch_prediction: accuracy of the mean-colour classes of all patches
         "steps": config["steps"],
@@ -286,7 +450,7 @@ def run(config):
         "config": config,
         "history": history,
     }
-    if distribute.is_chief(strategy):
+    if chief:
         output_dir.mkdir(parents=True, exist_ok=True)
         model.save(output_dir / ".model.tmp.keras")  # after fit the model holds the EMA weights (with EMA)
         os.replace(output_dir / ".model.tmp.keras", output_dir / "model.keras")
@@ -367,6 +531,19 @@ def main(defaults, description, argv=None):
     if args.print_config:
         print(json.dumps(config, indent=2))
         return 0
-    run(config)
+    _show_logs()
+    try:
+        run(config)
+    except (run_folder.FolderInUseError, run_folder.SettingsMismatchError, ConnectionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _show_logs():
+    """The command line shows keras_vit's INFO lines (progress, adaptations) when nothing else handles them."""
+    logger = logging.getLogger("keras_vit")
+    if not logger.handlers and not logging.getLogger().handlers:
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logger.setLevel(logging.INFO)
 
