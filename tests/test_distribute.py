@@ -44,7 +44,10 @@ def test_malformed_tf_config_names_tf_config(monkeypatch, tf_config, message):
 
 def _lone_worker(timeout, env_extra=None):
     tf_config = _lone_worker_config()
-    script = f"from keras_vit.train import distribute; distribute.get_strategy('auto', cluster_timeout={timeout})"
+    script = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"  # what a recipe's entry point does
+        f"from keras_vit.train import distribute; distribute.get_strategy('auto', cluster_timeout={timeout})"
+    )
     process = subprocess.Popen(
         [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_CONFIG": json.dumps(tf_config), **(env_extra or {})},
@@ -82,7 +85,7 @@ def test_two_workers_find_each_other():
     addresses = [f"127.0.0.1:{p}" for p in ports]
     # After the wait each task serves its port, as TensorFlow's server does next.
     script = (
-        "import socket, sys, time; from keras_vit.train import distribute; distribute.wait_for_cluster(40); "
+        "import logging, socket, sys, time; logging.basicConfig(level=logging.INFO); from keras_vit.train import distribute; distribute.wait_for_cluster(40); "
         "server = socket.create_server(('', int(sys.argv[1]))); print('ready', flush=True); time.sleep(60)"
     )
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
