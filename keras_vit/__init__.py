@@ -5,11 +5,10 @@ checkpoint loading. Models are written with ``keras.ops`` and run on the
 TensorFlow, JAX and PyTorch backends.
 """
 
-import logging
-
 from keras_vit import analysis, evaluation
 from keras_vit.analysis import attention_maps, attention_rollout
-from keras_vit.checkpoints import CheckpointMismatchError, interpolate_posemb, load_official_weights
+from keras_vit.pretrained.names import CheckpointMismatchError
+from keras_vit.pretrained.resample import interpolate_posemb, resample_patch_kernel
 from keras_vit.configs import list_models, model_config
 from keras_vit.layers import (
     AddPositionEmbs,
@@ -27,6 +26,7 @@ from keras_vit.models import (
     R50_ViT_B16,
     R50_ViT_L32,
     R_ViT_Ti16,
+    VisionTransformer,
     ViT_B8,
     ViT_B16,
     ViT_B32,
@@ -69,6 +69,7 @@ __all__ = [
     "ViT_S16",
     "ViT_S32",
     "ViT_Ti16",
+    "VisionTransformer",
     "analysis",
     "attention_maps",
     "attention_rollout",
@@ -78,19 +79,11 @@ __all__ = [
     "from_official_checkpoint",
     "interpolate_posemb",
     "list_models",
-    "load_official_weights",
     "load_weights",
     "model_config",
     "preprocess_input",
+    "resample_patch_kernel",
     "resize_model",
     "vision_transformer",
 ]
 
-# One line per weight adaptation (head replaced, position embeddings interpolated), shown by default.
-_log = logging.getLogger("keras_vit")
-if not _log.handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("keras_vit: %(message)s"))
-    _log.addHandler(_handler)
-    _log.setLevel(logging.INFO)
-    _log.propagate = False

@@ -15,7 +15,9 @@ import scipy.ndimage
 
 import keras_vit
 from conftest import PLAIN_FIXTURES, REPO, builder_kwargs, fixture_path, load_reference
-from keras_vit import checkpoints, cli, weights
+from keras_vit import cli
+from keras_vit.pretrained import config as pconfig
+from keras_vit.pretrained import download, names, npz, registry
 
 n = keras.ops.convert_to_numpy
 POSEMB = "Transformer/posembed_input/pos_embedding"
@@ -111,17 +113,17 @@ def test_checkpoint_of_another_variant_is_a_clear_error():
 
 def test_bfloat16_bit_patterns_and_linen_layouts_load(tmp_path):
     ref, _ = load_reference("vit_tiny_token")
-    arrays = checkpoints.read_npz(fixture_path("vit_tiny_token", "ckpt"))
+    arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
     as_bf16 = {f"params/{k}": v.astype(ml_dtypes.bfloat16) for k, v in arrays.items()}
     np.savez(tmp_path / "bf16.npz", **as_bf16)
-    assert checkpoints.read_npz(tmp_path / "bf16.npz")["params/cls"].dtype.kind == "V"
+    assert npz.read_npz(tmp_path / "bf16.npz")["params/cls"].dtype.kind == "V"
     model = keras_vit.from_official_checkpoint(tmp_path / "bf16.npz")
     np.testing.assert_array_equal(_posemb(model), arrays[POSEMB].astype(ml_dtypes.bfloat16).astype("float32"))
     np.testing.assert_allclose(model.predict(ref["images"], verbose=0), ref["logits"], atol=0.05)
 
 
 def test_group_norm_arrays_are_flattened():
-    arrays = checkpoints.normalize_names({"gn_root/scale": np.ones((1, 1, 1, 8)), "block1/unit1/gn3/bias": np.ones((1, 1, 1, 4))})
+    arrays = names.normalize_names({"gn_root/scale": np.ones((1, 1, 1, 8)), "block1/unit1/gn3/bias": np.ones((1, 1, 1, 4))})
     assert arrays["gn_root/scale"].shape == (8,) and arrays["block1/unit1/gn3/bias"].shape == (4,)
 
 
@@ -129,13 +131,13 @@ def test_group_norm_arrays_are_flattened():
 
 
 def test_registry_entries():
-    for (model, family), entries in weights.REGISTRY.items():
-        assert family in weights.FAMILIES and model in keras_vit.list_models()
+    for (model, family), entries in registry.REGISTRY.items():
+        assert family in registry.FAMILIES and model in keras_vit.list_models()
         for entry in entries:
-            assert entry.url.startswith(weights.BUCKET) and entry.url.endswith(".npz")
-            assert entry.resolution in (224, 384) and entry.classes in (1000, weights.IN21K_CLASSES)
-    assert weights.resolve_weights("ViT-B_16", "imagenet21k+imagenet2012", 384).url.endswith("%2Bimagenet2012/ViT-B_16.npz")
-    assert weights.resolve_weights("ViT-B_16", "imagenet21k+imagenet2012", 224).url.endswith("ViT-B_16-224.npz")
+            assert entry.url.startswith(registry.BUCKET) and entry.url.endswith(".npz")
+            assert entry.resolution in (224, 384) and entry.classes in (1000, registry.IN21K_CLASSES)
+    assert registry.resolve("ViT-B_16", "imagenet21k+imagenet2012", 384).url.endswith("%2Bimagenet2012/ViT-B_16.npz")
+    assert registry.resolve("ViT-B_16", "imagenet21k+imagenet2012", 224).url.endswith("ViT-B_16-224.npz")
     with pytest.raises(ValueError, match="No 'sam' weights were released for ViT-Ti_16. Available: augreg_in21k"):
         keras_vit.ViT_Ti16(weights="sam")
 
@@ -153,14 +155,14 @@ def _sha256(path):
 
 def test_family_download_through_the_registry(cache, monkeypatch, posemb48):
     source = fixture_path("vit_tiny_token", "ckpt")
-    entry = weights.PretrainedWeights(source.as_uri(), 32, 10, sha256=_sha256(source))
-    monkeypatch.setitem(weights.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [entry])
+    entry = registry.PretrainedWeights(source.as_uri(), 32, 10, sha256=_sha256(source))
+    monkeypatch.setitem(registry.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [entry])
     model = keras_vit.ViT_Ti16(weights="augreg_in21k", image_size=48, classes=10, **_tiny_overrides())
     _check_48(model, posemb48)
     cached = list(cache.iterdir())
     assert [p.name for p in cached] == ["official_vit--vit_tiny_token.ckpt.npz"] and _sha256(cached[0]) == entry.sha256
     # Served from the cache the second time: the source may be gone.
-    monkeypatch.setitem(weights.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [weights.PretrainedWeights(
+    monkeypatch.setitem(registry.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [registry.PretrainedWeights(
         "file:///nonexistent/official_vit/vit_tiny_token.ckpt.npz", 32, 10, sha256=entry.sha256)])
     keras_vit.ViT_Ti16(weights="augreg_in21k", image_size=48, classes=10, **_tiny_overrides())
 
@@ -174,7 +176,7 @@ def test_url_weights(cache):
 def test_hash_mismatch_deletes_the_download(cache):
     source = fixture_path("vit_tiny_token", "ckpt")
     with pytest.raises(ValueError, match="does not have the expected sha256 0000.*it was deleted"):
-        weights.fetch(source.as_uri(), sha256="0" * 64)
+        download.fetch(source.as_uri(), sha256="0" * 64)
     assert not any(cache.iterdir())
 
 
@@ -184,7 +186,7 @@ def test_unreachable_url_fails_fast_with_instructions(cache):
         port = probe.getsockname()[1]
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=rf"127.0.0.1:{port}/vit/x.npz.*place it at .*cache.*vit--x.npz"):
-        weights.fetch(f"http://127.0.0.1:{port}/vit/x.npz")
+        download.fetch(f"http://127.0.0.1:{port}/vit/x.npz")
     assert time.monotonic() - start < 5 and not any(cache.iterdir())
 
 
@@ -198,7 +200,7 @@ def test_silent_server_times_out(cache):
     start = time.monotonic()
     try:
         with pytest.raises(ConnectionError, match="timed out"):
-            weights.fetch(f"http://127.0.0.1:{server.getsockname()[1]}/x.npz", timeout=1)
+            download.fetch(f"http://127.0.0.1:{server.getsockname()[1]}/x.npz", timeout=1)
     finally:
         server.close()
         for connection, _ in accepted:
@@ -289,22 +291,22 @@ def test_decode_predictions_uses_the_shipped_class_names():
 
 
 def test_interpolate_tool_keeps_names_and_storage_types(tmp_path):
-    arrays = checkpoints.read_npz(fixture_path("vit_tiny_token", "ckpt"))
+    arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
     np.savez(tmp_path / "bf16.npz", **{f"params/{k}": v.astype(ml_dtypes.bfloat16) for k, v in arrays.items()})
-    stored = checkpoints.read_npz(tmp_path / "bf16.npz")  # bfloat16 comes back as 2-byte void data
+    stored = npz.read_npz(tmp_path / "bf16.npz")  # bfloat16 comes back as 2-byte void data
     assert _run("interpolate_posemb.py", tmp_path / "bf16.npz", tmp_path / "bf16_48.npz", "--image-size", "48").returncode == 0
-    resized = checkpoints.read_npz(tmp_path / "bf16_48.npz")
+    resized = npz.read_npz(tmp_path / "bf16_48.npz")
     assert resized.keys() == stored.keys() and all(v.dtype == stored[k].dtype for k, v in resized.items())
     key = f"params/{POSEMB}"
     assert resized[key].shape == (1, 145, 48)
-    expected = keras_vit.interpolate_posemb(checkpoints.decode_array(stored[key]), (12, 12))
-    np.testing.assert_allclose(checkpoints.decode_array(resized[key]), expected, rtol=1e-2, atol=1e-3)  # bfloat16 rounding
+    expected = keras_vit.interpolate_posemb(npz.decode_array(stored[key]), (12, 12))
+    np.testing.assert_allclose(npz.decode_array(resized[key]), expected, rtol=1e-2, atol=1e-3)  # bfloat16 rounding
     np.testing.assert_array_equal(resized["params/cls"].view(np.uint16), stored["params/cls"].view(np.uint16))
 
 
 def test_rectangular_checkpoint_needs_an_image_size(tmp_path):
     model = keras_vit.resize_model(keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt")), (32, 48))
-    np.savez(tmp_path / "rect.npz", **checkpoints.model_arrays(model))
+    np.savez(tmp_path / "rect.npz", **names.model_arrays(model))
     with pytest.raises(ValueError, match="rectangular position-embedding grid: pass image_size"):
         keras_vit.from_official_checkpoint(tmp_path / "rect.npz")
     again = keras_vit.from_official_checkpoint(tmp_path / "rect.npz", image_size=(32, 48))

@@ -1,26 +1,15 @@
-"""Pretrained weights: the registry of official checkpoints, download, hash check and cache.
+"""The registry of official checkpoints: which file serves a model name and a weights family.
 
-``resolve_weights(model_name, family, image_size)`` picks the registry entry
-for a model name and a family (``"imagenet21k"``, ``"augreg_in21k_ft_in1k"``,
-...), preferring the file whose native resolution equals the requested one.
-``fetch(url, sha256)`` downloads through ``keras.utils.get_file`` into the
-cache (``KERAS_VIT_CACHE``, default ``~/.keras/keras_vit``), verifies the hash
-when one is known and fails fast with instructions when the URL cannot be
-reached. Nothing here builds a model.
+``resolve(model_name, family, image_size)`` picks the entry for an official
+model name and a family (``"imagenet21k"``, ``"augreg_in21k_ft_in1k"``, ...),
+preferring the file whose native resolution equals the requested one. Nothing
+here downloads or builds anything.
 """
 
-import contextlib
 import dataclasses
-import hashlib
-import os
-import socket
 import urllib.parse
-from pathlib import Path
-
-import keras
 
 BUCKET = "https://storage.googleapis.com/vit_models/"
-DOWNLOAD_TIMEOUT_S = 15.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +129,12 @@ def families_for(model_name):
     return [family for (model, family) in REGISTRY if model == model_name]
 
 
-def resolve_weights(model_name, family, image_size=None):
+def resolve(model_name, family, image_size=None):
     """The registry entry for ``model_name`` and ``family``; prefers the native resolution ``image_size``.
 
     Raises ``ValueError`` naming the families that exist for the model.
     """
+    model_name = model_name.replace("_ViT", "+ViT")  # a model's default name spells a hybrid's "+" as "_"
     entries = REGISTRY.get((model_name, family))
     if not entries:
         available = families_for(model_name)
@@ -158,65 +148,3 @@ def resolve_weights(model_name, family, image_size=None):
     return min(entries, key=lambda e: abs(e.resolution - (height or e.resolution)))
 
 
-def cache_dir():
-    """The download cache folder: ``$KERAS_VIT_CACHE``, else ``keras_vit`` in ``$KERAS_HOME`` (``~/.keras``)."""
-    default = Path(os.environ.get("KERAS_HOME", "~/.keras")) / "keras_vit"
-    return Path(os.environ.get("KERAS_VIT_CACHE", default)).expanduser()
-
-
-def sha256_of(path, chunk=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _socket_timeout(seconds):
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def cached_name(url):
-    """The cache file name of a URL: its folder and file joined, e.g. ``imagenet21k--ViT-B_16.npz``."""
-    parts = [p for p in urllib.parse.urlsplit(url).path.split("/") if p]
-    return "--".join(parts[-2:]) if len(parts) > 1 else parts[-1]
-
-
-def fetch(url, sha256=None, timeout=DOWNLOAD_TIMEOUT_S):
-    """Downloads ``url`` into the cache (once) and returns the local path.
-
-    With ``sha256`` the file is verified after download (and when found in the
-    cache); a mismatch deletes the file and raises ``ValueError``. A URL that
-    cannot be reached raises ``ConnectionError`` within about ``timeout``
-    seconds, saying where to place the file by hand.
-    """
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp for a folder it cannot write
-    target = folder / cached_name(url)
-    if target.exists():
-        if sha256 is None or sha256_of(target) == sha256:
-            return target
-        target.unlink()  # a stale or damaged copy: download it again
-    try:
-        with _socket_timeout(timeout):
-            path = Path(keras.utils.get_file(fname=target.name, origin=url, cache_dir=str(folder), cache_subdir=""))
-    except Exception as error:  # get_file raises bare Exception for URL errors
-        if target.exists():
-            target.unlink()
-        raise ConnectionError(
-            f"Could not download {url} ({error}). Without network access, download it elsewhere and place it at "
-            f"{target} (the cache folder is set by KERAS_VIT_CACHE), or pass the local file path as weights=."
-        ) from None
-    if sha256 is not None and sha256_of(path) != sha256:
-        path.unlink()
-        raise ValueError(
-            f"The file downloaded from {url} does not have the expected sha256 {sha256}; it was deleted. "
-            "Retry the download; if it fails again the file on the server has changed."
-        )
-    return path
