@@ -80,7 +80,7 @@ def _reload(model, path):
 
     if str(path).endswith(".keras"):
         return keras.models.load_model(path)
-    clone = keras.Model.from_config(model.get_config())
+    clone = type(model).from_config(model.get_config())
     clone.load_weights(path)
     return clone
 

@@ -6,12 +6,15 @@ solved in closed form. Features are the pre-logits (what the head reads).
 Shapes: N = examples, D = feature size, K = classes.
 """
 
+import logging
+
 import keras
 import numpy as np
 
 from keras_vit.models import as_vision_transformer
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
+log = logging.getLogger(__name__)
 
 
 def feature_model(model):
@@ -93,7 +96,8 @@ class FewShotCallback(keras.callbacks.Callback):
     """Reports few-shot accuracy every ``every_n_steps`` training steps (as the seed does during pre-training).
 
     Works with ``model.fit`` and with ``keras_vit.train.trainer.Trainer.fit(callbacks=...)``; results are added to
-    the logs as ``fewshot_<k>shot`` and kept in ``self.history`` as ``(step, results)``.
+    the logs as ``fewshot_<k>shot``, kept in ``self.history`` as ``(step, results)`` and logged at INFO
+    (logger ``keras_vit.evaluation``).
     """
 
     def __init__(self, train, test, every_n_steps=1000, shots=(5, 10), seeds=1, l2=1.0):
@@ -110,4 +114,4 @@ class FewShotCallback(keras.callbacks.Callback):
         self.history.append((step, results))
         if logs is not None:
             logs.update({f"fewshot_{k}shot": v["mean"] for k, v in results.items()})
-        print(f"step {step}: " + ", ".join(f"{k}-shot {v['mean']:.3f}" for k, v in results.items()), flush=True)
+        log.info("step %d: %s", step, ", ".join(f"{k}-shot {v['mean']:.3f}" for k, v in results.items()))

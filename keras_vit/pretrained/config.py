@@ -63,10 +63,11 @@ def infer_config(arrays):
 
 
 def describe(config):
-    """A short description of a configuration, e.g. ``"ViT-Ti/16 token"`` or ``"R50+ViT-B/16 gap"``."""
-    shape = (config["hidden_size"], config["num_layers"], config["num_heads"], config["mlp_dim"])
-    width = next((name for name, value in configs.VARIANTS.items() if value == shape), None)
-    width = width or f"D{shape[0]}-L{shape[1]}-N{shape[2]}-M{shape[3]}"
+    """A short description of a configuration, e.g. ``"ViT-Ti/16 token"``, ``"R50+ViT-B/16 gap"``, ``"ViT-D48-N3-M96/4 token, 2 layers"``."""
+    hidden, layers, heads, mlp = (config[k] for k in ("hidden_size", "num_layers", "num_heads", "mlp_dim"))
+    width = next((name for name, (d, _, n, m) in configs.VARIANTS.items() if (d, n, m) == (hidden, heads, mlp)), None)
+    depth = width and configs.VARIANTS[width][1]
+    width = width or f"D{hidden}-N{heads}-M{mlp}"
     stride = token_stride(config)
     patch = str(stride[0]) if stride[0] == stride[1] else f"{stride[0]}x{stride[1]}"
     stem = ""
@@ -74,7 +75,8 @@ def describe(config):
         layers = tuple(config["resnet_layers"])
         stem = next((r for (r, _, _), (units, _) in configs.HYBRIDS.items() if tuple(units) == layers), "R") + "+"
     classifier = config.get("classifier", "token")
-    return f"{stem}ViT-{width}/{patch} {'token' if classifier == 'token' else 'gap'}"
+    layers_note = "" if layers == depth else f", {layers} layers"
+    return f"{stem}ViT-{width}/{patch} {'token' if classifier == 'token' else 'gap'}{layers_note}"
 
 
 def architecture_summary(file_config, model_config):

@@ -23,6 +23,7 @@ from keras_vit.pretrained.npz import decode_array
 from keras_vit.resnet import ResNetStage, StdConv2D
 
 _PREFIXES = ("opt/target/", "params/")
+_OPTIMIZER_STATE = "opt/state/"  # a full Flax optimizer checkpoint: moments, not parameters
 # Linen submodule name -> pre-Linen name, inside an encoder block.
 _LINEN_TO_PRE_LINEN = {
     "LayerNorm_0": "LayerNorm_0",
@@ -71,12 +72,15 @@ class CheckpointMismatchError(ValueError):
 def normalize_names(arrays):
     """Maps checkpoint arrays to the canonical (released, pre-Linen) names and float arrays.
 
-    Strips ``opt/target/`` and ``params/`` prefixes, renames Linen block
+    Strips ``opt/target/`` and ``params/`` prefixes, drops optimizer state
+    (``opt/state/...``), renames Linen block
     submodules to their pre-Linen names, widens bfloat16 bit patterns and
     flattens GroupNorm parameters stored as (1, 1, 1, C) to (C,). Returns a new dict.
     """
     stripped = {}
     for name, array in arrays.items():
+        if name.startswith(_OPTIMIZER_STATE):
+            continue
         for prefix in _PREFIXES:
             if name.startswith(prefix):
                 name = name[len(prefix) :]

@@ -25,6 +25,12 @@ class PretrainedWeights:
     classes: int  # outputs of the stored head (the 2020 imagenet21k heads are zeroed)
     sha256: str | None = None  # verified after download when known; the bucket publishes none
     preprocessing: str = "(pixels - 127.5) / 127.5"  # to [-1, 1], for every official checkpoint
+    upstream: str | None = None  # a fine-tune's pre-training run (the augreg file stem), when known
+
+    @property
+    def file_name(self):
+        """The file name under its family folder, e.g. ``R50+ViT-B_16.npz``."""
+        return self.path.rsplit("/", 1)[-1]
 
     @property
     def url(self):
@@ -47,6 +53,8 @@ _AUGREG_IN21K = {
     "R50+ViT-L_32": "R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1",
 }
 # Their ImageNet-1k fine-tunes: (file, resolution). 384 px as recommended upstream; 224 px as picked by timm.
+# The file stem before "--" names the upstream run: for S/32, B/32, B/8, L/16 and R26+S/32 at 224 px it is
+# another run than the augreg_in21k file above (``PretrainedWeights.upstream``, ``differs_from_augreg_in21k``).
 _AUGREG_IN21K_FT_IN1K = {
     "ViT-Ti_16": [
         (f"Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0{_FT}0.03-res_224", 224),
@@ -98,25 +106,33 @@ def _build_registry():
     """{(official model name, family): [PretrainedWeights, ...]} from the tables above."""
     registry = {}
 
-    def add(model, family, path, resolution, classes):
-        registry.setdefault((model, family), []).append(PretrainedWeights(path, resolution, classes))
+    def add(model, family, path, resolution, classes, upstream=None):
+        entry = PretrainedWeights(path, resolution, classes, upstream=upstream)
+        registry.setdefault((model, family), []).append(entry)
 
-    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "R50+ViT-B_16"):
+    for model in (
+        "ViT-B_8", "ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14",
+        "R26+ViT-B_32", "R50+ViT-B_16", "R50+ViT-L_32",
+    ):
         add(model, "imagenet21k", f"imagenet21k/{model}.npz", 224, IN21K_CLASSES)
     for model in ("ViT-B_16", "ViT-L_16"):
         add(model, "imagenet21k+imagenet2012", f"imagenet21k+imagenet2012/{model}-224.npz", 224, 1000)
-    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "R50+ViT-B_16"):
+    for model in ("ViT-B_8", "ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "R50+ViT-B_16"):
         add(model, "imagenet21k+imagenet2012", f"imagenet21k+imagenet2012/{model}.npz", 384, 1000)
     for model, stem in _AUGREG_IN21K.items():
         add(model, "augreg_in21k", f"augreg/{stem}.npz", 224, IN21K_CLASSES)
     for model, files in _AUGREG_IN21K_FT_IN1K.items():
         for stem, resolution in files:
-            add(model, "augreg_in21k_ft_in1k", f"augreg/{stem}.npz", resolution, 1000)
+            add(model, "augreg_in21k_ft_in1k", f"augreg/{stem}.npz", resolution, 1000, upstream=stem.split("--")[0])
     for model, stem in _AUGREG_IN1K.items():
         for resolution in (224, 384):
-            add(model, "augreg_in1k", f"augreg/{stem}{_FT}0.01-res_{resolution}.npz", resolution, 1000)
-    for model in ("ViT-B_16", "ViT-B_32"):
+            add(model, "augreg_in1k", f"augreg/{stem}{_FT}0.01-res_{resolution}.npz", resolution, 1000, upstream=stem)
+    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32"):
         add(model, "sam", f"sam/{model}.npz", 224, 1000)
+    # Left out: sam/ViT-S_16.npz. It holds about three times the bytes of ViT-S/16's parameters, which is what a
+    # full Flax optimizer checkpoint (opt/target parameters plus Adam's two moments under opt/state) would weigh;
+    # its arrays could not be inspected here (no network). keras_vit ignores opt/state/ arrays, so if that is
+    # what it holds, the file loads by path or URL (weights="https://storage.googleapis.com/vit_models/sam/...").
     return registry
 
 
@@ -148,3 +164,27 @@ def resolve(model_name, family, image_size=None):
     return min(entries, key=lambda e: abs(e.resolution - (height or e.resolution)))
 
 
+
+
+def differs_from_augreg_in21k(model_name, entry):
+    """Whether an ``augreg_in21k_ft_in1k`` entry fine-tunes another upstream run than the model's augreg_in21k file."""
+    upstream = _AUGREG_IN21K.get(model_name)
+    return entry.upstream is not None and upstream is not None and entry.upstream != upstream
+
+
+def weights_table():
+    """The README's weights table (Markdown), generated from the registry: one row per file."""
+    rows = ["| Model | Family | Resolution | Classes | File | Upstream run |", "|---|---|---|---|---|---|"]
+    for (model, family), entries in REGISTRY.items():
+        for entry in entries:
+            upstream = ""
+            if entry.upstream:
+                upstream = f"`{entry.upstream}`" + (
+                    " (not the augreg_in21k file)"
+                    if family == "augreg_in21k_ft_in1k" and differs_from_augreg_in21k(model, entry)
+                    else ""
+                )
+            rows.append(
+                f"| {model} | {family} | {entry.resolution} | {entry.classes} | `{entry.path}` | {upstream} |"
+            )
+    return "\n".join(rows)
