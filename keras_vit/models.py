@@ -252,18 +252,29 @@ class VisionTransformer(keras.Model):
         """Tokens before the grid tokens: 1 (class token) or 0."""
         return int(self._vit_config["classifier"] == "token")
 
-    def __call__(self, *args, **kwargs):
-        images = args[0] if args else kwargs.get("inputs")
+    def _check_images(self, images):
+        """A one-line ``ValueError`` naming the expected input for images of another rank or channel count."""
         shape = getattr(images, "shape", None)
-        rank = getattr(shape, "rank", None) if shape is not None and not isinstance(shape, tuple) else None
-        rank = len(shape) if isinstance(shape, tuple) else rank
+        if shape is None:
+            return
+        try:
+            rank = len(shape)
+        except (TypeError, ValueError):  # a TensorFlow shape of unknown rank
+            return
         channels = self._vit_config["channels"]
-        if rank is not None and (rank != 4 or shape[-1] not in (None, channels)):
+        if rank != 4 or shape[-1] not in (None, channels):
             height, width = self._vit_config["image_size"]
             raise ValueError(
                 f"{self.name} expects images shaped (batch, {height}, {width}, {channels}), got {tuple(shape)}."
             )
+
+    def __call__(self, *args, **kwargs):
+        self._check_images(args[0] if args else kwargs.get("inputs"))
         return super().__call__(*args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        self._check_images(inputs)  # also on the JAX backend, whose trainer calls ``call`` directly
+        return super().call(inputs, training=training, mask=mask)
 
     # --- features --------------------------------------------------------------------------------------------
 

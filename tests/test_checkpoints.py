@@ -8,7 +8,7 @@ import pytest
 
 import keras_vit
 from conftest import PLAIN_FIXTURES, builder_kwargs, fixture_path, load_reference
-from keras_vit.pretrained import names, npz
+from keras_vit.pretrained import npz
 
 
 def _intermediate_model(model, config):

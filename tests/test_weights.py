@@ -16,7 +16,6 @@ import scipy.ndimage
 import keras_vit
 from conftest import PLAIN_FIXTURES, REPO, builder_kwargs, fixture_path, load_reference
 from keras_vit import cli
-from keras_vit.pretrained import config as pconfig
 from keras_vit.pretrained import download, names, npz, registry
 
 n = keras.ops.convert_to_numpy
