@@ -14,6 +14,7 @@ Each stage resumes from its checkpoints when re-run. --quick runs a few steps (a
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -79,4 +80,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the library only logs; scripts show it
     sys.exit(main())

@@ -6,9 +6,11 @@
 Re-running the same command resumes from the last checkpoint. Settings: keras_vit/train/runner.py (COMMON).
 """
 
+import logging
 import sys
 
 from keras_vit.train.runner import PRETRAIN, main
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the library only logs; scripts show it
     sys.exit(main(PRETRAIN, __doc__.splitlines()[0]))

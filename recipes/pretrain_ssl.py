@@ -10,6 +10,7 @@ Re-running the same command resumes from the last checkpoint. Settings: keras_vi
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def digits_demo(root, quick=False):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the library only logs; scripts show it
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--digits-demo", action="store_true")
     parser.add_argument("--quick", action="store_true")

@@ -12,6 +12,7 @@ into DIRECTORY/PROJECT_NAME. Exits non-zero when every trial failed.
 import argparse
 import csv
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -123,4 +124,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the library only logs; scripts show it
     sys.exit(main())
