@@ -7,7 +7,8 @@ TensorFlow, JAX and PyTorch backends.
 
 from keras_vit import analysis, evaluation
 from keras_vit.analysis import attention_maps, attention_rollout
-from keras_vit.checkpoints import CheckpointMismatchError, interpolate_posemb, load_official_weights
+from keras_vit.pretrained.names import CheckpointMismatchError
+from keras_vit.pretrained.resample import interpolate_posemb, resample_patch_kernel
 from keras_vit.configs import list_models, model_config
 from keras_vit.layers import (
     AddPositionEmbs,
@@ -25,6 +26,7 @@ from keras_vit.models import (
     R50_ViT_B16,
     R50_ViT_L32,
     R_ViT_Ti16,
+    VisionTransformer,
     ViT_B8,
     ViT_B16,
     ViT_B32,
@@ -67,6 +69,7 @@ __all__ = [
     "ViT_S16",
     "ViT_S32",
     "ViT_Ti16",
+    "VisionTransformer",
     "analysis",
     "attention_maps",
     "attention_rollout",
@@ -76,10 +79,10 @@ __all__ = [
     "from_official_checkpoint",
     "interpolate_posemb",
     "list_models",
-    "load_official_weights",
     "load_weights",
     "model_config",
     "preprocess_input",
+    "resample_patch_kernel",
     "resize_model",
     "vision_transformer",
 ]

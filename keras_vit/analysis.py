@@ -8,37 +8,24 @@ N = heads, T = tokens, (gh, gw) = token grid, P = number of prefix (class) token
 import keras
 import numpy as np
 
-from keras_vit import checkpoints
-from keras_vit.layers import AddPositionEmbs, ClassToken, Patches, TransformerBlock
+from keras_vit.models import as_vision_transformer
+from keras_vit.pretrained.resample import square_grid
 
 HEAD_FUSIONS = ("mean", "max", "min")
-
-
-def _prefix_tokens(model):
-    return int(any(isinstance(layer, ClassToken) for layer in model.layers))
 
 
 def attention_maps(model, images, batch_size=32):
     """The attention weights of every block for ``images``: a list of L arrays (B, N, T, T), float32.
 
-    Runs ``model``'s own layers in order (inference mode), calling the
-    Transformer blocks with ``return_attention_scores=True``: the weights are
-    shared, nothing is rebuilt or copied, and no ``Lambda`` layer is involved.
-    Works for plain and hybrid models.
+    Read from ``model.features(..., attention=True)`` in inference mode, in
+    batches of ``batch_size``; plain and hybrid models alike.
     """
+    vit = as_vision_transformer(model, "attention_maps")
     images = np.asarray(images, "float32")
-    layers = model.layers[1:]
-    last = max(i for i, layer in enumerate(layers) if isinstance(layer, TransformerBlock))
     batches = []
     for start in range(0, len(images), batch_size):
-        x, attentions = images[start : start + batch_size], []
-        for layer in layers[: last + 1]:
-            if isinstance(layer, TransformerBlock):
-                x, weights = layer(x, return_attention_scores=True)  # training=None: no dropout
-                attentions.append(keras.ops.convert_to_numpy(weights))
-            else:
-                x = layer(x)
-        batches.append(attentions)
+        attentions = vit.features(images[start : start + batch_size], attention=True)["attention"]
+        batches.append([keras.ops.convert_to_numpy(weights) for weights in attentions])
     return [np.concatenate(per_block).astype("float32") for per_block in zip(*batches)]
 
 
@@ -81,12 +68,12 @@ def attention_rollout(model, images, head_fusion="mean", discard_ratio=0.0, batc
     Uses the class token for token models and all tokens for gap models;
     rectangular grids and hybrids work (the grid is the token grid).
     """
-    prefix = _prefix_tokens(model)
-    relevance = rollout(attention_maps(model, images, batch_size), head_fusion, discard_ratio, prefix)
-    grid = checkpoints.model_grid(model)
-    maps = relevance[:, prefix:].reshape(-1, *grid)
+    vit = as_vision_transformer(model, "attention_rollout")
+    prefix = vit.num_prefix_tokens
+    relevance = rollout(attention_maps(vit, images, batch_size), head_fusion, discard_ratio, prefix)
+    maps = relevance[:, prefix:].reshape(-1, *vit.grid)
     maps = maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
-    height, width = model.input.shape[1:3]
+    height, width = vit.vit_config["image_size"]
     upsampled = keras.ops.convert_to_numpy(keras.ops.image.resize(maps[..., None].astype("float32"), (height, width)))
     return {"grid": maps.astype("float32"), "image": upsampled[..., 0]}
 
@@ -118,15 +105,14 @@ def mean_attention_distance(attentions, grid, token_stride, num_prefix_tokens=1)
 def position_embedding_similarity(model_or_posemb, grid=None, num_prefix_tokens=None):
     """Cosine similarity of each patch's position embedding with all others, (gh, gw, gh, gw): Figure 7 (centre)."""
     if isinstance(model_or_posemb, keras.Model):
-        model = model_or_posemb
-        layer = next(layer for layer in model.layers if isinstance(layer, AddPositionEmbs))
-        posemb = keras.ops.convert_to_numpy(layer.pos_embedding)
-        grid = grid or checkpoints.model_grid(model)
-        num_prefix_tokens = _prefix_tokens(model) if num_prefix_tokens is None else num_prefix_tokens
+        vit = as_vision_transformer(model_or_posemb, "position_embedding_similarity")
+        posemb = keras.ops.convert_to_numpy(vit.get_layer("posembed_input").pos_embedding)
+        grid = grid or vit.grid
+        num_prefix_tokens = vit.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
     else:
         posemb = np.asarray(model_or_posemb)
     vectors = posemb.reshape(-1, posemb.shape[-1])[num_prefix_tokens or 0 :].astype(np.float64)
-    grid = grid or checkpoints.square_grid(len(vectors))
+    grid = grid or square_grid(len(vectors))
     unit = vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
     return (unit @ unit.T).reshape(*grid, *grid)
 
@@ -138,8 +124,8 @@ def embedding_filters(model, num_components=28):
     top right-singular vectors, each min-max scaled for display as an RGB tile.
     Also returns the explained-variance ratios (K,).
     """
-    layer = next(layer for layer in model.layers if isinstance(layer, Patches))
-    kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)  # (ph, pw, C, D)
+    vit = as_vision_transformer(model, "embedding_filters")
+    kernel = keras.ops.convert_to_numpy(vit.get_layer("embedding").kernel).astype(np.float64)  # (ph, pw, C, D)
     filters = kernel.reshape(-1, kernel.shape[-1]).T  # (D, ph*pw*C)
     centred = filters - filters.mean(axis=0)
     _, singular, components = np.linalg.svd(centred, full_matrices=False)
@@ -153,13 +139,12 @@ def embedding_filters(model, num_components=28):
 
 def pixels_per_token(model):
     """(rows, columns) of image pixels per token of a model: patch size x ResNet stride."""
-    grid = checkpoints.model_grid(model)
-    height, width = model.input.shape[1:3]
-    return (height / grid[0], width / grid[1])
+    return tuple(float(s) for s in as_vision_transformer(model, "pixels_per_token").token_stride)
 
 
 def model_attention_distance(model, images, batch_size=32):
     """``mean_attention_distance`` of ``model`` on ``images``: (L, N) pixels."""
+    vit = as_vision_transformer(model, "model_attention_distance")
     return mean_attention_distance(
-        attention_maps(model, images, batch_size), checkpoints.model_grid(model), pixels_per_token(model), _prefix_tokens(model)
+        attention_maps(vit, images, batch_size), vit.grid, pixels_per_token(vit), vit.num_prefix_tokens
     )

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -82,7 +81,7 @@ def _reload(model, path):
 
     if str(path).endswith(".keras"):
         return keras.models.load_model(path)
-    clone = keras.Model.from_config(model.get_config())
+    clone = type(model).from_config(model.get_config())
     clone.load_weights(path)
     return clone
 
@@ -107,16 +106,22 @@ def convert_main(argv=None):
         parser.error(f"the output must end in .keras or .weights.h5, got {args.output}")
     if not Path(args.input).is_file():
         parser.error(f"{args.input} does not exist")
+    if _suffix(args.input) in OUTPUT_SUFFIXES:
+        parser.error(
+            f"{args.input} is already a Keras file, not an official .npz checkpoint: load it with "
+            "keras.models.load_model (.keras) or model.load_weights (.weights.h5); to resize it use "
+            "keras-vit-interpolate-posemb"
+        )
     if Path(args.output).exists() and not args.force:
         parser.error(f"{args.output} exists; pass --force to overwrite it")
 
-    from keras_vit import checkpoints, models
+    from keras_vit import models
+    from keras_vit.pretrained import config, names
 
-    arrays = checkpoints.read_npz(args.input, progress=True)
-    model = models.model_from_arrays(
-        arrays, args.input, image_size=args.image_size, classes=args.classes, include_top=not args.no_top
+    model = models.from_official_checkpoint(
+        args.input, image_size=args.image_size, classes=args.classes, include_top=not args.no_top
     )
-    built = {k: v for k, v in checkpoints.infer_config(checkpoints.model_arrays(model)).items() if v is not None}
+    built = {k: v for k, v in config.infer_config(names.model_arrays(model)).items() if v is not None}
     print(_describe(model, built))
     with atomic_output(args.output, args.force, inputs=[args.input]) as temporary:
         if str(temporary).endswith(".keras"):
@@ -132,57 +137,60 @@ def convert_main(argv=None):
     return 0
 
 
-def _interpolate_npz(source, target, image_size):
-    from keras_vit import checkpoints
+def _interpolate_npz(source, target, image_size, patch_size, architecture):
+    """Rewrites only the position embeddings (and the patch kernel) of an .npz; names and storage types stay."""
     from keras_vit.layers import to_pair
+    from keras_vit.pretrained import config, npz, resample
 
-    arrays = checkpoints.read_npz(source, progress=True)
-    config = checkpoints.infer_config(arrays)
-    if config["image_size"] is None:
+    arrays = npz.read_npz(source, progress=True)
+    found = config.infer_config(arrays)
+    if found["image_size"] is None:
         raise SystemExit(f"error: {source} has a rectangular grid; interpolate the .keras model instead.")
+    if patch_size is not None:
+        if found.get("resnet_layers") is not None:
+            raise SystemExit("error: --patch-size applies to plain ViTs; a hybrid's patches are on its feature map.")
+        key = next(k for k in arrays if k.endswith("embedding/kernel") and "conv" not in k)
+        resized = resample.resample_patch_kernel(npz.decode_array(arrays[key]), to_pair(patch_size, "patch size"))
+        arrays[key] = npz.encode_like(resized, arrays[key])
+        found["patch_size"] = to_pair(patch_size, "patch size")
     height, width = to_pair(image_size, "image size")
-    stride = checkpoints.token_stride(config)
+    stride = config.token_stride(found)
     if height % stride[0] or width % stride[1]:
         raise SystemExit(f"error: image size {height}x{width} is not a multiple of the token stride {stride}.")
-    # Only the position embeddings change; every other array keeps its name, shape and dtype.
     key = next(k for k in arrays if k.endswith("Transformer/posembed_input/pos_embedding"))
-    prefix = int(config["classifier"] == "token")
-    resized = checkpoints.interpolate_posemb(
-        checkpoints.decode_array(arrays[key]), (height // stride[0], width // stride[1]), prefix
+    prefix = int(found["classifier"] == "token")
+    resized = resample.interpolate_posemb(
+        npz.decode_array(arrays[key]), (height // stride[0], width // stride[1]), prefix
     )
-    arrays[key] = checkpoints.encode_like(resized, arrays[key])
+    arrays[key] = npz.encode_like(resized, arrays[key])
     np.savez(target, **arrays)
 
 
-def _interpolate_keras(source, target, image_size):
+def _interpolate_keras(source, target, image_size, patch_size, architecture):
     import keras
 
     from keras_vit import models
 
-    models.resize_model(keras.models.load_model(source), image_size).save(target)
+    models.resize_model(keras.models.load_model(source), image_size, patch_size=patch_size).save(target)
 
 
-def _interpolate_weights_h5(source, target, image_size):
-    """Edits the position embeddings inside a copy of a Keras .weights.h5 file of a keras_vit model."""
-    import h5py
+def _interpolate_weights_h5(source, target, image_size, patch_size, architecture):
+    """Build (from ``architecture``) -> load the weights -> resize -> save the weights."""
+    import keras
 
-    from keras_vit import checkpoints
-    from keras_vit.layers import to_pair
+    from keras_vit import models
 
-    shutil.copyfile(source, target)
-    with h5py.File(target, "r+") as file:
-        layers = file["layers"]
-        if "add_position_embs" not in layers or "patches" not in layers:
-            raise SystemExit(f"error: {source} does not hold the weights of a keras_vit model.")
-        posemb = layers["add_position_embs/vars/0"][...]
-        stages = [name for name in layers if name.startswith("res_net_stage")]
-        hybrid = {"resnet_layers": stages} if "std_conv2d" in layers else {}
-        stride = checkpoints.token_stride(dict(patch_size=layers["patches/projection/vars/0"].shape[:2], **hybrid))
-        height, width = to_pair(image_size, "image size")
-        prefix = int("class_token" in layers)
-        resized = checkpoints.interpolate_posemb(posemb, (height // stride[0], width // stride[1]), prefix)
-        del layers["add_position_embs/vars/0"]
-        layers["add_position_embs/vars"].create_dataset("0", data=resized)
+    if architecture is None:
+        raise SystemExit(
+            "error: a .weights.h5 file holds no architecture: pass --architecture with the .keras model or "
+            "official .npz checkpoint it was saved from."
+        )
+    if _suffix(architecture) == ".keras":
+        model = keras.models.load_model(architecture)
+    else:
+        model = models.from_official_checkpoint(architecture)
+    model.load_weights(source)
+    models.resize_model(model, image_size, patch_size=patch_size).save_weights(target)
 
 
 def interpolate_main(argv=None):
@@ -191,11 +199,18 @@ def interpolate_main(argv=None):
     parser = argparse.ArgumentParser(
         prog="keras-vit-interpolate-posemb",
         description="Resize the position embeddings of a checkpoint (.npz, .keras or .weights.h5) to another "
-        "image size with the official algorithm (class token kept, bilinear with aligned corners).",
+        "image size with the official algorithm (class token kept, bilinear with aligned corners), and optionally "
+        "the patch kernel to another patch size (FlexiViT).",
     )
     parser.add_argument("input", help="official .npz, Keras .keras or .weights.h5 of a keras_vit model")
     parser.add_argument("output", help="output file, same format as the input")
     parser.add_argument("--image-size", type=parse_size, required=True, help="target H or H,W")
+    parser.add_argument(
+        "--patch-size", type=parse_size, help="also resample the patch kernel to this P or P,Q (FlexiViT pseudo-inverse)"
+    )
+    parser.add_argument(
+        "--architecture", help="for a .weights.h5 input: the .keras model or official .npz it was saved from"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args(argv)
     handlers = {".npz": _interpolate_npz, ".keras": _interpolate_keras, ".weights.h5": _interpolate_weights_h5}
@@ -207,6 +222,6 @@ def interpolate_main(argv=None):
     if not Path(args.input).is_file():
         parser.error(f"{args.input} does not exist")
     with atomic_output(args.output, args.force, inputs=[args.input]) as temporary:
-        handlers[kind](args.input, temporary, args.image_size)
+        handlers[kind](args.input, temporary, args.image_size, args.patch_size, args.architecture)
     print(f"wrote {args.output} with position embeddings for {args.image_size}")
     return 0

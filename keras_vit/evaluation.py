@@ -11,16 +11,15 @@ import logging
 import keras
 import numpy as np
 
+from keras_vit.models import as_vision_transformer
+
 DEFAULT_SHOTS = (1, 5, 10, 25)
 log = logging.getLogger(__name__)
 
 
 def feature_model(model):
-    """``model`` up to its pre-logits: (B, H, W, C) -> (B, D); the model itself when it has no head."""
-    names = [layer.name for layer in model.layers]
-    if "head" not in names:
-        return model
-    return keras.Model(model.input, model.get_layer("head").input, name=f"{model.name}_features")
+    """``model``'s pre-logits model, (B, H, W, C) -> (B, F) (``VisionTransformer.feature_model("pre_logits")``)."""
+    return as_vision_transformer(model, "the few-shot evaluation").feature_model("pre_logits")
 
 
 def ridge_fit(features, labels, num_classes, l2=1.0):

@@ -453,15 +453,18 @@ class TransformerBlock(keras.layers.Layer):
 class TokenPooling(keras.layers.Layer):
     """Pools a token sequence: (B, T, D) -> (B, D).
 
-    ``"token"`` takes the class token (position 0); ``"gap"`` averages the
-    tokens after the first ``num_prefix_tokens`` (0 for official gap models,
-    which have no class token; 1 excludes the class token of a token model).
+    ``"token"`` takes the class token (position 0); ``"gap"`` averages and
+    ``"max"`` takes the channel-wise maximum of the tokens after the first
+    ``num_prefix_tokens`` (0 for official gap models, which have no class
+    token; 1 excludes the class token of a token model).
     """
+
+    METHODS = ("token", "gap", "max")
 
     def __init__(self, method="token", num_prefix_tokens=1, **kwargs):
         super().__init__(**kwargs)
-        if method not in ("token", "gap"):
-            raise ValueError(f"TokenPooling method must be 'token' or 'gap', got {method!r}.")
+        if method not in self.METHODS:
+            raise ValueError(f"TokenPooling method must be one of {self.METHODS}, got {method!r}.")
         if method == "token" and num_prefix_tokens < 1:
             raise ValueError("Token pooling needs a class token; this model has none (use 'gap').")
         self.method = method
@@ -470,6 +473,8 @@ class TokenPooling(keras.layers.Layer):
     def call(self, tokens):
         if self.method == "token":
             return tokens[:, 0]
+        if self.method == "max":
+            return ops.max(tokens[:, self.num_prefix_tokens :], axis=1)
         return ops.mean(tokens[:, self.num_prefix_tokens :], axis=1)
 
     def compute_output_shape(self, input_shape):
@@ -479,3 +484,33 @@ class TokenPooling(keras.layers.Layer):
         config = super().get_config()
         config.update(method=self.method, num_prefix_tokens=self.num_prefix_tokens)
         return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AttentionWeights(keras.layers.Layer):
+    """The attention weights of a ``TransformerBlock`` on its input: (B, T, D) -> (B, N, T, T), float32.
+
+    Shares the block's variables (it runs the block's ``LayerNorm_0`` and
+    attention sub-layers); used by ``VisionTransformer.features`` to expose
+    every block's attention as a graph output next to the block's own output.
+    """
+
+    def __init__(self, block, **kwargs):
+        super().__init__(**kwargs)
+        self.block = block
+
+    def call(self, x, training=None):
+        return self.block.attention(self.block.norm_attention(x), training=training, return_attention_scores=True)[1]
+
+    def compute_output_spec(self, x, training=None):
+        return keras.KerasTensor((x.shape[0], self.block.num_heads, x.shape[1], x.shape[1]), dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(block=keras.saving.serialize_keras_object(self.block))
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config["block"] = keras.saving.deserialize_keras_object(config["block"])
+        return cls(**config)

@@ -11,7 +11,8 @@ contribute to the loss. Shapes: B = batch, T = patches, D = hidden size.
 import keras
 from keras import ops
 
-from keras_vit.layers import PACKAGE, ClassToken, Patches, TransformerBlock
+from keras_vit.layers import PACKAGE
+from keras_vit.models import as_vision_transformer
 
 BITS = 3
 
@@ -44,10 +45,10 @@ def masked_loss_and_accuracy(logits, targets, weights):
 class MaskedPatchPrediction(keras.Model):
     """Wraps a keras_vit encoder for masked patch prediction; call -> (logits (B, T, K), targets (B, T), corrupted (B, T)).
 
-    ``encoder`` is a model built by ``vision_transformer`` (any classifier or
-    top; plain or hybrid): its own layers are run in order with the patch
-    embeddings corrupted right after ``embedding``, and the patch tokens
-    after ``encoder_norm`` go to a Dense(K) prediction head. Without
+    ``encoder`` is a plain ``VisionTransformer`` (any classifier or top):
+    its ``patch_embedding_model`` gives the patch embeddings, which are
+    corrupted and fed to its ``encoder_model``; the patch tokens after
+    ``encoder_norm`` go to a Dense(K) prediction head. Without
     ``training`` nothing is corrupted. ``loss_and_accuracy`` gives the
     per-image loss over corrupted positions only. Save ``encoder`` after
     pre-training; it loads into a classifier through ``weights=``.
@@ -56,22 +57,23 @@ class MaskedPatchPrediction(keras.Model):
     def __init__(self, encoder, corrupt_rate=0.5, mask_rate=0.8, random_rate=0.1, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.seed = seed
-        self.encoder = encoder
+        self.encoder = as_vision_transformer(encoder, "MaskedPatchPrediction")
         self.corrupt_rate, self.mask_rate, self.random_rate = corrupt_rate, mask_rate, random_rate
-        self.patches = next(layer for layer in encoder.layers if isinstance(layer, Patches))
-        hybrid = encoder.layers.index(self.patches) > 1
-        if hybrid:
-            raise ValueError("Mean-colour targets need the patches of the image itself: use a plain ViT encoder.")
-        self.num_prefix_tokens = int(any(isinstance(layer, ClassToken) for layer in encoder.layers))
-        names = [layer.name for layer in encoder.layers]
-        self.trunk = encoder.layers[names.index(self.patches.name) + 1 : names.index("encoder_norm") + 1]
-        channels = encoder.input.shape[-1]
-        self.num_classes = (2**BITS) ** channels
+        config = self.encoder.vit_config
+        if config["resnet_layers"] is not None or config["include_preprocessing"]:
+            raise ValueError(
+                "Mean-colour targets need the patches of the image itself: use a plain ViT encoder "
+                "(no ResNet stem, no include_preprocessing)."
+            )
+        self.patch_size = config["patch_size"]
+        self.num_prefix_tokens = self.encoder.num_prefix_tokens
+        hidden_size = config["hidden_size"]
+        self.num_classes = (2**BITS) ** config["channels"]
         self.mask_token = self.add_weight(
-            name="mask_token", shape=(1, 1, self.patches.hidden_size), initializer=keras.initializers.RandomNormal(stddev=0.02)
+            name="mask_token", shape=(1, 1, hidden_size), initializer=keras.initializers.RandomNormal(stddev=0.02)
         )
         self.head = keras.layers.Dense(self.num_classes, kernel_initializer="zeros", name="mpp_head")
-        self.head.build((None, None, self.patches.hidden_size))  # all variables exist before the optimizer is built
+        self.head.build((None, None, hidden_size))  # all variables exist before the optimizer is built
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def corruption(self, batch, tokens):
@@ -95,16 +97,14 @@ class MaskedPatchPrediction(keras.Model):
         return ops.where(expanded == 1, mask, ops.where(expanded == 2, random_patches, embeddings)), codes
 
     def call(self, images, training=False):
-        embeddings = self.patches(images)  # (B, T, D)
-        targets = mean_colour_targets(images, self.patches.patch_size)
+        embeddings = self.encoder.patch_embedding_model()(images)  # (B, T, D)
+        targets = mean_colour_targets(images, self.patch_size)
         if training:
             embeddings, codes = self.corrupt(embeddings)
         else:
             codes = ops.zeros(ops.shape(targets), "int32")
-        x = embeddings
-        for layer in self.trunk:
-            x = layer(x, training=training) if isinstance(layer, (TransformerBlock, keras.layers.Dropout)) else layer(x)
-        logits = self.head(x[:, self.num_prefix_tokens :])
+        tokens = self.encoder.encoder_model()(embeddings, training=training)
+        logits = self.head(tokens[:, self.num_prefix_tokens :])
         return logits, targets, codes > 0
 
     def loss_and_accuracy(self, images, labels=None, training=True):

@@ -125,7 +125,7 @@ def test_import_and_library_calls_leave_global_state_as_they_found_it(tmp_path):
     socket.setdefaulttimeout(123.0)
     before = snapshot()
     import keras_vit
-    from keras_vit import weights
+    from keras_vit.pretrained import download
     from keras_vit.train import runner, trainer as training
     same(before, snapshot(), "import")
 
@@ -136,7 +136,7 @@ def test_import_and_library_calls_leave_global_state_as_they_found_it(tmp_path):
     source.write_bytes(b"weights")
     import os
     os.environ["KERAS_VIT_CACHE"] = str(Path(sys.argv[1]) / "cache")
-    weights.fetch(source.as_uri())
+    download.fetch(source.as_uri())
     same(before, snapshot(), "weights.fetch")
 
     keras.config.set_dtype_policy("float32")

@@ -8,7 +8,9 @@ import pytest
 
 import keras_vit
 from conftest import fixture_path, load_reference
-from keras_vit import checkpoints, configs
+from keras_vit import configs
+from keras_vit.pretrained import config as pconfig
+from keras_vit.pretrained import npz
 from keras_vit.resnet import BottleneckUnit, ResNetStage, StdConv2D
 
 n = keras.ops.convert_to_numpy
@@ -51,7 +53,7 @@ def test_hybrid_fixture_reproduced():
         image_size=32, patch_size=1, hidden_size=48, num_layers=2, num_heads=3, mlp_dim=96, classes=10,
         resnet_layers=tuple(config["resnet"]["num_layers"]), resnet_width_factor=config["resnet"]["width_factor"],
     )
-    keras_vit.load_official_weights(model, fixture_path("hybrid_tiny", "ckpt"))
+    keras_vit.load_weights(model, fixture_path("hybrid_tiny", "ckpt"), adapt=False)
     outputs = _intermediates(model).predict(ref["images"], verbose=0)
     np.testing.assert_allclose(outputs["logits"], ref["logits"], atol=1e-4, rtol=0)
     for key in ("resnet_root_conv", "resnet_root_gn", "resnet_block1_out", "resnet_block2_out", "tokens_with_posemb", "encoded"):
@@ -62,7 +64,7 @@ def test_hybrid_fixture_reproduced():
 
 def test_from_official_checkpoint_infers_the_resnet():
     ref, _ = load_reference("hybrid_tiny")
-    config = checkpoints.infer_config(checkpoints.read_npz(fixture_path("hybrid_tiny", "ckpt")))
+    config = pconfig.infer_config(npz.read_npz(fixture_path("hybrid_tiny", "ckpt")))
     assert config["resnet_layers"] == (2, 2) and config["resnet_width_factor"] == 0.5 and config["image_size"] == (32, 32)
     model = keras_vit.from_official_checkpoint(fixture_path("hybrid_tiny", "ckpt"))
     np.testing.assert_allclose(model.predict(ref["images"], verbose=0), ref["logits"], atol=1e-4)
@@ -78,7 +80,7 @@ def test_stage_count_mismatch_is_a_clear_error():
         resnet_layers=(2,), resnet_width_factor=0.5,
     )
     with pytest.raises(keras_vit.CheckpointMismatchError, match=r"Not used by the model \(\d+\): block2/unit1/conv1/kernel"):
-        keras_vit.load_official_weights(model, fixture_path("hybrid_tiny", "ckpt"))
+        keras_vit.load_weights(model, fixture_path("hybrid_tiny", "ckpt"), adapt=False)
 
 
 @pytest.mark.parametrize("name", HYBRID_PARAMETER_COUNTS)

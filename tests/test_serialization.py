@@ -17,7 +17,7 @@ from conftest import REPO, builder_kwargs, fixture_path, load_reference
 def _fixture_model(name="vit_tiny_repr", **overrides):
     ref, config = load_reference(name)
     model = keras_vit.vision_transformer(**builder_kwargs(config) | overrides)
-    keras_vit.load_official_weights(model, fixture_path(name, "ckpt"))
+    keras_vit.load_weights(model, fixture_path(name, "ckpt"), adapt=False)
     return model, ref
 
 

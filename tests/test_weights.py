@@ -15,7 +15,8 @@ import scipy.ndimage
 
 import keras_vit
 from conftest import PLAIN_FIXTURES, REPO, builder_kwargs, fixture_path, load_reference
-from keras_vit import checkpoints, cli, weights
+from keras_vit import cli
+from keras_vit.pretrained import download, names, npz, registry
 
 n = keras.ops.convert_to_numpy
 POSEMB = "Transformer/posembed_input/pos_embedding"
@@ -105,23 +106,23 @@ def test_new_head_and_no_top(posemb48):
 
 
 def test_checkpoint_of_another_variant_is_a_clear_error():
-    with pytest.raises(keras_vit.CheckpointMismatchError, match=r"embedding/kernel: \(4, 4, 3, 48\) vs \(16, 16, 3, 192\)"):
+    with pytest.raises(keras_vit.CheckpointMismatchError, match=r"this is a ViT-D48-N3-M96/4 token, 2 layers checkpoint; the model is ViT-Ti/16 token"):
         keras_vit.ViT_Ti16(weights=fixture_path("vit_tiny_token", "ckpt"))
 
 
 def test_bfloat16_bit_patterns_and_linen_layouts_load(tmp_path):
     ref, _ = load_reference("vit_tiny_token")
-    arrays = checkpoints.read_npz(fixture_path("vit_tiny_token", "ckpt"))
+    arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
     as_bf16 = {f"params/{k}": v.astype(ml_dtypes.bfloat16) for k, v in arrays.items()}
     np.savez(tmp_path / "bf16.npz", **as_bf16)
-    assert checkpoints.read_npz(tmp_path / "bf16.npz")["params/cls"].dtype.kind == "V"
+    assert npz.read_npz(tmp_path / "bf16.npz")["params/cls"].dtype.kind == "V"
     model = keras_vit.from_official_checkpoint(tmp_path / "bf16.npz")
     np.testing.assert_array_equal(_posemb(model), arrays[POSEMB].astype(ml_dtypes.bfloat16).astype("float32"))
     np.testing.assert_allclose(model.predict(ref["images"], verbose=0), ref["logits"], atol=0.05)
 
 
 def test_group_norm_arrays_are_flattened():
-    arrays = checkpoints.normalize_names({"gn_root/scale": np.ones((1, 1, 1, 8)), "block1/unit1/gn3/bias": np.ones((1, 1, 1, 4))})
+    arrays = names.normalize_names({"gn_root/scale": np.ones((1, 1, 1, 8)), "block1/unit1/gn3/bias": np.ones((1, 1, 1, 4))})
     assert arrays["gn_root/scale"].shape == (8,) and arrays["block1/unit1/gn3/bias"].shape == (4,)
 
 
@@ -129,13 +130,13 @@ def test_group_norm_arrays_are_flattened():
 
 
 def test_registry_entries():
-    for (model, family), entries in weights.REGISTRY.items():
-        assert family in weights.FAMILIES and model in keras_vit.list_models()
+    for (model, family), entries in registry.REGISTRY.items():
+        assert family in registry.FAMILIES and model in keras_vit.list_models()
         for entry in entries:
-            assert entry.url.startswith(weights.BUCKET) and entry.url.endswith(".npz")
-            assert entry.resolution in (224, 384) and entry.classes in (1000, weights.IN21K_CLASSES)
-    assert weights.resolve_weights("ViT-B_16", "imagenet21k+imagenet2012", 384).url.endswith("%2Bimagenet2012/ViT-B_16.npz")
-    assert weights.resolve_weights("ViT-B_16", "imagenet21k+imagenet2012", 224).url.endswith("ViT-B_16-224.npz")
+            assert entry.url.startswith(registry.BUCKET) and entry.url.endswith(".npz")
+            assert entry.resolution in (224, 384) and entry.classes in (1000, registry.IN21K_CLASSES)
+    assert registry.resolve("ViT-B_16", "imagenet21k+imagenet2012", 384).url.endswith("%2Bimagenet2012/ViT-B_16.npz")
+    assert registry.resolve("ViT-B_16", "imagenet21k+imagenet2012", 224).url.endswith("ViT-B_16-224.npz")
     with pytest.raises(ValueError, match="No 'sam' weights were released for ViT-Ti_16. Available: augreg_in21k"):
         keras_vit.ViT_Ti16(weights="sam")
 
@@ -153,14 +154,14 @@ def _sha256(path):
 
 def test_family_download_through_the_registry(cache, monkeypatch, posemb48):
     source = fixture_path("vit_tiny_token", "ckpt")
-    entry = weights.PretrainedWeights(source.as_uri(), 32, 10, sha256=_sha256(source))
-    monkeypatch.setitem(weights.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [entry])
+    entry = registry.PretrainedWeights(source.as_uri(), 32, 10, sha256=_sha256(source))
+    monkeypatch.setitem(registry.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [entry])
     model = keras_vit.ViT_Ti16(weights="augreg_in21k", image_size=48, classes=10, **_tiny_overrides())
     _check_48(model, posemb48)
     cached = list(cache.iterdir())
     assert [p.name for p in cached] == ["official_vit--vit_tiny_token.ckpt.npz"] and _sha256(cached[0]) == entry.sha256
     # Served from the cache the second time: the source may be gone.
-    monkeypatch.setitem(weights.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [weights.PretrainedWeights(
+    monkeypatch.setitem(registry.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [registry.PretrainedWeights(
         "file:///nonexistent/official_vit/vit_tiny_token.ckpt.npz", 32, 10, sha256=entry.sha256)])
     keras_vit.ViT_Ti16(weights="augreg_in21k", image_size=48, classes=10, **_tiny_overrides())
 
@@ -174,7 +175,7 @@ def test_url_weights(cache):
 def test_hash_mismatch_deletes_the_download(cache):
     source = fixture_path("vit_tiny_token", "ckpt")
     with pytest.raises(ValueError, match="does not have the expected sha256 0000.*it was deleted"):
-        weights.fetch(source.as_uri(), sha256="0" * 64)
+        download.fetch(source.as_uri(), sha256="0" * 64)
     assert not any(cache.iterdir())
 
 
@@ -184,7 +185,7 @@ def test_unreachable_url_fails_fast_with_instructions(cache):
         port = probe.getsockname()[1]
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=rf"127.0.0.1:{port}/vit/x.npz.*place it at .*cache.*vit--x.npz"):
-        weights.fetch(f"http://127.0.0.1:{port}/vit/x.npz")
+        download.fetch(f"http://127.0.0.1:{port}/vit/x.npz")
     assert time.monotonic() - start < 5 and not any(cache.iterdir())
 
 
@@ -198,7 +199,7 @@ def test_silent_server_times_out(cache):
     start = time.monotonic()
     try:
         with pytest.raises(ConnectionError, match="timed out"):
-            weights.fetch(f"http://127.0.0.1:{server.getsockname()[1]}/x.npz", timeout=1)
+            download.fetch(f"http://127.0.0.1:{server.getsockname()[1]}/x.npz", timeout=1)
     finally:
         server.close()
         for connection, _ in accepted:
@@ -257,7 +258,9 @@ def test_interpolate_tool_on_every_format(tmp_path, posemb48):
     _check_48(keras.models.load_model(tmp_path / "48.keras"), posemb48)
 
     model.save_weights(tmp_path / "32.weights.h5")
-    assert _run("interpolate_posemb.py", tmp_path / "32.weights.h5", tmp_path / "48.weights.h5", "--image-size", "48").returncode == 0
+    no_architecture = _run("interpolate_posemb.py", tmp_path / "32.weights.h5", tmp_path / "48.weights.h5", "--image-size", "48")
+    assert no_architecture.returncode != 0 and "--architecture" in no_architecture.stderr
+    assert _run("interpolate_posemb.py", tmp_path / "32.weights.h5", tmp_path / "48.weights.h5", "--image-size", "48", "--architecture", source).returncode == 0
     at48 = keras_vit.resize_model(model, 48)
     for variable in at48.weights:
         variable.assign(np.zeros(variable.shape, variable.dtype))
@@ -289,22 +292,22 @@ def test_decode_predictions_uses_the_shipped_class_names():
 
 
 def test_interpolate_tool_keeps_names_and_storage_types(tmp_path):
-    arrays = checkpoints.read_npz(fixture_path("vit_tiny_token", "ckpt"))
+    arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
     np.savez(tmp_path / "bf16.npz", **{f"params/{k}": v.astype(ml_dtypes.bfloat16) for k, v in arrays.items()})
-    stored = checkpoints.read_npz(tmp_path / "bf16.npz")  # bfloat16 comes back as 2-byte void data
+    stored = npz.read_npz(tmp_path / "bf16.npz")  # bfloat16 comes back as 2-byte void data
     assert _run("interpolate_posemb.py", tmp_path / "bf16.npz", tmp_path / "bf16_48.npz", "--image-size", "48").returncode == 0
-    resized = checkpoints.read_npz(tmp_path / "bf16_48.npz")
+    resized = npz.read_npz(tmp_path / "bf16_48.npz")
     assert resized.keys() == stored.keys() and all(v.dtype == stored[k].dtype for k, v in resized.items())
     key = f"params/{POSEMB}"
     assert resized[key].shape == (1, 145, 48)
-    expected = keras_vit.interpolate_posemb(checkpoints.decode_array(stored[key]), (12, 12))
-    np.testing.assert_allclose(checkpoints.decode_array(resized[key]), expected, rtol=1e-2, atol=1e-3)  # bfloat16 rounding
+    expected = keras_vit.interpolate_posemb(npz.decode_array(stored[key]), (12, 12))
+    np.testing.assert_allclose(npz.decode_array(resized[key]), expected, rtol=1e-2, atol=1e-3)  # bfloat16 rounding
     np.testing.assert_array_equal(resized["params/cls"].view(np.uint16), stored["params/cls"].view(np.uint16))
 
 
 def test_rectangular_checkpoint_needs_an_image_size(tmp_path):
     model = keras_vit.resize_model(keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt")), (32, 48))
-    np.savez(tmp_path / "rect.npz", **checkpoints.model_arrays(model))
+    np.savez(tmp_path / "rect.npz", **names.model_arrays(model))
     with pytest.raises(ValueError, match="rectangular position-embedding grid: pass image_size"):
         keras_vit.from_official_checkpoint(tmp_path / "rect.npz")
     again = keras_vit.from_official_checkpoint(tmp_path / "rect.npz", image_size=(32, 48))
@@ -333,3 +336,215 @@ def test_console_scripts_are_installed():
     for script in ("keras-vit-convert", "keras-vit-interpolate-posemb"):
         result = subprocess.run([script, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage:" in result.stdout
+
+
+# --- adapt: input channels, patch size (FlexiViT), logging -----------------------------------------------------
+
+
+def _np_adapt_input_conv(kernel, channels):
+    """timm's adapt_input_conv, written for HWIO kernels: sum for 1 channel, else repeat and scale by 3 / channels."""
+    if channels == 1:
+        return kernel.sum(axis=2, keepdims=True)
+    repeated = np.concatenate([kernel] * int(np.ceil(channels / 3)), axis=2)[:, :, :channels]
+    return repeated * (3 / channels)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_input_channels_are_adapted_as_timm_and_logged(channels, caplog):
+    arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
+    with caplog.at_level("INFO", logger="keras_vit.pretrained.adapt"):
+        model = keras_vit.create_model(
+            "Ti/16", weights=fixture_path("vit_tiny_token", "ckpt"), input_shape=(32, 32, channels), classes=10,
+            **_tiny_overrides(),
+        )
+    expected = _np_adapt_input_conv(arrays["embedding/kernel"].astype(np.float64), channels)
+    np.testing.assert_allclose(n(model.get_layer("embedding").kernel), expected, atol=1e-6)
+    notes = [r.getMessage() for r in caplog.records if r.name == "keras_vit.pretrained.adapt"]
+    assert len([m for m in notes if f"to {channels} input channels" in m]) == 1
+
+
+def test_a_grey_image_gets_the_colour_models_answer_to_that_grey():
+    ref, _ = load_reference("vit_tiny_token")
+    grey = ref["images"].mean(-1, keepdims=True)
+    colour = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"))
+    mono = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), channels=1)
+    np.testing.assert_allclose(
+        mono.predict(grey, verbose=0), colour.predict(np.repeat(grey, 3, -1), verbose=0), atol=1e-5
+    )
+
+
+def test_hybrid_root_convolution_is_adapted_to_the_input_channels():
+    arrays = npz.read_npz(fixture_path("hybrid_tiny", "ckpt"))
+    model = keras_vit.from_official_checkpoint(fixture_path("hybrid_tiny", "ckpt"), channels=4)
+    expected = _np_adapt_input_conv(arrays["conv_root/kernel"].astype(np.float64), 4)
+    np.testing.assert_allclose(n(model.get_layer("conv_root").kernel), expected, atol=1e-6)
+    np.testing.assert_array_equal(n(model.get_layer("embedding").kernel), arrays["embedding/kernel"])
+
+
+def _np_resize_matrix(old, new):
+    """(new*new, old*old): column j is jax.image.resize (bilinear) of the j-th basis patch, an independent B."""
+    import jax
+
+    columns = []
+    for j in range(old * old):
+        basis = np.zeros(old * old)
+        basis[j] = 1.0
+        columns.append(np.asarray(jax.image.resize(basis.reshape(old, old), (new, new), "bilinear")).ravel())
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize("old, new", [(4, 8), (4, 6), (8, 4), (16, 10)])
+def test_patch_kernel_resampling_is_flexivits_pseudo_inverse(old, new):
+    kernel = np.random.default_rng(0).normal(size=(old, old, 3, 5)).astype("float32")
+    resize = _np_resize_matrix(old, new)
+    expected = (np.linalg.pinv(resize.T) @ kernel.reshape(old * old, -1).astype(np.float64)).reshape(new, new, 3, 5)
+    resampled = keras_vit.resample_patch_kernel(kernel, (new, new))
+    assert resampled.dtype == np.float32
+    np.testing.assert_allclose(resampled, expected, atol=1e-5)
+    if new >= old:  # growing: the token of a resized patch equals the old token of the patch, <x, w> = <Bx, w'>
+        patches = np.random.default_rng(1).normal(size=(7, old * old, 3))
+        grown = np.einsum("np,bpc->bnc", resize, patches)
+        np.testing.assert_allclose(
+            np.einsum("bpc,pcd->bd", grown, resampled.reshape(new * new, 3, 5)),
+            np.einsum("bpc,pcd->bd", patches, kernel.reshape(old * old, 3, 5)),
+            atol=1e-4,
+        )
+
+
+def _grow_patches(images, old, new):
+    """Resizes every old x old patch of (B, H, W, C) images to new x new (jax bilinear), patch by patch."""
+    batch, height, width, channels = images.shape
+    resize = _np_resize_matrix(old, new)
+    grid = images.reshape(batch, height // old, old, width // old, old, channels).transpose(0, 1, 3, 2, 4, 5)
+    grown = np.einsum("np,bijpc->bijnc", resize, grid.reshape(batch, height // old, width // old, old * old, channels))
+    grown = grown.reshape(batch, height // old, width // old, new, new, channels).transpose(0, 1, 3, 2, 4, 5)
+    return grown.reshape(batch, height // old * new, width // old * new, channels).astype("float32")
+
+
+def test_a_model_at_another_patch_size_answers_the_same_on_grown_patches(caplog):
+    ref, _ = load_reference("vit_tiny_token")
+    grown = _grow_patches(ref["images"].astype(np.float64), 4, 8)
+    with caplog.at_level("INFO", logger="keras_vit.pretrained.adapt"):
+        model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), patch_size=8, image_size=64)
+    assert any("Resampled the patch-embedding kernel from 4x4 to 8x8" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(model.predict(grown, verbose=0), ref["logits"], atol=1e-4)
+    resized = keras_vit.resize_model(keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt")), 64, patch_size=8)
+    np.testing.assert_allclose(resized.predict(grown, verbose=0), ref["logits"], atol=1e-4)
+
+
+def test_interpolate_tool_resamples_the_patch_kernel(tmp_path):
+    ref, _ = load_reference("vit_tiny_token")
+    result = _run("interpolate_posemb.py", fixture_path("vit_tiny_token", "ckpt"), tmp_path / "p8.npz", "--image-size", 64, "--patch-size", 8)
+    assert result.returncode == 0, result.stderr
+    model = keras_vit.from_official_checkpoint(tmp_path / "p8.npz")
+    assert model.get_layer("embedding").patch_size == (8, 8) and model.grid == (8, 8)
+    grown = _grow_patches(ref["images"].astype(np.float64), 4, 8)
+    np.testing.assert_allclose(model.predict(grown, verbose=0), ref["logits"], atol=1e-4)
+
+
+# --- registry, cache names -------------------------------------------------------------------------------------
+
+
+def test_registry_has_every_official_file_of_the_issue():
+    files = {(model, family, entry.path) for (model, family), entries in registry.REGISTRY.items() for entry in entries}
+    for model in ("ViT-B_8", "R26+ViT-B_32", "R50+ViT-L_32"):
+        assert (model, "imagenet21k", f"imagenet21k/{model}.npz") in files
+    assert ("ViT-B_8", "imagenet21k+imagenet2012", "imagenet21k+imagenet2012/ViT-B_8.npz") in files
+    for model in ("ViT-L_16", "ViT-L_32"):
+        assert (model, "sam", f"sam/{model}.npz") in files
+    assert not any(path == "sam/ViT-S_16.npz" for _, _, path in files)  # left out: see registry.py
+
+
+def test_augreg_fine_tunes_name_their_upstream_run():
+    differing = set()
+    for (model, family), entries in registry.REGISTRY.items():
+        if family != "augreg_in21k_ft_in1k":
+            continue
+        for entry in entries:
+            assert entry.upstream and entry.file_name.startswith(entry.upstream + "--imagenet2012")
+            if registry.differs_from_augreg_in21k(model, entry):
+                differing.add((model, entry.resolution))
+    assert differing == {("ViT-S_32", 224), ("ViT-B_32", 224), ("ViT-B_8", 224), ("ViT-L_16", 224), ("R26+ViT-S_32", 224)}
+
+
+def test_readme_weights_table_is_the_registrys():
+    readme = (REPO / "README.md").read_text()
+    assert registry.weights_table() in readme
+
+
+def test_cache_names_can_be_typed_and_old_quoted_names_are_found(cache):
+    url = registry.resolve("R50+ViT-B_16", "imagenet21k+imagenet2012").url
+    assert "%2B" in url and download.cached_name(url) == "imagenet21k+imagenet2012--R50+ViT-B_16.npz"
+    cache.mkdir()
+    old = cache / "imagenet21k%2Bimagenet2012--R50%2BViT-B_16.npz"
+    old.write_bytes(b"cached")
+    assert download.fetch(url) == old  # found without network
+
+
+# --- clear errors ------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_of_another_variant_says_what_the_file_is(tmp_path):
+    small = keras_vit.create_model("Ti/16", num_layers=1)
+    np.savez(tmp_path / "ti16.npz", **names.model_arrays(small))
+    with pytest.raises(keras_vit.CheckpointMismatchError) as error:
+        keras_vit.create_model("S/16", num_layers=1, weights=tmp_path / "ti16.npz")
+    message = str(error.value)
+    first = message.splitlines()[0]
+    assert "this is a ViT-Ti/16 token, 1 layers checkpoint; the model is ViT-S/16 token, 1 layers" in first
+    assert "Shape mismatch (" in message and len(message) < 1500
+
+
+def test_token_checkpoint_into_a_gap_model_is_an_architecture_error():
+    with pytest.raises(keras_vit.CheckpointMismatchError, match="token, 2 layers checkpoint; the model is .* gap") as error:
+        keras_vit.create_model("Ti/16-gap", weights=fixture_path("vit_tiny_token", "ckpt"), image_size=32, classes=10, **_tiny_overrides())
+    assert "square grid" not in str(error.value)
+
+
+def test_a_corrupt_array_is_named(tmp_path):
+    import zipfile
+
+    source = fixture_path("vit_tiny_token", "ckpt")
+    target = tmp_path / "corrupt.npz"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        for info in original.infolist():
+            data = original.read(info)
+            copy.writestr(info, b"\x93NUMPY garbage" if info.filename == "cls.npy" else data)
+    with pytest.raises(ValueError, match=r"array 'cls' is (corrupt|unreadable)") as error:
+        keras_vit.from_official_checkpoint(target)
+    assert "embedding" not in str(error.value)
+
+
+def test_a_keras_file_is_not_taken_for_an_npz(tmp_path):
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"))
+    model.save(tmp_path / "vit.keras")
+    (tmp_path / "vit.npz").write_bytes((tmp_path / "vit.keras").read_bytes())
+    with pytest.raises(ValueError, match="is a Keras .keras model file, not an official .npz checkpoint"):
+        keras_vit.from_official_checkpoint(tmp_path / "vit.npz")
+    result = _run("convert_jax_checkpoint.py", tmp_path / "vit.keras", tmp_path / "out.keras")
+    assert result.returncode != 0 and "already a Keras file" in result.stderr and not (tmp_path / "out.keras").exists()
+
+
+def test_an_unknown_weights_family_lists_the_families():
+    with pytest.raises(ValueError, match=r"Unknown weights 'imagenet': give a weights family \(imagenet21k, "):
+        keras_vit.ViT_Ti16(weights="imagenet", num_layers=1)
+
+
+def test_a_corrupt_file_in_the_cache_says_to_delete_it(cache, monkeypatch):
+    data = fixture_path("vit_tiny_token", "ckpt").read_bytes()
+    entry = registry.PretrainedWeights("https://example.invalid/vit/tiny.npz", 32, 10)
+    monkeypatch.setitem(registry.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [entry])
+    cache.mkdir()
+    (cache / "vit--tiny.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"download cache: delete it \(or move it aside\)"):
+        keras_vit.ViT_Ti16(weights="augreg_in21k", image_size=32, classes=10, **_tiny_overrides())
+
+
+def test_optimizer_state_arrays_are_ignored(tmp_path):
+    ref, _ = load_reference("vit_tiny_token")
+    arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
+    full = {f"opt/target/{k}": v for k, v in arrays.items()}
+    full.update({f"opt/state/param_states/{k}/grad_ema": np.zeros_like(v) for k, v in arrays.items()})
+    np.savez(tmp_path / "full.npz", **full)
+    model = keras_vit.from_official_checkpoint(tmp_path / "full.npz")
+    np.testing.assert_allclose(model.predict(ref["images"], verbose=0), ref["logits"], atol=1e-5)

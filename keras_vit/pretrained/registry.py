@@ -1,26 +1,15 @@
-"""Pretrained weights: the registry of official checkpoints, download, hash check and cache.
+"""The registry of official checkpoints: which file serves a model name and a weights family.
 
-``resolve_weights(model_name, family, image_size)`` picks the registry entry
-for a model name and a family (``"imagenet21k"``, ``"augreg_in21k_ft_in1k"``,
-...), preferring the file whose native resolution equals the requested one.
-``fetch(url, sha256)`` downloads through ``keras.utils.get_file`` into the
-cache (``KERAS_VIT_CACHE``, default ``~/.keras/keras_vit``), verifies the hash
-when one is known and fails fast with instructions when the URL cannot be
-reached. Nothing here builds a model.
+``resolve(model_name, family, image_size)`` picks the entry for an official
+model name and a family (``"imagenet21k"``, ``"augreg_in21k_ft_in1k"``, ...),
+preferring the file whose native resolution equals the requested one. Nothing
+here downloads or builds anything.
 """
 
-import contextlib
 import dataclasses
-import hashlib
-import os
-import socket
 import urllib.parse
-from pathlib import Path
-
-import keras
 
 BUCKET = "https://storage.googleapis.com/vit_models/"
-DOWNLOAD_TIMEOUT_S = 15.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +25,12 @@ class PretrainedWeights:
     classes: int  # outputs of the stored head (the 2020 imagenet21k heads are zeroed)
     sha256: str | None = None  # verified after download when known; the bucket publishes none
     preprocessing: str = "(pixels - 127.5) / 127.5"  # to [-1, 1], for every official checkpoint
+    upstream: str | None = None  # a fine-tune's pre-training run (the augreg file stem), when known
+
+    @property
+    def file_name(self):
+        """The file name under its family folder, e.g. ``R50+ViT-B_16.npz``."""
+        return self.path.rsplit("/", 1)[-1]
 
     @property
     def url(self):
@@ -58,6 +53,8 @@ _AUGREG_IN21K = {
     "R50+ViT-L_32": "R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1",
 }
 # Their ImageNet-1k fine-tunes: (file, resolution). 384 px as recommended upstream; 224 px as picked by timm.
+# The file stem before "--" names the upstream run: for S/32, B/32, B/8, L/16 and R26+S/32 at 224 px it is
+# another run than the augreg_in21k file above (``PretrainedWeights.upstream``, ``differs_from_augreg_in21k``).
 _AUGREG_IN21K_FT_IN1K = {
     "ViT-Ti_16": [
         (f"Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0{_FT}0.03-res_224", 224),
@@ -109,25 +106,33 @@ def _build_registry():
     """{(official model name, family): [PretrainedWeights, ...]} from the tables above."""
     registry = {}
 
-    def add(model, family, path, resolution, classes):
-        registry.setdefault((model, family), []).append(PretrainedWeights(path, resolution, classes))
+    def add(model, family, path, resolution, classes, upstream=None):
+        entry = PretrainedWeights(path, resolution, classes, upstream=upstream)
+        registry.setdefault((model, family), []).append(entry)
 
-    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "R50+ViT-B_16"):
+    for model in (
+        "ViT-B_8", "ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14",
+        "R26+ViT-B_32", "R50+ViT-B_16", "R50+ViT-L_32",
+    ):
         add(model, "imagenet21k", f"imagenet21k/{model}.npz", 224, IN21K_CLASSES)
     for model in ("ViT-B_16", "ViT-L_16"):
         add(model, "imagenet21k+imagenet2012", f"imagenet21k+imagenet2012/{model}-224.npz", 224, 1000)
-    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "R50+ViT-B_16"):
+    for model in ("ViT-B_8", "ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "R50+ViT-B_16"):
         add(model, "imagenet21k+imagenet2012", f"imagenet21k+imagenet2012/{model}.npz", 384, 1000)
     for model, stem in _AUGREG_IN21K.items():
         add(model, "augreg_in21k", f"augreg/{stem}.npz", 224, IN21K_CLASSES)
     for model, files in _AUGREG_IN21K_FT_IN1K.items():
         for stem, resolution in files:
-            add(model, "augreg_in21k_ft_in1k", f"augreg/{stem}.npz", resolution, 1000)
+            add(model, "augreg_in21k_ft_in1k", f"augreg/{stem}.npz", resolution, 1000, upstream=stem.split("--")[0])
     for model, stem in _AUGREG_IN1K.items():
         for resolution in (224, 384):
-            add(model, "augreg_in1k", f"augreg/{stem}{_FT}0.01-res_{resolution}.npz", resolution, 1000)
-    for model in ("ViT-B_16", "ViT-B_32"):
+            add(model, "augreg_in1k", f"augreg/{stem}{_FT}0.01-res_{resolution}.npz", resolution, 1000, upstream=stem)
+    for model in ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32"):
         add(model, "sam", f"sam/{model}.npz", 224, 1000)
+    # Left out: sam/ViT-S_16.npz. It holds about three times the bytes of ViT-S/16's parameters, which is what a
+    # full Flax optimizer checkpoint (opt/target parameters plus Adam's two moments under opt/state) would weigh;
+    # its arrays could not be inspected here (no network). keras_vit ignores opt/state/ arrays, so if that is
+    # what it holds, the file loads by path or URL (weights="https://storage.googleapis.com/vit_models/sam/...").
     return registry
 
 
@@ -140,11 +145,12 @@ def families_for(model_name):
     return [family for (model, family) in REGISTRY if model == model_name]
 
 
-def resolve_weights(model_name, family, image_size=None):
+def resolve(model_name, family, image_size=None):
     """The registry entry for ``model_name`` and ``family``; prefers the native resolution ``image_size``.
 
     Raises ``ValueError`` naming the families that exist for the model.
     """
+    model_name = model_name.replace("_ViT", "+ViT")  # a model's default name spells a hybrid's "+" as "_"
     entries = REGISTRY.get((model_name, family))
     if not entries:
         available = families_for(model_name)
@@ -158,65 +164,27 @@ def resolve_weights(model_name, family, image_size=None):
     return min(entries, key=lambda e: abs(e.resolution - (height or e.resolution)))
 
 
-def cache_dir():
-    """The download cache folder: ``$KERAS_VIT_CACHE``, else ``keras_vit`` in ``$KERAS_HOME`` (``~/.keras``)."""
-    default = Path(os.environ.get("KERAS_HOME", "~/.keras")) / "keras_vit"
-    return Path(os.environ.get("KERAS_VIT_CACHE", default)).expanduser()
 
 
-def sha256_of(path, chunk=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def differs_from_augreg_in21k(model_name, entry):
+    """Whether an ``augreg_in21k_ft_in1k`` entry fine-tunes another upstream run than the model's augreg_in21k file."""
+    upstream = _AUGREG_IN21K.get(model_name)
+    return entry.upstream is not None and upstream is not None and entry.upstream != upstream
 
 
-@contextlib.contextmanager
-def _socket_timeout(seconds):
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def cached_name(url):
-    """The cache file name of a URL: its folder and file joined, e.g. ``imagenet21k--ViT-B_16.npz``."""
-    parts = [p for p in urllib.parse.urlsplit(url).path.split("/") if p]
-    return "--".join(parts[-2:]) if len(parts) > 1 else parts[-1]
-
-
-def fetch(url, sha256=None, timeout=DOWNLOAD_TIMEOUT_S):
-    """Downloads ``url`` into the cache (once) and returns the local path.
-
-    With ``sha256`` the file is verified after download (and when found in the
-    cache); a mismatch deletes the file and raises ``ValueError``. A URL that
-    cannot be reached raises ``ConnectionError`` within about ``timeout``
-    seconds, saying where to place the file by hand.
-    """
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp for a folder it cannot write
-    target = folder / cached_name(url)
-    if target.exists():
-        if sha256 is None or sha256_of(target) == sha256:
-            return target
-        target.unlink()  # a stale or damaged copy: download it again
-    try:
-        with _socket_timeout(timeout):
-            path = Path(keras.utils.get_file(fname=target.name, origin=url, cache_dir=str(folder), cache_subdir=""))
-    except Exception as error:  # get_file raises bare Exception for URL errors
-        if target.exists():
-            target.unlink()
-        raise ConnectionError(
-            f"Could not download {url} ({error}). Without network access, download it elsewhere and place it at "
-            f"{target} (the cache folder is set by KERAS_VIT_CACHE), or pass the local file path as weights=."
-        ) from None
-    if sha256 is not None and sha256_of(path) != sha256:
-        path.unlink()
-        raise ValueError(
-            f"The file downloaded from {url} does not have the expected sha256 {sha256}; it was deleted. "
-            "Retry the download; if it fails again the file on the server has changed."
-        )
-    return path
+def weights_table():
+    """The README's weights table (Markdown), generated from the registry: one row per file."""
+    rows = ["| Model | Family | Resolution | Classes | File | Upstream run |", "|---|---|---|---|---|---|"]
+    for (model, family), entries in REGISTRY.items():
+        for entry in entries:
+            upstream = ""
+            if entry.upstream:
+                upstream = f"`{entry.upstream}`" + (
+                    " (not the augreg_in21k file)"
+                    if family == "augreg_in21k_ft_in1k" and differs_from_augreg_in21k(model, entry)
+                    else ""
+                )
+            rows.append(
+                f"| {model} | {family} | {entry.resolution} | {entry.classes} | `{entry.path}` | {upstream} |"
+            )
+    return "\n".join(rows)

@@ -1,0 +1,104 @@
+"""Geometry of pretrained arrays: position-embedding grids, patch-kernel sizes, input channels.
+
+All functions are NumPy, float64 inside, and return the input dtype.
+"""
+
+import numpy as np
+
+
+def square_grid(num_tokens):
+    """The (g, g) grid of ``num_tokens`` grid tokens; ``ValueError`` when it is not a square."""
+    side = int(round(np.sqrt(num_tokens)))
+    if side * side != num_tokens:
+        raise ValueError(
+            f"{num_tokens} position embeddings do not form a square grid; pass the source grid (rows, columns) "
+            "explicitly for a rectangular checkpoint."
+        )
+    return (side, side)
+
+
+def _linear_resample(array, size, axis):
+    """Linear interpolation along ``axis`` to ``size`` samples with aligned corners (float64)."""
+    old = array.shape[axis]
+    if size == old:
+        return array
+    positions = np.arange(size) * ((old - 1) / (size - 1)) if size > 1 else np.zeros(1)
+    low = np.clip(np.floor(positions).astype(int), 0, old - 1)
+    high = np.minimum(low + 1, old - 1)
+    frac = (positions - low).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+    return np.take(array, low, axis=axis) * (1 - frac) + np.take(array, high, axis=axis) * frac
+
+
+def interpolate_posemb(posemb, target_grid, num_prefix_tokens=1, source_grid=None):
+    """Resizes position embeddings (1, prefix + gh*gw, D) to (1, prefix + th*tw, D), the official way.
+
+    The prefix (class-token) rows are kept; the grid is resampled bilinearly
+    with aligned corners, which is what the official ``interpolate_posembed``
+    does through ``scipy.ndimage.zoom(order=1)``. ``source_grid`` defaults to
+    the square grid; rectangular grids are supported both ways.
+    """
+    posemb = np.asarray(posemb)
+    if posemb.ndim != 3 or posemb.shape[0] != 1:
+        raise ValueError(f"Position embeddings must be shaped (1, tokens, hidden), got {posemb.shape}.")
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:].astype(np.float64)
+    source_grid = tuple(source_grid) if source_grid is not None else square_grid(grid.shape[0])
+    if source_grid[0] * source_grid[1] != grid.shape[0]:
+        raise ValueError(f"Source grid {source_grid} does not hold the {grid.shape[0]} position embeddings given.")
+    grid = grid.reshape(*source_grid, -1)
+    grid = _linear_resample(_linear_resample(grid, target_grid[0], 0), target_grid[1], 1)
+    grid = grid.reshape(1, target_grid[0] * target_grid[1], -1).astype(posemb.dtype)
+    return np.concatenate([prefix, grid], axis=1)
+
+
+def bilinear_resize_matrix(old, new):
+    """(new, old) matrix of 1-D bilinear resizing with half-pixel centres, antialiased when shrinking.
+
+    The weights of ``jax.image.resize(..., "bilinear")``: output sample i sits
+    at input coordinate ``(i + 0.5) * old / new - 0.5`` and takes a triangle
+    kernel of the input samples, widened by ``old / new`` when shrinking;
+    each row is normalised over the samples inside the input.
+    """
+    scale = new / old
+    kernel_scale = min(scale, 1.0)
+    centres = (np.arange(new) + 0.5) / scale - 0.5
+    distance = np.arange(old)[None, :] - centres[:, None]
+    weights = np.maximum(0.0, 1.0 - np.abs(distance) * kernel_scale)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resample_patch_kernel(kernel, new_size):
+    """FlexiViT's pseudo-inverse resize of a patch-embedding kernel (ph, pw, C, D) to (nh, nw, C, D).
+
+    With B the (nh*nw, ph*pw) bilinear resize of a patch (``bilinear_resize_matrix``
+    on each axis), the new kernel is ``pinv(B^T) @ w`` for each flattened
+    filter w: the kernel whose tokens of resized patches best match the old
+    tokens of the original patches, ``<x, w> = <B x, w_new>`` (exactly when
+    growing the patch). Beyer et al., "FlexiViT: One Model for All Patch
+    Sizes", 2023, section 3.4.
+    """
+    kernel = np.asarray(kernel)
+    old, new = tuple(kernel.shape[:2]), tuple(new_size)
+    if old == new:
+        return kernel
+    resize = np.kron(bilinear_resize_matrix(old[0], new[0]), bilinear_resize_matrix(old[1], new[1]))
+    flat = kernel.astype(np.float64).reshape(old[0] * old[1], -1)
+    resampled = np.linalg.pinv(resize.T) @ flat
+    return resampled.reshape(*new, *kernel.shape[2:]).astype(kernel.dtype)
+
+
+def adapt_input_channels(kernel, channels):
+    """A first-layer kernel (kh, kw, C, D) for ``channels`` input channels, as timm's ``adapt_input_conv``.
+
+    One channel: the sum over the C input channels (a grey image gives the
+    colour model's response to that grey). Otherwise: the C channels
+    repeated to ``channels`` and scaled by C / channels.
+    """
+    kernel = np.asarray(kernel)
+    have = kernel.shape[2]
+    if channels == have:
+        return kernel
+    wide = kernel.astype(np.float64)
+    if channels == 1:
+        return wide.sum(axis=2, keepdims=True).astype(kernel.dtype)
+    repeats = -(-channels // have)
+    return (np.tile(wide, (1, 1, repeats, 1))[:, :, :channels] * (have / channels)).astype(kernel.dtype)
