@@ -270,7 +270,7 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
             import onnxruntime  # noqa: F401
             import tf2onnx  # noqa: F401
         except ImportError:
-            raise ImportError("ONNX export needs tf2onnx and onnxruntime: pip install 'keras-vit[onnx]'.") from None
+            raise ImportError("ONNX export needs tf2onnx and onnxruntime: pip install 'keras3-vit[onnx]'.") from None
     model = float32_model(model)
     height, width, channels = _input_size(model)
     if images is None:

@@ -1,4 +1,4 @@
-"""PNG figures laid out like the seed's Figures 6 and 7 (needs matplotlib: ``pip install keras-vit[plots]``)."""
+"""PNG figures laid out like the seed's Figures 6 and 7 (needs matplotlib: ``pip install keras3-vit[plots]``)."""
 
 import numpy as np
 
@@ -7,7 +7,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("Plotting needs matplotlib: pip install 'keras-vit[plots]'.") from None
+        raise ImportError("Plotting needs matplotlib: pip install 'keras3-vit[plots]'.") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

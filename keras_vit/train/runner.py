@@ -497,7 +497,7 @@ def plot_history(history, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed: no plot (pip install keras-vit[plots]).")
+        log.warning("matplotlib is not installed: no plot (pip install keras3-vit[plots]).")
         return None
     steps = [r["step"] for r in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
