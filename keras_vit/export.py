@@ -26,6 +26,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -69,9 +70,14 @@ def float32_model(model):
     cannot convert bfloat16 convolutions, and exports are compared with float32 Keras outputs.
     """
     config, changed = _float32_config(model.get_config())
-    if not changed:
+    if not changed and model.compute_dtype == "float32":  # a VisionTransformer's config holds no dtype
         return model
-    copy = model.__class__.from_config(config)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")  # for layers whose config holds no dtype (VisionTransformer's builder)
+    try:
+        copy = model.__class__.from_config(config)
+    finally:
+        keras.config.set_dtype_policy(previous)
     copy.set_weights(model.get_weights())
     log.info("Exporting a float32 copy of %s (it computes in %s).", model.name, model.compute_dtype)
     return copy
