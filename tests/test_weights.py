@@ -382,15 +382,17 @@ def test_hybrid_root_convolution_is_adapted_to_the_input_channels():
 
 
 def _np_resize_matrix(old, new):
-    """(new*new, old*old): column j is jax.image.resize (bilinear) of the j-th basis patch, an independent B."""
-    import jax
+    """(new*new, old*old): column j is the bilinear resize of the j-th basis patch, an independent B.
 
-    columns = []
-    for j in range(old * old):
-        basis = np.zeros(old * old)
-        basis[j] = 1.0
-        columns.append(np.asarray(jax.image.resize(basis.reshape(old, old), (new, new), "bilinear")).ravel())
-    return np.stack(columns, axis=1)
+    ``tf.image.resize(..., "bilinear", antialias=True)`` is TensorFlow's scale-and-translate
+    resize, the algorithm ``jax.image.resize(..., "bilinear")`` (what FlexiViT uses) was ported
+    from; it needs no optional dependency.
+    """
+    import tensorflow as tf
+
+    basis = np.eye(old * old).reshape(old * old, old, old, 1)
+    resized = tf.image.resize(basis, (new, new), "bilinear", antialias=True).numpy()
+    return resized.reshape(old * old, new * new).T.astype(np.float64)
 
 
 @pytest.mark.parametrize("old, new", [(4, 8), (4, 6), (8, 4), (16, 10)])
@@ -412,7 +414,7 @@ def test_patch_kernel_resampling_is_flexivits_pseudo_inverse(old, new):
 
 
 def _grow_patches(images, old, new):
-    """Resizes every old x old patch of (B, H, W, C) images to new x new (jax bilinear), patch by patch."""
+    """Resizes every old x old patch of (B, H, W, C) images to new x new (bilinear, antialiased), patch by patch."""
     batch, height, width, channels = images.shape
     resize = _np_resize_matrix(old, new)
     grid = images.reshape(batch, height // old, old, width // old, old, channels).transpose(0, 1, 3, 2, 4, 5)
