@@ -30,18 +30,147 @@ def to_pair(value, what="size"):
     return pair
 
 
+# Memory-lean gradients. Each function below computes its forward pass with exactly the ops of the plain
+# computation (same numbers) and defines its gradient with ``keras.ops.custom_gradient`` so that the backward
+# pass keeps only the function's inputs and recomputes the rest: plain autodiff of a tanh-GELU keeps four
+# (B*T, M) tensors per block, of a LayerNorm a float32 copy of its input and a (B, T, D) scale, of the
+# attention its (B, N, T, T) probabilities (twice under mixed precision). Half-precision gradients are computed
+# in float32 and cast back. benchmarks/RESULTS.md lists what a training step keeps, by op.
+
+
+def _after(upstream, *tensors):
+    """``tensors`` for a recomputation in a backward pass, read only once ``upstream`` exists.
+
+    TensorFlow's graph executor runs an op as soon as its inputs exist and its optimizer merges identical
+    ops: without the control dependency a recomputation that reads only forward tensors would run (or be
+    merged into) the forward pass and its result would be kept alive, which is what it is there to avoid.
+    JAX and PyTorch schedule the backward pass themselves.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return tensors
+    import tensorflow as tf
+
+    with tf.control_dependencies([upstream]):
+        return tuple(tf.identity(t) for t in tensors)
+
+
+def _upstream(args, upstream):
+    """The output cotangent of a ``custom_gradient`` grad function (positional on TF/JAX, keyword on torch)."""
+    return args[0] if upstream is None else upstream
+
+
+def _compute_dtype(x):
+    """float32 for half-precision tensors (gradients are computed in float32), else the tensor's dtype."""
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def _gelu_derivative(x, form):
+    """d gelu(x) / dx, elementwise, written differently from the forward ops (so that none are merged)."""
+    if form == "tanh":
+        square = x * x
+        t = ops.tanh(x * (_SQRT_2_OVER_PI + (_SQRT_2_OVER_PI * _GELU_CUBIC) * square))
+        return 0.5 * (1.0 + t) + (0.5 * _SQRT_2_OVER_PI) * x * (1.0 - t * t) * (1.0 + 3.0 * _GELU_CUBIC * square)
+    return 0.5 * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0)))) + x * ops.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
 def gelu(x, form="tanh"):
-    """GELU activation: ``"tanh"`` (the official model's approximation) or ``"erf"`` (exact).
+    """GELU activation: ``"tanh"`` (the official model's approximation) or ``"erf"`` (exact); any shape.
 
     The exact form is written with ``keras.ops.erf`` so that it exports to ONNX
-    (TensorFlow's own exact-GELU op does not).
+    (TensorFlow's own exact-GELU op does not). The gradient keeps only ``x``.
     """
+    if form not in GELU_FORMS:
+        raise ValueError(f"gelu must be one of {GELU_FORMS}, got {form!r}.")
     x = ops.convert_to_tensor(x)
-    if form == "tanh":
-        return ops.gelu(x, approximate=True)
-    if form == "erf":
-        return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
-    raise ValueError(f"gelu must be one of {GELU_FORMS}, got {form!r}.")
+
+    @ops.custom_gradient
+    def activation(x):
+        if form == "tanh":
+            y = ops.gelu(x, approximate=True)
+        else:
+            y = 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+
+        def grad(*args, upstream=None):
+            upstream = _upstream(args, upstream)
+            (x_,) = _after(upstream, x)
+            dtype = _compute_dtype(x_)
+            derivative = _gelu_derivative(ops.cast(x_, dtype), form)
+            return ops.cast(ops.cast(upstream, dtype) * derivative, x_.dtype)
+
+        return y, grad
+
+    return activation(x)
+
+
+def layer_norm(x, gamma, beta, epsilon=LAYER_NORM_EPSILON):
+    """LayerNorm over the last axis, as ``keras.ops.layer_normalization``: (..., D) -> (..., D), x's dtype.
+
+    Statistics in float32; ``gamma`` and ``beta`` are (D,). The gradient keeps ``x`` (and ``gamma``) and
+    recomputes the statistics.
+    """
+
+    @ops.custom_gradient
+    def normalize(x, gamma, beta):
+        y = ops.layer_normalization(x, gamma, beta, axis=-1, epsilon=epsilon)
+
+        def grad(*args, upstream=None):
+            upstream = _upstream(args, upstream)
+            x_, gamma_ = _after(upstream, x, gamma)
+            dtype = _compute_dtype(x_)
+            xf = ops.cast(x_, dtype)
+            mean = ops.mean(xf, axis=-1, keepdims=True)
+            centered = xf - mean
+            rstd = ops.rsqrt(ops.mean(centered * centered, axis=-1, keepdims=True) + epsilon)
+            normalized = centered * rstd
+            g = ops.cast(upstream, dtype)
+            batch_axes = tuple(range(len(x_.shape) - 1))
+            d_gamma = ops.sum(g * normalized, axis=batch_axes)
+            d_beta = ops.sum(g, axis=batch_axes)
+            g = g * ops.cast(gamma_, dtype)
+            dx = rstd * (
+                g - ops.mean(g, axis=-1, keepdims=True) - normalized * ops.mean(g * normalized, axis=-1, keepdims=True)
+            )
+            return ops.cast(dx, x_.dtype), ops.cast(d_gamma, gamma_.dtype), ops.cast(d_beta, beta.dtype)
+
+        return y, grad
+
+    # Copies read variables into tensors: TensorFlow's custom_gradient refuses variables read inside it.
+    return normalize(x, ops.copy(gamma), ops.copy(beta))
+
+
+def attention(q, k, v):
+    """``softmax(q k^T) v`` per head: q, k, v (B, N, T, dh) -> (B, N, T, dh); q already scaled by 1/sqrt(dh).
+
+    The softmax runs in float32 (its probabilities are cast to q's dtype for the product with v). The
+    gradient keeps q, k and v and recomputes the (B, N, T, T) probabilities.
+    """
+
+    @ops.custom_gradient
+    def attend(q, k, v):
+        weights = ops.softmax(ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), "float32"), axis=-1)
+        out = ops.matmul(ops.cast(weights, q.dtype), v)
+
+        def grad(*args, upstream=None):
+            upstream = _upstream(args, upstream)
+            q_, k_, v_ = _after(upstream, q, k, v)
+            logits = ops.einsum("bnqd,bnkd->bnqk", q_, k_)  # recomputed, not transposed: no op to merge with
+            weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+            d_v = ops.matmul(ops.transpose(ops.cast(weights, q_.dtype), (0, 1, 3, 2)), upstream)
+            d_weights = ops.cast(ops.matmul(upstream, ops.transpose(v_, (0, 1, 3, 2))), "float32")
+            d_logits = weights * (d_weights - ops.sum(d_weights * weights, axis=-1, keepdims=True))
+            d_logits = ops.cast(d_logits, q_.dtype)
+            d_q = ops.matmul(d_logits, k_)
+            d_k = ops.matmul(ops.transpose(d_logits, (0, 1, 3, 2)), q_)
+            return d_q, d_k, d_v
+
+        return out, grad
+
+    return attend(q, k, v)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -163,6 +292,27 @@ class AddPositionEmbs(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class LayerNorm(keras.layers.LayerNormalization):
+    """``keras.layers.LayerNormalization`` over the last axis whose gradient keeps only its input.
+
+    (..., D) -> (..., D). Same weights (``gamma``, ``beta``), config and
+    forward computation as the Keras layer (see ``layer_norm``); only the
+    last axis, with centering and scaling.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.axis not in (-1, [-1]) or not (self.center and self.scale) or self.rms_scaling:
+            raise ValueError(
+                "LayerNorm normalizes the last axis with center=True, scale=True and rms_scaling=False; "
+                "use keras.layers.LayerNormalization for other settings."
+            )
+
+    def call(self, inputs):
+        return ops.cast(layer_norm(inputs, self.gamma, self.beta, self.epsilon), self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class MultiHeadSelfAttention(keras.layers.Layer):
     """Multi-head dot-product self-attention with the official parameter layout.
 
@@ -170,7 +320,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     Parameters: ``query_kernel``/``key_kernel``/``value_kernel`` (D, N, dh) with
     biases (N, dh), ``out_kernel`` (N, dh, D) with bias (D,), exactly the shapes
     of flax's ``MultiHeadDotProductAttention``. Queries are scaled by 1/sqrt(dh);
-    the softmax runs in float32 under mixed precision.
+    the softmax runs in float32 under mixed precision. Without attention
+    weights to return or attention dropout to apply, the core runs through
+    ``attention`` (whose gradient keeps q, k, v, not the (B, N, T, T) weights).
     """
 
     def __init__(
@@ -237,10 +389,14 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         qkv = ops.matmul(ops.reshape(x, (-1, hidden)), kernel) + bias  # (B*T, 3D)
         qkv = ops.transpose(ops.reshape(qkv, (batch, tokens, 3, heads, head_dim)), (2, 0, 3, 1, 4))
         q, k, v = ops.unstack(qkv, 3, axis=0)  # (B, N, T, dh) each; unstacking has a cheap gradient
-        logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))  # (B, N, T, T)
-        weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
-        dropped = self.dropout(ops.cast(weights, x.dtype), training=training)
-        context = ops.transpose(ops.matmul(dropped, v), (0, 2, 1, 3))  # (B, T, N, dh)
+        if return_attention_scores or (training and self.dropout_rate):
+            logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))  # (B, N, T, T)
+            weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+            dropped = self.dropout(ops.cast(weights, x.dtype), training=training)
+            context = ops.matmul(dropped, v)
+        else:  # the same ops, with a gradient that keeps q, k, v instead of the probabilities
+            context = attention(q, k, v)
+        context = ops.transpose(context, (0, 2, 1, 3))  # (B, T, N, dh)
         out = ops.matmul(ops.reshape(context, (-1, hidden)), ops.reshape(self.out_kernel, (hidden, hidden)))
         out = ops.reshape(out + self.out_bias, (batch, tokens, hidden))
         if return_attention_scores:
@@ -338,13 +494,11 @@ class TransformerBlock(keras.layers.Layer):
         self.seed = seed
         self.remat = remat
         policy = self.dtype_policy
-        self.norm_attention = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=policy, name="LayerNorm_0"
-        )
+        self.norm_attention = LayerNorm(epsilon=layer_norm_epsilon, dtype=policy, name="LayerNorm_0")
         self.attention = MultiHeadSelfAttention(
             num_heads, dropout_rate=attention_dropout_rate, dtype=policy, name="MultiHeadDotProductAttention_1"
         )
-        self.norm_mlp = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=policy, name="LayerNorm_2")
+        self.norm_mlp = LayerNorm(epsilon=layer_norm_epsilon, dtype=policy, name="LayerNorm_2")
         self.mlp_in = keras.layers.Dense(
             mlp_dim,
             kernel_initializer="glorot_uniform",
@@ -402,10 +556,11 @@ class TransformerBlock(keras.layers.Layer):
             return branch * self._mask((ops.shape(branch)[0], 1, 1), self.stochastic_depth_rate, branch.dtype)
         return branch * masks[name]
 
-    def _forward(self, x, training, masks=None):
+    def _forward(self, x, training, masks=None, return_attention_scores=False):
         """The block on (B, T, D); ``masks`` (from ``_training_masks``) replace the layers' own random draws."""
         shape = ops.shape(x)
-        y, weights = self.attention(self.norm_attention(x), training=training, return_attention_scores=True)
+        y = self.attention(self.norm_attention(x), training=training, return_attention_scores=return_attention_scores)
+        y, weights = y if return_attention_scores else (y, None)
         y = ops.reshape(self._dropout(ops.reshape(y, (-1, shape[-1])), training, masks, "attention_out"), shape)
         x = x + self._drop_path(y, training, masks, "path_attention")
         # The MLP runs on (B*T, D) rows: plain matrix products that TensorFlow
@@ -414,7 +569,7 @@ class TransformerBlock(keras.layers.Layer):
         y = self._dropout(gelu(self.mlp_in(y), self.gelu), training, masks, "mlp_hidden")
         y = self._dropout(self.mlp_out(y), training, masks, "mlp_out")
         x = x + self._drop_path(ops.reshape(y, shape), training, masks, "path_mlp")
-        return x, weights
+        return (x, weights) if return_attention_scores else x
 
     def call(self, x, training=None, return_attention_scores=False):
         if self.remat and training and not return_attention_scores:
@@ -422,13 +577,10 @@ class TransformerBlock(keras.layers.Layer):
             names = sorted(masks)
 
             def block(x, *mask_values):
-                return self._forward(x, training, dict(zip(names, mask_values)))[0]
+                return self._forward(x, training, dict(zip(names, mask_values)))
 
             return keras.remat(block)(x, *(masks[name] for name in names))
-        x, weights = self._forward(x, training)
-        if return_attention_scores:
-            return x, weights
-        return x
+        return self._forward(x, training, return_attention_scores=return_attention_scores)
 
     def compute_output_spec(self, x, training=None, return_attention_scores=False):
         return self.attention.compute_output_spec(x, return_attention_scores=return_attention_scores)
