@@ -57,18 +57,29 @@ def _tf_forward(model, images, xla):
 
 
 def build_keras_vit(spec, workload, batch, precision, xla, options):
+    """keras_vit; options: builder arguments (``remat``) and ``loop``: ``"trainer"`` (default) or ``"fit"``."""
     import keras
     import tensorflow as tf
 
     import keras_vit
     from keras_vit.train import distribute, trainer as training
 
+    options = dict(options)
+    loop = options.pop("loop", "trainer")
     keras.mixed_precision.set_global_policy(precision)
     model = keras_vit.vision_transformer(**spec, **options)  # the spec's keys are the builder's arguments
     images, labels = _tf_batch(spec, batch)
     if workload == "inference":
         return _tf_forward(model, images, xla)
     optimizer = training.make_optimizer("adam", 1e-3, weight_decay=1e-4)
+    if loop == "fit":  # what a Keras user runs: compile, then train_on_batch (one fit step)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+            metrics=[],
+            jit_compile=xla,
+        )
+        return lambda: model.train_on_batch(images, labels)
     strategy = distribute.get_strategy("default")
     trainer = training.Trainer(model, optimizer, strategy, batch, jit_compile=xla)
     batches = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat()))

@@ -110,7 +110,7 @@ def gelu(x, form="tanh"):
 def layer_norm(x, gamma, beta, epsilon=LAYER_NORM_EPSILON):
     """LayerNorm over the last axis, as ``keras.ops.layer_normalization``: (..., D) -> (..., D), x's dtype.
 
-    Statistics in float32; ``gamma`` and ``beta`` are (D,). The gradient keeps ``x`` (and ``gamma``) and
+    Statistics in at least float32; ``gamma`` and ``beta`` are (D,). The gradient keeps ``x`` (and ``gamma``) and
     recomputes the statistics.
     """
 
@@ -146,22 +146,24 @@ def layer_norm(x, gamma, beta, epsilon=LAYER_NORM_EPSILON):
 def attention(q, k, v):
     """``softmax(q k^T) v`` per head: q, k, v (B, N, T, dh) -> (B, N, T, dh); q already scaled by 1/sqrt(dh).
 
-    The softmax runs in float32 (its probabilities are cast to q's dtype for the product with v). The
+    The softmax runs in float32 for half-precision inputs (its probabilities are cast to q's dtype for the
+    product with v), in the inputs' dtype otherwise. The
     gradient keeps q, k and v and recomputes the (B, N, T, T) probabilities.
     """
 
     @ops.custom_gradient
     def attend(q, k, v):
-        weights = ops.softmax(ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), "float32"), axis=-1)
+        softmax_dtype = _compute_dtype(q)
+        weights = ops.softmax(ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), softmax_dtype), axis=-1)
         out = ops.matmul(ops.cast(weights, q.dtype), v)
 
         def grad(*args, upstream=None):
             upstream = _upstream(args, upstream)
             q_, k_, v_ = _after(upstream, q, k, v)
             logits = ops.einsum("bnqd,bnkd->bnqk", q_, k_)  # recomputed, not transposed: no op to merge with
-            weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+            weights = ops.softmax(ops.cast(logits, softmax_dtype), axis=-1)
             d_v = ops.matmul(ops.transpose(ops.cast(weights, q_.dtype), (0, 1, 3, 2)), upstream)
-            d_weights = ops.cast(ops.matmul(upstream, ops.transpose(v_, (0, 1, 3, 2))), "float32")
+            d_weights = ops.cast(ops.matmul(upstream, ops.transpose(v_, (0, 1, 3, 2))), softmax_dtype)
             d_logits = weights * (d_weights - ops.sum(d_weights * weights, axis=-1, keepdims=True))
             d_logits = ops.cast(d_logits, q_.dtype)
             d_q = ops.matmul(d_logits, k_)
@@ -320,7 +322,8 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     Parameters: ``query_kernel``/``key_kernel``/``value_kernel`` (D, N, dh) with
     biases (N, dh), ``out_kernel`` (N, dh, D) with bias (D,), exactly the shapes
     of flax's ``MultiHeadDotProductAttention``. Queries are scaled by 1/sqrt(dh);
-    the softmax runs in float32 under mixed precision. Without attention
+    the softmax runs in float32 under mixed precision (in float64 for float64
+    models). Without attention
     weights to return or attention dropout to apply, the core runs through
     ``attention`` (whose gradient keeps q, k, v, not the (B, N, T, T) weights).
     """
@@ -391,7 +394,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         q, k, v = ops.unstack(qkv, 3, axis=0)  # (B, N, T, dh) each; unstacking has a cheap gradient
         if return_attention_scores or (training and self.dropout_rate):
             logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))  # (B, N, T, T)
-            weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+            weights = ops.softmax(ops.cast(logits, _compute_dtype(logits)), axis=-1)
             dropped = self.dropout(ops.cast(weights, x.dtype), training=training)
             context = ops.matmul(dropped, v)
         else:  # the same ops, with a gradient that keeps q, k, v instead of the probabilities
@@ -408,7 +411,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         if not return_attention_scores:
             return out
         batch, tokens = x.shape[0], x.shape[1]
-        return out, keras.KerasTensor((batch, self.num_heads, tokens, tokens), dtype="float32")
+        return out, keras.KerasTensor((batch, self.num_heads, tokens, tokens), dtype=_compute_dtype(out))
 
     def get_config(self):
         config = super().get_config()
@@ -448,7 +451,7 @@ class TransformerBlock(keras.layers.Layer):
     (``LayerNorm_0``, ``MultiHeadDotProductAttention_1``, ``LayerNorm_2``,
     ``MlpBlock_3/Dense_0``, ``MlpBlock_3/Dense_1``). With
     ``return_attention_scores=True`` the call also returns the attention
-    weights (B, N, T, T) in float32.
+    weights (B, N, T, T) in float32 (float64 for a float64 block).
 
     ``stochastic_depth_rate`` is the probability that a training sample skips
     each residual branch (kept branches are scaled by 1 / keep probability).
@@ -640,7 +643,7 @@ class TokenPooling(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class AttentionWeights(keras.layers.Layer):
-    """The attention weights of a ``TransformerBlock`` on its input: (B, T, D) -> (B, N, T, T), float32.
+    """The attention weights of a ``TransformerBlock`` on its input: (B, T, D) -> (B, N, T, T), float32 (float64 for a float64 block).
 
     Shares the block's variables (it runs the block's ``LayerNorm_0`` and
     attention sub-layers); used by ``VisionTransformer.features`` to expose
@@ -655,7 +658,8 @@ class AttentionWeights(keras.layers.Layer):
         return self.block.attention(self.block.norm_attention(x), training=training, return_attention_scores=True)[1]
 
     def compute_output_spec(self, x, training=None):
-        return keras.KerasTensor((x.shape[0], self.block.num_heads, x.shape[1], x.shape[1]), dtype="float32")
+        dtype = _compute_dtype(keras.KerasTensor((), dtype=self.block.compute_dtype))
+        return keras.KerasTensor((x.shape[0], self.block.num_heads, x.shape[1], x.shape[1]), dtype=dtype)
 
     def get_config(self):
         config = super().get_config()

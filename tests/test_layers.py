@@ -214,3 +214,206 @@ def test_remat_block_forward_equals_the_plain_block_on_every_backend():
     expected = keras.ops.convert_to_numpy(plain(x, training=True))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(remat(x, training=True)), expected, atol=1e-6)
     assert TransformerBlock.from_config(remat.get_config()).remat is True
+
+
+# --- memory-lean gradients (layers.gelu, layer_norm, attention): the plain computation's numbers ------------------
+
+BACKEND = keras.backend.backend()
+float64_backends = pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="float64 needs JAX's process-wide x64 switch; Keras' PyTorch matmul returns float32 for float64 tensors",
+)
+
+
+def _vjp(function, inputs, cotangent):
+    """Gradients of ``sum(function(*inputs) * cotangent)`` with respect to every input, as NumPy arrays."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        inputs = [tf.constant(x) for x in inputs]
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            loss = tf.reduce_sum(function(*inputs) * cotangent)
+        return [g.numpy() for g in tape.gradient(loss, inputs)]
+    if BACKEND == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        loss = lambda *xs: jnp.sum(function(*xs) * cotangent)  # noqa: E731
+        return [np.asarray(g) for g in jax.grad(loss, argnums=tuple(range(len(inputs))))(*map(jnp.asarray, inputs))]
+    import torch
+
+    inputs = [torch.tensor(x, requires_grad=True) for x in inputs]
+    loss = torch.sum(function(*inputs) * torch.tensor(cotangent))
+    return [g.numpy() for g in torch.autograd.grad(loss, inputs)]
+
+
+def _plain_attention(q, k, v):
+    softmax_dtype = "float32" if keras.backend.standardize_dtype(q.dtype) == "bfloat16" else q.dtype
+    weights = keras.ops.softmax(keras.ops.cast(keras.ops.matmul(q, keras.ops.transpose(k, (0, 1, 3, 2))), softmax_dtype))
+    return keras.ops.matmul(keras.ops.cast(weights, q.dtype), v)
+
+
+LEAN_AND_PLAIN = {  # name: (lean function, plain function, input shapes)
+    "gelu_tanh": (lambda x: layers.gelu(x, "tanh"), lambda x: keras.ops.gelu(x, approximate=True), [(3, 7, 11)]),
+    "gelu_erf": (
+        lambda x: layers.gelu(x, "erf"),
+        lambda x: 0.5 * x * (1.0 + keras.ops.erf(x * float(1.0 / np.sqrt(2.0)))),
+        [(3, 7, 11)],
+    ),
+    "layer_norm": (
+        lambda x, g, b: layers.layer_norm(x, g, b),
+        lambda x, g, b: keras.ops.layer_normalization(x, g, b, epsilon=layers.LAYER_NORM_EPSILON),
+        [(3, 7, 11), (11,), (11,)],
+    ),
+    "attention": (layers.attention, _plain_attention, [(2, 3, 9, 4)] * 3),
+}
+
+
+def _lean_case(name, dtype, seed=0):
+    lean, plain, shapes = LEAN_AND_PLAIN[name]
+    rng = np.random.default_rng(seed)
+    inputs = [(2.0 * rng.normal(size=shape)).astype(dtype) for shape in shapes]
+    cotangent = rng.normal(size=shapes[0]).astype(dtype)
+    return lean, plain, inputs, cotangent
+
+
+@pytest.mark.parametrize("name", sorted(LEAN_AND_PLAIN))
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=float64_backends)])
+def test_lean_gradient_equals_the_plain_gradient(name, dtype):
+    lean, plain, inputs, cotangent = _lean_case(name, dtype)
+    to_numpy = keras.ops.convert_to_numpy
+    tensors = [keras.ops.convert_to_tensor(x) for x in inputs]
+    np.testing.assert_array_equal(to_numpy(lean(*tensors)), to_numpy(plain(*tensors)))  # the same forward ops
+    tolerance = {"float32": 2e-5, "float64": 1e-8}[dtype]
+    for actual, expected in zip(_vjp(lean, inputs, cotangent), _vjp(plain, inputs, cotangent)):
+        assert actual.dtype == expected.dtype
+        np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("form", ["tanh", "erf"])
+def test_lean_gelu_gradient_is_the_closed_form_derivative(form):
+    x = np.linspace(-6.0, 6.0, 241)
+    if form == "tanh":
+        c, a = np.sqrt(2.0 / np.pi), 0.044715
+        t = np.tanh(c * (x + a * x**3))
+        expected = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * a * x * x)
+    else:
+        expected = 0.5 * (1.0 + erf(x / np.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+    dtype = "float32" if BACKEND == "jax" else "float64"
+    (actual,) = _vjp(lambda v: layers.gelu(v, form), [x.astype(dtype)], np.ones_like(x, dtype))
+    np.testing.assert_allclose(actual, expected, atol={"float32": 1e-5, "float64": 1e-12}[dtype])
+
+
+@pytest.mark.parametrize("name", sorted(LEAN_AND_PLAIN))
+def test_lean_gradient_in_bfloat16_is_the_float32_gradient_rounded(name):
+    # Half-precision inputs: the gradient is computed in float32 from the bfloat16 values and rounded once.
+    lean, _, inputs, cotangent = _lean_case(name, "float32", seed=1)
+    to_bf16 = lambda *xs: [keras.ops.cast(x, "bfloat16") for x in xs]  # noqa: E731
+    rounded = [keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")) for x in to_bf16(*inputs)]
+    half = lambda *xs: keras.ops.cast(lean(*to_bf16(*xs)), "float32")  # noqa: E731
+    full = lambda *xs: keras.ops.cast(keras.ops.cast(lean(*xs), "bfloat16"), "float32")  # noqa: E731
+    for actual, expected in zip(_vjp(half, inputs, cotangent), _vjp(full, rounded, cotangent)):
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(actual, expected, atol=0.02 * scale)  # bfloat16 has 8 significant bits
+
+
+def _block_loss_and_gradients(block, x, cotangent):
+    """sum(block(x, training=True) * cotangent) and its gradients for x and every trainable weight (TensorFlow)."""
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(block(x, training=True) * cotangent)
+    return float(loss), [np.asarray(g) for g in tape.gradient(loss, [x, *block.trainable_variables])]
+
+
+@float64_backends
+@pytest.mark.parametrize("form", ["tanh", "erf"])
+def test_block_gradient_matches_float64_finite_differences(form):
+    # One central difference along a random direction of (input, every weight) against the gradient.
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 6, 12))
+    block = TransformerBlock(3, 20, gelu=form, dtype="float64")
+    block.build(x.shape)
+    for variable in block.trainable_variables:
+        variable.assign(rng.normal(scale=0.4, size=variable.shape))
+    weights = [keras.ops.convert_to_numpy(v) for v in block.trainable_variables]
+    cotangent = rng.normal(size=x.shape)
+    _, gradients = _block_loss_and_gradients(block, x, cotangent)
+    directions = [rng.normal(size=g.shape) for g in gradients]
+
+    def loss_at(step):
+        for variable, weight, direction in zip(block.trainable_variables, weights, directions[1:]):
+            variable.assign(weight + step * direction)
+        return _block_loss_and_gradients(block, x + step * directions[0], cotangent)[0]
+
+    eps = 1e-5
+    slope = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    np.testing.assert_allclose(slope, sum(np.sum(g * d) for g, d in zip(gradients, directions)), rtol=1e-7)
+    assert len(gradients) == 1 + 16
+
+
+@tensorflow_only
+def test_block_gradient_keeps_only_the_inputs_of_gelu_layernorm_and_softmax():
+    # The forward tensors that a traced training step's gradient reads: none of the recomputed intermediates,
+    # and of the (B*T, M) MLP width only the GELU input and output (the next product needs the output).
+    import tensorflow as tf
+
+    batch, tokens, hidden, mlp = 2, 5, 8, 20
+    block = TransformerBlock(2, mlp)
+    block.build((batch, tokens, hidden))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(block(x, training=True) ** 2)
+        return loss, tape.gradient(loss, [x, *block.trainable_variables])
+
+    graph = step.get_concrete_function(tf.TensorSpec((batch, tokens, hidden))).graph
+
+    def ancestors(ops):
+        seen, stack = set(), list(ops)
+        while stack:
+            op = stack.pop()
+            if op.name not in seen:
+                seen.add(op.name)
+                stack.extend(t.op for t in op.inputs)
+                stack.extend(op.control_inputs)
+        return seen
+
+    def buffer(tensor):  # the tensor a view (reshape, identity) reads
+        while tensor.op.type in ("Reshape", "Identity", "IdentityN") and tensor.op.inputs:
+            tensor = tensor.op.inputs[tensor.value_index if tensor.op.type == "IdentityN" else 0]
+        return tensor
+
+    forward = ancestors([graph.outputs[0].op])
+    live = ancestors([t.op for t in graph.outputs[1:]])
+    kept = {
+        buffer(t).name: buffer(t)
+        for op in graph.get_operations() if op.name in live and op.name not in forward
+        for t in op.inputs if t.op.name in forward
+    }
+    kept_types = {t.op.type for t in kept.values()}
+    assert not kept_types & {"Softmax", "Tanh", "Pow", "Rsqrt", "SquaredDifference"}, kept_types
+    mlp_wide = sorted(t.op.type for t in kept.values() if t.shape.as_list() == [batch * tokens, mlp])
+    assert mlp_wide == ["BiasAdd", "Mul"]  # Dense_0's output (the GELU input) and the GELU output
+    assert not [t for t in kept.values() if t.shape.rank == 4 and t.shape[-1] == t.shape[-2] == tokens]  # (B,N,T,T)
+
+
+def test_layer_norm_layer_is_keras_layer_normalization_with_a_lean_gradient():
+    x = RNG.normal(size=(2, 5, 6)).astype("float32")
+    lean = layers.LayerNorm(epsilon=1e-6, name="LayerNorm_0")
+    plain = keras.layers.LayerNormalization(epsilon=1e-6)
+    lean.build(x.shape)
+    plain.build(x.shape)
+    _randomize(lean)
+    plain.set_weights(lean.get_weights())
+    assert [v.path.split("/")[-1] for v in lean.weights] == ["gamma", "beta"]
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(lean(x)), keras.ops.convert_to_numpy(plain(x)))
+    clone = layers.LayerNorm.from_config(lean.get_config())
+    assert clone.get_config() == lean.get_config()
+    with pytest.raises(ValueError, match="keras.layers.LayerNormalization"):
+        layers.LayerNorm(axis=1)
