@@ -24,14 +24,46 @@ def test_benchmark_runs_inference_and_remat_training_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     command = [
         sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--cells", "inference Ti/16 2", "train Ti/16 2",
-        "--precisions", "float32", "--xla", "off", "--remat", "--image-size", "32", "--classes", "10",
+        "--precisions", "float32", "--xla", "off", "--remat", "--loops", "trainer,fit", "--image-size", "32", "--classes", "10",
         "--runs", "2", "--warmup", "1", "--pause", "0", "--matmul-size", "128", "--json", str(out),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["workload"], r["remat"]) for r in rows] == [("inference", False), ("train", False), ("train", True)]
+    assert [(r["workload"], r["loop"], r["remat"]) for r in rows] == [
+        ("inference", None, False), ("train", "trainer", False), ("train", "fit", False), ("train", "trainer", True)
+    ]
     for row in rows:
         assert len(row["runs"]) == 2 and row["images_per_s"] > 0 and row["peak_rss_mb"] > 0
         assert row["images_per_s"] == pytest.approx(2 / statistics.median(row["runs"])) and row["xla"] is False
-    assert "| inference | Ti/16 | 2 | float32 | keras_vit | off | no |" in result.stdout
+    assert "| inference | Ti/16 | 2 | float32 | keras_vit | - | off | no |" in result.stdout
+    assert "| train | Ti/16 | 2 | float32 | keras_vit | fit | off | no |" in result.stdout
+    report = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--report", str(out)], capture_output=True, text=True
+    )
+    assert report.returncode == 0 and "| train | Ti/16 | 2 | float32 | keras_vit | fit | off | no |" in report.stdout
+
+
+def test_xla_auto_is_on_for_float32_and_off_for_bfloat16():
+    assert throughput.xla_settings("auto", "float32") == [True]
+    assert throughput.xla_settings("auto", "mixed_bfloat16") == [False]
+    assert throughput.xla_settings("on,off", "float32") == [True, False]
+    with pytest.raises(SystemExit, match="auto"):
+        throughput.xla_settings("maybe", "float32")
+
+
+def test_saved_tensors_lists_what_the_backward_pass_keeps(tmp_path):
+    # Ti/16 at 32 px, batch 2: 4 tokens + class token; per block the GELU input and output are kept
+    # (Dense_0's BiasAdd and GELU's Mul, (B*T, M) = (10, 768)), the attention probabilities are not.
+    out = tmp_path / "saved.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "saved_tensors.py"), "--model", "Ti/16", "--batch", "2",
+        "--image-size", "32", "--classes", "10", "--json", str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]["keras_vit"]
+    wide = {(r["where"], r["op"]): r["count"] for r in rows if r["shape"] == "[10, 768]"}
+    assert wide == {("Dense_0", "BiasAdd"): 12, ("Gelu", "Mul"): 12}
+    assert not [r for r in rows if r["op"] in ("Softmax", "Tanh")]
+    assert "keras_vit:" in result.stdout and "MiB kept for the backward pass" in result.stdout
