@@ -51,6 +51,9 @@ def _lone_worker(timeout, env_extra=None):
     process = subprocess.Popen(
         [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_CONFIG": json.dumps(tf_config), **(env_extra or {})},
+        # As a worker started from a terminal: a test run started in the background (`cmd &` in a script)
+        # inherits an ignored SIGINT, and a process that starts with SIGINT ignored never sees Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     return process, tf_config["cluster"]["worker"][1]
 
