@@ -175,6 +175,48 @@ def attention(q, k, v):
     return attend(q, k, v)
 
 
+def keep_mask(shape, rate, seed_generator, dtype):
+    """A (shape) tensor of 0 and 1 / keep in ``dtype``: each entry kept with probability keep = 1 - ``rate``.
+
+    ``rate`` in (0, 1).
+    Drawn with a ``keras.random.SeedGenerator``. On TensorFlow each entry compares 16 random bits with
+    round(65536 keep) (so keep is within 2^-17 of 1 - rate, and kept entries are scaled by the exact inverse:
+    the mask's mean is 1), two entries per 32-bit Philox number, the algorithm named explicitly. TF's default
+    algorithm ("auto_select", what ``keras.random`` uses) is lowered by XLA on CPU to a generator about 100x
+    slower, which made dropout most of an XLA training step; benchmarks/dropout_masks.py measures both.
+    Other backends compare ``keras.random.uniform`` noise with keep.
+    """
+    keep = 1.0 - rate
+    if keras.backend.backend() != "tensorflow":
+        noise = keras.random.uniform(shape, dtype="float32", seed=seed_generator)
+        return ops.cast(noise < keep, dtype) / ops.cast(keep, dtype)
+    import tensorflow as tf
+
+    threshold = min(max(round(keep * 65536), 1), 65535)
+    seed = tf.cast(tf.math.floormod(seed_generator.next(), tf.int32.max - 1), tf.int32)  # as keras.random does
+    count = tf.reduce_prod(tf.cast(tf.stack(shape), tf.int32))
+    bits = tf.random.stateless_uniform([(count + 1) // 2], seed, minval=None, maxval=None, dtype=tf.uint32, alg="philox")
+    halves = tf.reshape(tf.reshape(tf.bitcast(bits, tf.uint16), [-1])[:count], shape)
+    return tf.cast(halves < threshold, dtype) * tf.cast(65536 / threshold, dtype)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Dropout(keras.layers.Dropout):
+    """``keras.layers.Dropout`` whose mask comes from ``keep_mask``: (...) -> (...), fast under XLA on CPU.
+
+    Keras' semantics (an entry is zeroed with probability ``rate``, kept ones are scaled so that the mean is
+    kept); the random draws differ from Keras' layer. ``noise_shape`` is Keras' (None: one draw per entry).
+    """
+
+    def call(self, inputs, training=False):
+        if not training or not self.rate:
+            return inputs
+        shape = ops.shape(inputs)
+        if self.noise_shape is not None:
+            shape = tuple(shape[i] if size is None else size for i, size in enumerate(self.noise_shape))
+        return inputs * keep_mask(shape, self.rate, self.seed_generator, inputs.dtype)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Patches(keras.layers.Layer):
     """Patch embedding: (B, H, W, C) -> (B, gh * gw, D), row-major grid order.
@@ -341,7 +383,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.dropout_rate = dropout_rate
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy, name="dropout")
+        self.dropout = Dropout(dropout_rate, dtype=self.dtype_policy, name="dropout")
 
     def build(self, input_shape):
         hidden = input_shape[-1]
@@ -510,7 +552,7 @@ class TransformerBlock(keras.layers.Layer):
             name="Dense_0",
         )
         self.mlp_out = None  # built once the hidden size is known
-        self.dropout = keras.layers.Dropout(dropout_rate, dtype=policy, name="dropout")
+        self.dropout = Dropout(dropout_rate, dtype=policy, name="dropout")
         random = stochastic_depth_rate or (remat and dropout_rate)
         self.seed_generator = keras.random.SeedGenerator(seed) if random else None
 
@@ -529,22 +571,16 @@ class TransformerBlock(keras.layers.Layer):
         self.mlp_in.build(input_shape)
         self.mlp_out.build((*input_shape[:-1], self.mlp_dim))
 
-    def _mask(self, shape, rate, dtype):
-        """A (shape) tensor of 0 and 1 / (1 - rate), each entry kept with probability 1 - rate."""
-        keep = 1.0 - rate
-        noise = keras.random.uniform(shape, seed=self.seed_generator)
-        return ops.cast(noise < keep, dtype) / ops.cast(keep, dtype)
-
     def _training_masks(self, x):
         """Every random mask of one training call: drop path (B, 1, 1) x 2, dropout (B*T, D), (B*T, M), (B*T, D)."""
         batch, tokens, hidden = ops.shape(x)[0], ops.shape(x)[1], x.shape[-1]
         masks = {}
         if self.stochastic_depth_rate:
             for name in ("path_attention", "path_mlp"):
-                masks[name] = self._mask((batch, 1, 1), self.stochastic_depth_rate, x.dtype)
+                masks[name] = keep_mask((batch, 1, 1), self.stochastic_depth_rate, self.seed_generator, x.dtype)
         if self.dropout_rate:
             for name, width in (("attention_out", hidden), ("mlp_hidden", self.mlp_dim), ("mlp_out", hidden)):
-                masks[name] = self._mask((batch * tokens, width), self.dropout_rate, x.dtype)
+                masks[name] = keep_mask((batch * tokens, width), self.dropout_rate, self.seed_generator, x.dtype)
         return masks
 
     def _dropout(self, y, training, masks, name):
@@ -556,7 +592,8 @@ class TransformerBlock(keras.layers.Layer):
         if not training or not self.stochastic_depth_rate:
             return branch
         if masks is None:
-            return branch * self._mask((ops.shape(branch)[0], 1, 1), self.stochastic_depth_rate, branch.dtype)
+            shape = (ops.shape(branch)[0], 1, 1)
+            return branch * keep_mask(shape, self.stochastic_depth_rate, self.seed_generator, branch.dtype)
         return branch * masks[name]
 
     def _forward(self, x, training, masks=None, return_attention_scores=False):

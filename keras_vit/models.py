@@ -37,6 +37,7 @@ from keras_vit.layers import (
     AddPositionEmbs,
     AttentionWeights,
     ClassToken,
+    Dropout,
     Patches,
     TokenPooling,
     TransformerBlock,
@@ -194,7 +195,7 @@ class VisionTransformer(keras.Model):
         if has_class_token:
             x = ClassToken(name="cls")(x)
         x = AddPositionEmbs(name="posembed_input")(x)
-        x = keras.layers.Dropout(dropout_rate, name="dropout")(x)
+        x = Dropout(dropout_rate, name="dropout")(x)
         for i in range(num_layers):
             x = TransformerBlock(
                 num_heads,

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The main job: the paper's recipe in miniature on real data that ships offline (scikit-learn digits).
 
-1. pre-train a small ViT on the 8x8 digits at their native resolution (Adam, weight decay, warmup);
+1. pre-train a small ViT on the 8x8 digits at their native resolution (Adam, weight decay, warmup, linear decay);
 2. fine-tune it at 2x the resolution (16x16), position embeddings interpolated the official way
-   (SGD momentum, clipping, warmup + cosine);
+   (Adam, warmup + cosine decay);
 3. evaluate on the held-out test split, measure few-shot accuracy of the pre-trained features, and write
    runs/main/report.json (+ training curves and the Figure 7 panels in runs/main/figures with matplotlib).
 

@@ -216,6 +216,70 @@ def test_remat_block_forward_equals_the_plain_block_on_every_backend():
     assert TransformerBlock.from_config(remat.get_config()).remat is True
 
 
+# --- dropout masks (layers.keep_mask, layers.Dropout) ------------------------------------------------------------
+
+
+def _masks(rate, shape, draws=1, seed=7):
+    generator = keras.random.SeedGenerator(seed)
+    return [keras.ops.convert_to_numpy(layers.keep_mask(shape, rate, generator, "float32")) for _ in range(draws)]
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_keep_mask_keeps_each_entry_with_probability_one_minus_rate_and_has_mean_one(rate):
+    mask = _masks(rate, (301, 333))[0]  # an odd entry count: the last 32-bit draw is used by half
+    scale = mask.max()
+    assert set(np.unique(mask)) == {0.0, scale}
+    np.testing.assert_allclose(scale, 1 / (1 - rate), rtol=1e-4)  # keep within 2^-17 of 1 - rate
+    kept = (mask > 0).mean()
+    sigma = np.sqrt(rate * (1 - rate) / mask.size)
+    assert abs(kept - (1 - rate)) < 5 * sigma
+    assert abs(mask.mean() - 1) < 5 * sigma * scale
+
+
+def test_keep_mask_entries_are_independent_of_their_neighbours():
+    # On TensorFlow two entries share one 32-bit random number (16 bits each): neighbours must still be
+    # independent, so both are dropped with probability rate**2 and the kept count of a row is binomial.
+    dropped = _masks(0.5, (20_000, 16))[0] == 0
+    pairs = dropped[:, 0::2] & dropped[:, 1::2]
+    assert abs(pairs.mean() - 0.25) < 5 * np.sqrt(0.25 * 0.75 / pairs.size)
+    per_row = dropped.sum(axis=1)
+    np.testing.assert_allclose(per_row.var(), 16 * 0.25, rtol=0.05)  # binomial(16, 0.5) variance
+
+
+def test_keep_mask_is_reproducible_from_the_seed_and_differs_between_draws():
+    first, second = _masks(0.3, (64, 48), draws=2)
+    again, _ = _masks(0.3, (64, 48), draws=2)
+    np.testing.assert_array_equal(first, again)
+    assert (first != second).mean() > 0.2  # two draws disagree on about 2 * 0.3 * 0.7 of the entries
+
+
+@tensorflow_only
+def test_keep_mask_is_the_same_inside_and_outside_xla():
+    import tensorflow as tf
+
+    generator = keras.random.SeedGenerator(11)
+    state = np.asarray(generator.state)
+
+    def draw():
+        return layers.keep_mask((2, 17, 64), 0.1, generator, "float32")
+
+    graph = tf.function(draw)().numpy()
+    generator.state.assign(state)
+    xla = tf.function(draw, jit_compile=True)().numpy()
+    np.testing.assert_array_equal(xla, graph)
+
+
+def test_dropout_layer_zeroes_at_the_rate_only_in_training_and_follows_noise_shape():
+    x = np.ones((64, 10, 32), "float32")
+    layer = layers.Dropout(0.25, noise_shape=(None, 1, None), seed=5)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
+    out = keras.ops.convert_to_numpy(layer(x, training=True))
+    np.testing.assert_array_equal(out, np.broadcast_to(out[:, :1], out.shape))  # one mask for every token
+    assert abs((out[:, 0] == 0).mean() - 0.25) < 5 * np.sqrt(0.25 * 0.75 / (64 * 32))
+    restored = layers.Dropout.from_config(layer.get_config())
+    assert (restored.rate, restored.noise_shape) == (0.25, (None, 1, None))
+
+
 # --- memory-lean gradients (layers.gelu, layer_norm, attention): the plain computation's numbers ------------------
 
 BACKEND = keras.backend.backend()
