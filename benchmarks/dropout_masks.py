@@ -6,7 +6,9 @@
 Rows of the table: a keep mask of (rows, width) (the main job's MLP dropout: batch 128 x 17 tokens, 128 units)
 drawn as ``keras.layers.Dropout`` does (TensorFlow's default "auto_select" algorithm) and as ``keep_mask`` does
 (Philox named, 16 bits per entry); then a whole ``TransformerBlock`` training step (forward and gradients) on
-(128, 17, 64) with dropout 0.1 and 0.0. Milliseconds per call, median of ``--repeats`` after a warm-up call.
+(128, 17, 64) with dropout 0.1 and 0.0; then the main job's pre-training step (``Trainer``, preset
+``pretrain_digits``, one fixed batch) with its stochastic depth 0.1 and with dropout 0.1 instead.
+Milliseconds per call (per step), median of ``--repeats`` after a warm-up call.
 """
 
 import argparse
@@ -65,6 +67,28 @@ def main():
         graph = milliseconds(tf.function(function), args.repeats)
         xla = milliseconds(tf.function(function, jit_compile=True), args.repeats)
         print(f"| {name} | {graph:.2f} | {xla:.2f} |")
+    for name, overrides in (("stochastic depth 0.1", []), ("dropout 0.1", DROPOUT_INSTEAD)):
+        graph, xla = (main_job_step(overrides + [f"jit_compile={jit}"], args.repeats) for jit in ("false", "true"))
+        print(f"| main job pre-training step, {name} | {graph:.2f} | {xla:.2f} |")
+
+
+DROPOUT_INSTEAD = ["model_overrides.dropout_rate=0.1", "model_overrides.stochastic_depth_rate=0.0"]
+
+
+def main_job_step(overrides, repeats):
+    """Milliseconds per step of the ``pretrain_digits`` preset's ``Trainer`` on one fixed batch."""
+    import tensorflow as tf
+
+    from keras_vit.train import runner
+
+    config = runner.load_config(runner.PRETRAIN, "pretrain_digits", overrides)
+    strategy, precision = runner.setup(config)
+    source, train_dataset, _ = runner.prepare_data(config)
+    trainer = runner.build_trainer(config, strategy, precision, source.num_classes)
+    batch = next(iter(train_dataset()))
+    batches = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
+    steps = 20
+    return milliseconds(lambda: trainer.train_steps(batches, steps)[0], max(repeats // 5, 3)) / steps
 
 
 if __name__ == "__main__":
