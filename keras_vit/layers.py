@@ -39,19 +39,24 @@ def to_pair(value, what="size"):
 
 
 def _after(upstream, *tensors):
-    """``tensors`` for a recomputation in a backward pass, read only once ``upstream`` exists.
+    """``tensors`` for a recomputation in a backward pass, read only once ``upstream`` exists (TensorFlow).
 
-    TensorFlow's graph executor runs an op as soon as its inputs exist and its optimizer merges identical
-    ops: without the control dependency a recomputation that reads only forward tensors would run (or be
-    merged into) the forward pass and its result would be kept alive, which is what it is there to avoid.
-    JAX and PyTorch schedule the backward pass themselves.
+    A recomputation that reads only forward tensors would otherwise run in (or be merged into) the forward
+    pass, and its result would be kept alive, which is what it is there to avoid. TensorFlow's graph executor
+    runs an op as soon as its inputs exist and its optimizer merges identical ops: a control dependency on
+    ``upstream`` prevents both. XLA (``jit_compile``) drops control dependencies and merges the recomputation
+    with the forward ops in its common-subexpression pass (on CPU it removes optimization barriers before
+    that pass), which kept every block's (B, N, T, T) probabilities: each tensor also gets ``0 * upstream[0]``
+    added, the same numbers (for a finite upstream; a non-finite one makes every gradient non-finite anyway)
+    but values that XLA can neither merge with the forward ones nor compute before ``upstream``.
     """
     if keras.backend.backend() != "tensorflow":
         return tensors
     import tensorflow as tf
 
+    zero = tf.reshape(upstream, [-1])[0] * 0
     with tf.control_dependencies([upstream]):
-        return tuple(tf.identity(t) for t in tensors)
+        return tuple(tf.identity(t + tf.cast(zero, t.dtype)) for t in tensors)
 
 
 def _upstream(args, upstream):

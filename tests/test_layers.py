@@ -467,6 +467,33 @@ def test_block_gradient_keeps_only_the_inputs_of_gelu_layernorm_and_softmax():
     assert not [t for t in kept.values() if t.shape.rank == 4 and t.shape[-1] == t.shape[-2] == tokens]  # (B,N,T,T)
 
 
+@tensorflow_only
+def test_attention_gradient_recomputes_the_probabilities_under_xla():
+    # XLA drops control dependencies and merges identical ops: unless the recomputation reads tensors that
+    # depend on the incoming gradient, it becomes the forward softmax and the (B, N, T, T) probabilities stay
+    # alive until the backward pass. A step that needs the forward output and the gradients must compute the
+    # softmax's exponential twice.
+    import re
+
+    import tensorflow as tf
+
+    lean, _, inputs, cotangent = _lean_case("attention", "float32")
+
+    @tf.function(jit_compile=True)
+    def value_and_gradients(q, k, v):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            loss = tf.reduce_sum(lean(q, k, v) * cotangent)
+        return loss, tape.gradient(loss, [q, k, v])
+
+    tensors = [tf.constant(x) for x in inputs]
+    hlo = value_and_gradients.experimental_get_compiler_ir(*tensors)(stage="optimized_hlo")
+    assert len(re.findall(r"\bexponential\(", hlo)) == 2
+    _, gradients = value_and_gradients(*tensors)
+    for actual, expected in zip(gradients, _vjp(lean, inputs, cotangent)):  # the same numbers as without XLA
+        np.testing.assert_allclose(actual.numpy(), expected, rtol=2e-5, atol=2e-5)
+
+
 def test_layer_norm_layer_is_keras_layer_normalization_with_a_lean_gradient():
     x = RNG.normal(size=(2, 5, 6)).astype("float32")
     lean = layers.LayerNorm(epsilon=1e-6, name="LayerNorm_0")
