@@ -87,6 +87,42 @@ def test_gradient_accumulation_equals_the_full_batch_update():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_update_computes_nothing_weight_sized_before_the_gradients_exist():
+    # Under XLA the gradients come from one call; the graph executor would start the update's parts that do
+    # not read them (the decoupled weight decay's variable-sized products) while that call holds the step's
+    # activations. Every weight-shaped tensor the update computes must depend on the call.
+    model = _tiny_classifier()
+    optimizer = training.make_optimizer("adam", 1e-3, weight_decay=0.1)
+    trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, jit_compile=True)
+    images, labels = _batch()
+    graph = tf.function(trainer._replica_step).get_concrete_function(
+        tf.TensorSpec(images.shape), tf.TensorSpec(labels.shape)
+    ).graph
+    operations = graph.get_operations()
+    calls = [op for op in operations if "_gradients_fn" in op.node_def.attr["f"].func.name]
+    assert len(calls) == 1
+
+    def ancestors(op):
+        seen, stack = set(), [op]
+        while stack:
+            current = stack.pop()
+            for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+                if parent.name not in seen:
+                    seen.add(parent.name)
+                    stack.append(parent)
+        return seen
+
+    shapes = {tuple(v.shape) for v in model.trainable_variables if np.prod(v.shape) > 1}
+    weight_sized = [
+        op for op in operations
+        if op.type not in ("Placeholder", "ReadVariableOp", "Identity", "Const") and op is not calls[0]
+        and any(t.dtype.is_floating and tuple(t.shape.as_list() or ()) in shapes for t in op.outputs)
+    ]
+    assert len(weight_sized) > len(shapes)  # the update's products were found
+    early = [op.name for op in weight_sized if calls[0].name not in ancestors(op)]
+    assert not early, early
+
+
 def test_default_strategy_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="keras_vit"):
         logger = logging.getLogger("keras_vit")

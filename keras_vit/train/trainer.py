@@ -204,7 +204,11 @@ class Trainer:
         # The optimizer sums over replicas again: hand it 1/replicas of the (identical) summed gradient.
         replicas = self.strategy.num_replicas_in_sync
         grads = [g / replicas for g in grads] if replicas > 1 else grads
-        self.optimizer.apply(grads, self.model.trainable_variables)
+        # The update waits for every gradient: otherwise the graph executor starts the parts that do not read
+        # them (decoupled weight decay: new (P,) tensors, then in-place writes to weights that the gradient
+        # computation is still reading, which copies them) while the gradients' activations are alive.
+        with tf.control_dependencies([norm]):
+            self.optimizer.apply(grads, self.model.trainable_variables)
         return loss_sum, correct, norm
 
     # --- steps -----------------------------------------------------------------------------------------------
