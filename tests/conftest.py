@@ -45,6 +45,17 @@ def builder_kwargs(config):
 
 # --- NumPy reference of the official forward pass (float64), written from the fixture README. ---
 
+def graph_ancestors(ops):
+    """Names of ``ops`` and of every op they reach through data and control inputs in a ``tf.Graph``."""
+    seen, stack = set(), list(ops)
+    while stack:
+        op = stack.pop()
+        if op.name not in seen:
+            seen.add(op.name)
+            stack.extend(t.op for t in op.inputs)
+            stack.extend(op.control_inputs)
+    return seen
+
 
 def np_layer_norm(x, scale, bias, eps=1e-6):
     mean = x.mean(-1, keepdims=True)

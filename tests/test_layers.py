@@ -5,7 +5,7 @@ import pytest
 import keras
 from scipy.special import erf
 
-from conftest import np_block, np_gelu_tanh
+from conftest import graph_ancestors, np_block, np_gelu_tanh
 from keras_vit import layers
 from keras_vit.layers import AddPositionEmbs, ClassToken, MultiHeadSelfAttention, Patches, TokenPooling, TransformerBlock
 
@@ -438,23 +438,13 @@ def test_block_gradient_keeps_only_the_inputs_of_gelu_layernorm_and_softmax():
 
     graph = step.get_concrete_function(tf.TensorSpec((batch, tokens, hidden))).graph
 
-    def ancestors(ops):
-        seen, stack = set(), list(ops)
-        while stack:
-            op = stack.pop()
-            if op.name not in seen:
-                seen.add(op.name)
-                stack.extend(t.op for t in op.inputs)
-                stack.extend(op.control_inputs)
-        return seen
-
     def buffer(tensor):  # the tensor a view (reshape, identity) reads
         while tensor.op.type in ("Reshape", "Identity", "IdentityN") and tensor.op.inputs:
             tensor = tensor.op.inputs[tensor.value_index if tensor.op.type == "IdentityN" else 0]
         return tensor
 
-    forward = ancestors([graph.outputs[0].op])
-    live = ancestors([t.op for t in graph.outputs[1:]])
+    forward = graph_ancestors([graph.outputs[0].op])
+    live = graph_ancestors([t.op for t in graph.outputs[1:]])
     kept = {
         buffer(t).name: buffer(t)
         for op in graph.get_operations() if op.name in live and op.name not in forward

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 import keras_vit
-from conftest import REPO
+from conftest import REPO, graph_ancestors
 from keras_vit.train import checkpointing, distribute, trainer as training
 
 HELPER = Path(__file__).parent / "helpers" / "run_recipe.py"
@@ -102,16 +102,6 @@ def test_update_computes_nothing_weight_sized_before_the_gradients_exist():
     calls = [op for op in operations if "_gradients_fn" in op.node_def.attr["f"].func.name]
     assert len(calls) == 1
 
-    def ancestors(op):
-        seen, stack = set(), [op]
-        while stack:
-            current = stack.pop()
-            for parent in [t.op for t in current.inputs] + list(current.control_inputs):
-                if parent.name not in seen:
-                    seen.add(parent.name)
-                    stack.append(parent)
-        return seen
-
     shapes = {tuple(v.shape) for v in model.trainable_variables if np.prod(v.shape) > 1}
     weight_sized = [
         op for op in operations
@@ -119,7 +109,7 @@ def test_update_computes_nothing_weight_sized_before_the_gradients_exist():
         and any(t.dtype.is_floating and tuple(t.shape.as_list() or ()) in shapes for t in op.outputs)
     ]
     assert len(weight_sized) > len(shapes)  # the update's products were found
-    early = [op.name for op in weight_sized if calls[0].name not in ancestors(op)]
+    early = [op.name for op in weight_sized if calls[0].name not in graph_ancestors([op])]
     assert not early, early
 
 
