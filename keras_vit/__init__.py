@@ -10,23 +10,27 @@ from keras_vit.analysis import attention_maps, attention_rollout
 from keras_vit.pretrained.names import CheckpointMismatchError
 from keras_vit.pretrained.resample import interpolate_posemb, resample_patch_kernel
 from keras_vit.configs import list_models, model_config
+from keras_vit.architecture import Architecture
 from keras_vit.layers import (
     AddPositionEmbs,
     ClassToken,
+    MAPHead,
     MultiHeadSelfAttention,
     Patches,
+    RegisterTokens,
+    SinCos2DPositionEmbs,
     TokenPooling,
     TransformerBlock,
 )
 from keras_vit.resnet import BottleneckUnit, ResNetStage, StdConv2D
 from keras_vit.preprocessing import decode_predictions, preprocess_input
-from keras_vit.models import (
+from keras_vit.models import VisionTransformer, vision_transformer
+from keras_vit.applications import (
     R26_ViT_B32,
     R26_ViT_S32,
     R50_ViT_B16,
     R50_ViT_L32,
     R_ViT_Ti16,
-    VisionTransformer,
     ViT_B8,
     ViT_B16,
     ViT_B32,
@@ -40,15 +44,16 @@ from keras_vit.models import (
     from_official_checkpoint,
     load_weights,
     resize_model,
-    vision_transformer,
 )
 
 __version__ = "0.1.0"
 __all__ = [
     "AddPositionEmbs",
+    "Architecture",
     "BottleneckUnit",
     "CheckpointMismatchError",
     "ClassToken",
+    "MAPHead",
     "MultiHeadSelfAttention",
     "Patches",
     "R26_ViT_B32",
@@ -56,7 +61,9 @@ __all__ = [
     "R50_ViT_B16",
     "R50_ViT_L32",
     "R_ViT_Ti16",
+    "RegisterTokens",
     "ResNetStage",
+    "SinCos2DPositionEmbs",
     "StdConv2D",
     "TokenPooling",
     "TransformerBlock",

@@ -35,14 +35,15 @@ def _fuse_heads(attention, head_fusion):
     return getattr(np, head_fusion)(attention, axis=1)
 
 
-def rollout(attentions, head_fusion="mean", discard_ratio=0.0, num_prefix_tokens=1):
+def rollout(attentions, head_fusion="mean", discard_ratio=0.0, num_prefix_tokens=1, class_token=None):
     """Attention rollout (Abnar & Zuidema, 2020) of attentions [(B, N, T, T)] * L: relevance (B, T) of each token.
 
     Per block: heads fused (mean/max/min), the lowest ``discard_ratio`` of
     each map's weights set to 0 (prefix-token columns kept), the identity
     added for the residual connection and rows renormalised; the maps are
     multiplied from the first block to the last. Class-token models read the
-    class token's row; others (gap) average the rows of all tokens.
+    class token's row; others (gap, MAP) average the rows of the grid tokens.
+    ``class_token`` defaults to ``num_prefix_tokens > 0``; with register tokens pass it.
     """
     result = None
     for attention in attentions:
@@ -59,21 +60,23 @@ def rollout(attentions, head_fusion="mean", discard_ratio=0.0, num_prefix_tokens
         fused = fused + np.eye(fused.shape[-1])
         fused = fused / fused.sum(-1, keepdims=True)
         result = fused if result is None else fused @ result
-    return result[:, 0] if num_prefix_tokens else result.mean(axis=1)
+    class_token = num_prefix_tokens > 0 if class_token is None else class_token
+    return result[:, 0] if class_token else result[:, num_prefix_tokens:].mean(axis=1)
 
 
 def attention_rollout(model, images, head_fusion="mean", discard_ratio=0.0, batch_size=32):
     """Rollout heat maps of ``images`` (B, H, W, C): ``{"grid": (B, gh, gw), "image": (B, H, W)}``, max 1.
 
-    Uses the class token for token models and all tokens for gap models;
+    Uses the class token for token models and the grid tokens for the others; register tokens are left out;
     rectangular grids and hybrids work (the grid is the token grid).
     """
     vit = as_vision_transformer(model, "attention_rollout")
     prefix = vit.num_prefix_tokens
-    relevance = rollout(attention_maps(vit, images, batch_size), head_fusion, discard_ratio, prefix)
+    relevance = rollout(attention_maps(vit, images, batch_size), head_fusion, discard_ratio, prefix,
+                        vit.architecture.class_token)
     maps = relevance[:, prefix:].reshape(-1, *vit.grid)
     maps = maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
-    height, width = vit.vit_config["image_size"]
+    height, width = vit.architecture.image_size
     upsampled = keras.ops.convert_to_numpy(keras.ops.image.resize(maps[..., None].astype("float32"), (height, width)))
     return {"grid": maps.astype("float32"), "image": upsampled[..., 0]}
 
@@ -106,9 +109,9 @@ def position_embedding_similarity(model_or_posemb, grid=None, num_prefix_tokens=
     """Cosine similarity of each patch's position embedding with all others, (gh, gw, gh, gw): Figure 7 (centre)."""
     if isinstance(model_or_posemb, keras.Model):
         vit = as_vision_transformer(model_or_posemb, "position_embedding_similarity")
-        posemb = keras.ops.convert_to_numpy(vit.get_layer("posembed_input").pos_embedding)
+        posemb = vit.position_embeddings()
         grid = grid or vit.grid
-        num_prefix_tokens = vit.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
+        num_prefix_tokens = 0
     else:
         posemb = np.asarray(model_or_posemb)
     vectors = posemb.reshape(-1, posemb.shape[-1])[num_prefix_tokens or 0 :].astype(np.float64)

@@ -115,13 +115,13 @@ def convert_main(argv=None):
     if Path(args.output).exists() and not args.force:
         parser.error(f"{args.output} exists; pass --force to overwrite it")
 
-    from keras_vit import models
-    from keras_vit.pretrained import config, names
+    from keras_vit import applications, models
+    from keras_vit.pretrained import config
 
-    model = models.from_official_checkpoint(
+    model = applications.from_official_checkpoint(
         args.input, image_size=args.image_size, classes=args.classes, include_top=not args.no_top
     )
-    built = {k: v for k, v in config.infer_config(names.model_arrays(model)).items() if v is not None}
+    built = {k: v for k, v in config.infer_config(models.official_arrays(model)).items() if v is not None}
     print(_describe(model, built))
     with atomic_output(args.output, args.force, inputs=[args.input]) as temporary:
         if str(temporary).endswith(".keras"):
@@ -138,47 +138,49 @@ def convert_main(argv=None):
 
 
 def _interpolate_npz(source, target, image_size, patch_size, architecture):
-    """Rewrites only the position embeddings (and the patch kernel) of an .npz; names and storage types stay."""
+    """Rewrites only the position embeddings (and the patch kernel) of an .npz; names and storage types stay.
+
+    The rules are ``keras_vit.pretrained.adapt``'s, applied to the architecture the file describes at the new
+    size (and patch size).
+    """
     from keras_vit.layers import to_pair
-    from keras_vit.pretrained import config, npz, resample
+    from keras_vit.pretrained import adapt, config, names, npz
 
     arrays = npz.read_npz(source, progress=True)
     found = config.infer_config(arrays)
     if found["image_size"] is None:
         raise SystemExit(f"error: {source} has a rectangular grid; interpolate the .keras model instead.")
+    if patch_size is not None and found.get("resnet_layers") is not None:
+        raise SystemExit("error: --patch-size applies to plain ViTs; a hybrid's patches are on its feature map.")
     if patch_size is not None:
-        if found.get("resnet_layers") is not None:
-            raise SystemExit("error: --patch-size applies to plain ViTs; a hybrid's patches are on its feature map.")
-        key = next(k for k in arrays if k.endswith("embedding/kernel") and "conv" not in k)
-        resized = resample.resample_patch_kernel(npz.decode_array(arrays[key]), to_pair(patch_size, "patch size"))
-        arrays[key] = npz.encode_like(resized, arrays[key])
         found["patch_size"] = to_pair(patch_size, "patch size")
-    height, width = to_pair(image_size, "image size")
-    stride = config.token_stride(found)
-    if height % stride[0] or width % stride[1]:
-        raise SystemExit(f"error: image size {height}x{width} is not a multiple of the token stride {stride}.")
-    key = next(k for k in arrays if k.endswith("Transformer/posembed_input/pos_embedding"))
-    prefix = int(found["classifier"] == "token")
-    resized = resample.interpolate_posemb(
-        npz.decode_array(arrays[key]), (height // stride[0], width // stride[1]), prefix
-    )
-    arrays[key] = npz.encode_like(resized, arrays[key])
+    try:
+        target_arch = config.architecture(found, image_size=to_pair(image_size, "image size"))
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    canonical = names.normalize_names(arrays)
+    adapted, _, _ = adapt.adapt(canonical, target_arch)
+    by_canonical = {names.normalize_names({key: arrays[key]}).popitem()[0]: key for key in arrays}
+    for name in ("embedding/kernel", names.POSEMB):
+        if name in by_canonical and adapted[name] is not canonical[name]:
+            key = by_canonical[name]
+            arrays[key] = npz.encode_like(adapted[name], arrays[key])
     np.savez(target, **arrays)
 
 
 def _interpolate_keras(source, target, image_size, patch_size, architecture):
     import keras
 
-    from keras_vit import models
+    from keras_vit import applications
 
-    models.resize_model(keras.models.load_model(source), image_size, patch_size=patch_size).save(target)
+    applications.resize_model(keras.models.load_model(source), image_size, patch_size=patch_size).save(target)
 
 
 def _interpolate_weights_h5(source, target, image_size, patch_size, architecture):
     """Build (from ``architecture``) -> load the weights -> resize -> save the weights."""
     import keras
 
-    from keras_vit import models
+    from keras_vit import applications
 
     if architecture is None:
         raise SystemExit(
@@ -188,9 +190,9 @@ def _interpolate_weights_h5(source, target, image_size, patch_size, architecture
     if _suffix(architecture) == ".keras":
         model = keras.models.load_model(architecture)
     else:
-        model = models.from_official_checkpoint(architecture)
+        model = applications.from_official_checkpoint(architecture)
     model.load_weights(source)
-    models.resize_model(model, image_size, patch_size=patch_size).save_weights(target)
+    applications.resize_model(model, image_size, patch_size=patch_size).save_weights(target)
 
 
 def interpolate_main(argv=None):

@@ -65,6 +65,27 @@ _OPTIONS = {
 }
 
 
+def variant_of(arch):
+    """The official name of an ``Architecture``'s geometry (``"ViT-B_16"``, ``"R50+ViT-B_16"``), or None.
+
+    Width, depth, heads, MLP size and token stride (and a hybrid's ResNet stages) decide; the classifier,
+    image size and head do not (weights families are released per geometry).
+    """
+    shape = (arch.hidden_size, arch.num_layers, arch.num_heads, arch.mlp_dim)
+    width = next((name for name, value in VARIANTS.items() if value == shape), None)
+    stride = arch.token_stride
+    if width is None or stride[0] != stride[1]:
+        return None
+    if arch.resnet_layers is None:
+        name = f"ViT-{width}_{stride[0]}"
+        return name if name in OFFICIAL_MODELS else None
+    for (resnet, hybrid_width, patch), (units, map_patch) in HYBRIDS.items():
+        same = (hybrid_width, patch, tuple(units), map_patch) == (width, stride[0], tuple(arch.resnet_layers), arch.patch_size[0])
+        if same and arch.resnet_width_factor == 1:
+            return f"{resnet}+ViT-{width}_{patch}"
+    return None
+
+
 def list_models():
     """Returns the official model names, plain then hybrid: ``["ViT-Ti_16", ..., "R50+ViT-L_32"]``."""
     return list(OFFICIAL_MODELS + OFFICIAL_HYBRIDS)
@@ -85,8 +106,9 @@ def model_config(name):
     'gap'
 
     Returns a dict with ``patch_size``, ``hidden_size``, ``num_layers``,
-    ``num_heads``, ``mlp_dim``, ``classifier``, ``representation_size`` and
-    ``name`` (the official spelling, e.g. ``"ViT-S_32-gap"``).
+    ``num_heads``, ``mlp_dim``, ``classifier``, ``representation_size``,
+    ``name`` (the official spelling, e.g. ``"ViT-S_32-gap"``) and ``variant``
+    (the official model without options, e.g. ``"ViT-S_32"``).
     """
     if not isinstance(name, str):
         raise TypeError(f"A model name must be a string, got {type(name).__name__}.")
@@ -118,5 +140,6 @@ def model_config(name):
         config["resnet_layers"], config["patch_size"] = HYBRIDS[key]
         config["resnet_width_factor"] = 1
         prefix = f"{match['resnet']}+"
-    config["name"] = f"{prefix}ViT-{match['width']}_{match['patch']}" + "".join(f"-{o}" for o in options)
+    config["variant"] = f"{prefix}ViT-{match['width']}_{match['patch']}"
+    config["name"] = config["variant"] + "".join(f"-{o}" for o in options)
     return config

@@ -20,6 +20,7 @@ Shapes: B = batch, (H, W, C) = the model's input size, K = classes.
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -34,7 +35,7 @@ FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = (None, "float16", "int8")
 FLOAT_TOLERANCE = 1e-4
 ONNX_OPSET = 17
-FLOAT32_POLICIES = ("float32",)
+_HALF_PRECISION = re.compile(r"(mixed_)?b?float16")
 log = logging.getLogger(__name__)
 
 
@@ -42,20 +43,33 @@ class ExportError(RuntimeError):
     """A converter failed; the message names the log file with its full output."""
 
 
+def _float32_policy_name(name):
+    """A policy name computing in float32: ``mixed_bfloat16`` -> ``float32``, ``int8_from_mixed_bfloat16`` ->
+    ``int8_from_float32``."""
+    return _HALF_PRECISION.sub("float32", name)
+
+
 def _float32_config(config):
-    """``config`` (a nested ``get_config()``) with every dtype policy other than float32 made float32; and whether
-    any was."""
+    """``config`` (a nested ``get_config()``) with every dtype policy computing in half precision made float32
+    (quantized ones keep their quantization); and whether any was."""
     changed = False
 
-    def visit(node):
+    def rename(name):
         nonlocal changed
+        new = _float32_policy_name(name)
+        changed = changed or new != name
+        return new
+
+    def visit(node):
         if isinstance(node, dict):
-            if node.get("class_name") == "DTypePolicy" and node["config"]["name"] not in FLOAT32_POLICIES:
-                changed = True
-                return {**node, "config": {**node["config"], "name": "float32"}}
             if node.get("class_name") == "__keras_tensor__" and node["config"].get("dtype") in ("bfloat16", "float16"):
                 return {**node, "config": {**node["config"], "dtype": "float32"}}
-            return {key: visit(value) for key, value in node.items()}
+            if "DTypePolicy" in str(node.get("class_name")) and isinstance(node.get("config"), dict):
+                inner = {key: rename(value) if key in ("name", "source_name") and isinstance(value, str) else visit(value)
+                         for key, value in node["config"].items()}
+                return {**node, "config": inner}
+            return {key: rename(value) if key == "dtype" and isinstance(value, str) else visit(value)
+                    for key, value in node.items()}
         if isinstance(node, list):
             return [visit(value) for value in node]
         return node
@@ -67,17 +81,13 @@ def float32_model(model):
     """``model`` itself when it computes in float32, else a float32 copy (rebuilt from its config, same weights).
 
     Mixed-precision policies keep float32 variables, so the copy holds exactly the trained weights; TFLite
-    cannot convert bfloat16 convolutions, and exports are compared with float32 Keras outputs.
+    cannot convert bfloat16 convolutions, and exports are compared with float32 Keras outputs. Keras' global
+    dtype policy is neither read nor changed (a ``VisionTransformer``'s config holds its own).
     """
     config, changed = _float32_config(model.get_config())
-    if not changed and model.compute_dtype == "float32":  # a VisionTransformer's config holds no dtype
+    if not changed:
         return model
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")  # for layers whose config holds no dtype (VisionTransformer's builder)
-    try:
-        copy = model.__class__.from_config(config)
-    finally:
-        keras.config.set_dtype_policy(previous)
+    copy = model.__class__.from_config(config)
     copy.set_weights(model.get_weights())
     log.info("Exporting a float32 copy of %s (it computes in %s).", model.name, model.compute_dtype)
     return copy

@@ -13,7 +13,7 @@ padding is SAME with TensorFlow's rule (more after than before), which Keras'
 import keras
 from keras import ops
 
-from keras_vit.layers import PACKAGE
+from keras_vit.layers.common import PACKAGE, official_weights, scoped
 
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPSILON = 1e-6
@@ -30,8 +30,10 @@ class StdConv2D(keras.layers.Conv2D):
     the raw one, so official checkpoints load as they are.
     """
 
-    def __init__(self, filters, kernel_size, strides=1, padding="same", use_bias=False, **kwargs):
-        super().__init__(filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias, **kwargs)
+    def __init__(self, filters, kernel_size, strides=1, padding="same", use_bias=False, data_format="channels_last",
+                 **kwargs):
+        super().__init__(filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
+                         data_format=data_format, **kwargs)
 
     def convolution_op(self, inputs, kernel):
         kernel = ops.cast(kernel, "float32")
@@ -95,6 +97,15 @@ class BottleneckUnit(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return self.conv3.compute_output_shape(self.conv2.compute_output_shape(input_shape))
 
+    def official_weights(self):
+        weights = {}
+        pairs = ((self.conv1, self.gn1), (self.conv2, self.gn2), (self.conv3, self.gn3), (self.conv_proj, self.gn_proj))
+        for conv, norm in pairs:
+            if conv is not None:
+                weights.update(scoped(conv.name, official_weights(conv)))
+                weights.update(scoped(norm.name, official_weights(norm)))
+        return weights
+
     def get_config(self):
         config = super().get_config()
         config.update(width=self.width, strides=self.strides)
@@ -120,6 +131,9 @@ class ResNetStage(keras.layers.Layer):
             unit.build(input_shape)
             input_shape = unit.compute_output_shape(input_shape)
 
+    def official_weights(self):
+        return {name: v for unit in self.units for name, v in scoped(unit.name, unit.official_weights()).items()}
+
     def call(self, x):
         for unit in self.units:
             x = unit(x)
@@ -136,19 +150,21 @@ class ResNetStage(keras.layers.Layer):
         return config
 
 
-def resnet_stem(images, layers, width_factor=1):
+def resnet_stem(images, layers, width_factor=1, dtype=None):
     """Applies the hybrid ResNet to (B, H, W, C) images; returns the feature map (B, H/s, W/s, C').
 
     ``s`` = 4 (root) x 2 per stage after the first. Layer names: ``conv_root``,
-    ``gn_root``, ``root_relu``, ``root_pool``, ``block1``, ``block2``, ...
+    ``gn_root``, ``root_relu``, ``root_pool``, ``block1``, ``block2``, ... Every layer gets the ``dtype`` policy.
     """
     width = int(64 * width_factor)
-    x = StdConv2D(width, 7, strides=2, name="conv_root")(images)
-    x = _group_norm("gn_root", None)(x)
-    x = keras.layers.ReLU(name="root_relu")(x)
-    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="root_pool")(x)
+    x = StdConv2D(width, 7, strides=2, dtype=dtype, name="conv_root")(images)
+    x = _group_norm("gn_root", dtype)(x)
+    x = keras.layers.ReLU(dtype=dtype, name="root_relu")(x)
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", data_format="channels_last", dtype=dtype,
+                                  name="root_pool")(x)
     for stage, num_units in enumerate(layers):
-        x = ResNetStage(num_units, width * 2**stage, first_stride=1 if stage == 0 else 2, name=f"block{stage + 1}")(x)
+        x = ResNetStage(num_units, width * 2**stage, first_stride=1 if stage == 0 else 2, dtype=dtype,
+                        name=f"block{stage + 1}")(x)
     return x
 
 

@@ -10,6 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("KERAS_VIT_FIXTURES", REPO.parent / "shared" / "fixtures" / "official_vit"))
 PLAIN_FIXTURES = ("vit_tiny_token", "vit_tiny_repr", "vit_tiny_gap", "vit_tiny_token_posemb48")
+BIG_VISION_FIXTURES = Path(
+    os.environ.get("KERAS_VIT_BIG_VISION_FIXTURES", REPO.parent / "shared" / "fixtures" / "big_vision_vit")
+)
 
 
 def fixture_path(name, kind):
@@ -23,6 +26,21 @@ def fixture_path(name, kind):
 def load_reference(name):
     """The reference arrays of a fixture and its official config (dict)."""
     with np.load(fixture_path(name, "ref"), allow_pickle=False) as ref:
+        arrays = {k: ref[k] for k in ref.files}
+    return arrays, json.loads(str(arrays.pop("config_json")))
+
+
+def big_vision_path(name, kind):
+    """Path of ``<name>.<kind>.npz`` (kind: "ckpt" or "ref") in the shared big_vision fixtures."""
+    path = BIG_VISION_FIXTURES / f"{name}.{kind}.npz"
+    if not path.exists():
+        pytest.fail(f"big_vision fixture {path} is missing; set KERAS_VIT_BIG_VISION_FIXTURES to its folder.")
+    return path
+
+
+def big_vision_reference(name):
+    """The reference arrays of a big_vision fixture and its ``vit.Model`` kwargs (dict)."""
+    with np.load(big_vision_path(name, "ref"), allow_pickle=False) as ref:
         arrays = {k: ref[k] for k in ref.files}
     return arrays, json.loads(str(arrays.pop("config_json")))
 

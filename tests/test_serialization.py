@@ -63,7 +63,7 @@ def test_weights_h5_round_trip(tmp_path):
     model.save_weights(tmp_path / "vit.weights.h5")
     _, config = load_reference("vit_tiny_repr")
     fresh = keras_vit.vision_transformer(**builder_kwargs(config))
-    keras_vit.models.load_weights(fresh, tmp_path / "vit.weights.h5")
+    keras_vit.load_weights(fresh, tmp_path / "vit.weights.h5")
     np.testing.assert_allclose(fresh.predict(ref["images"], verbose=0), ref["logits"], atol=1e-5)
 
 

@@ -16,6 +16,7 @@ import scipy.ndimage
 import keras_vit
 from conftest import PLAIN_FIXTURES, REPO, builder_kwargs, fixture_path, load_reference
 from keras_vit import cli
+from keras_vit.models import official_arrays
 from keras_vit.pretrained import download, names, npz, registry
 
 n = keras.ops.convert_to_numpy
@@ -307,8 +308,8 @@ def test_interpolate_tool_keeps_names_and_storage_types(tmp_path):
 
 def test_rectangular_checkpoint_needs_an_image_size(tmp_path):
     model = keras_vit.resize_model(keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt")), (32, 48))
-    np.savez(tmp_path / "rect.npz", **names.model_arrays(model))
-    with pytest.raises(ValueError, match="rectangular position-embedding grid: pass image_size"):
+    np.savez(tmp_path / "rect.npz", **official_arrays(model))
+    with pytest.raises(ValueError, match=r"image size cannot be read off its arrays: pass image_size"):
         keras_vit.from_official_checkpoint(tmp_path / "rect.npz")
     again = keras_vit.from_official_checkpoint(tmp_path / "rect.npz", image_size=(32, 48))
     np.testing.assert_array_equal(_posemb(again), _posemb(model))
@@ -488,7 +489,7 @@ def test_cache_names_can_be_typed_and_old_quoted_names_are_found(cache):
 
 def test_checkpoint_of_another_variant_says_what_the_file_is(tmp_path):
     small = keras_vit.create_model("Ti/16", num_layers=1)
-    np.savez(tmp_path / "ti16.npz", **names.model_arrays(small))
+    np.savez(tmp_path / "ti16.npz", **official_arrays(small))
     with pytest.raises(keras_vit.CheckpointMismatchError) as error:
         keras_vit.create_model("S/16", num_layers=1, weights=tmp_path / "ti16.npz")
     message = str(error.value)

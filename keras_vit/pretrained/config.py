@@ -1,42 +1,44 @@
-"""What a checkpoint describes: the ``vision_transformer`` configuration inferred from its arrays alone."""
+"""What a checkpoint describes: the ``VisionTransformer`` arguments inferred from its arrays alone."""
 
 from keras_vit import configs
+from keras_vit.architecture import Architecture, token_stride
 from keras_vit.pretrained.names import BLOCK_KEY, POSEMB, UNIT_KEY, normalize_names
 from keras_vit.pretrained.resample import square_grid
-from keras_vit.resnet import stem_stride
 
-
-def token_stride(config):
-    """Pixels per token (rows, columns) of a ``vision_transformer`` config: patch size x ResNet stride."""
-    patch = config["patch_size"]
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    stride = stem_stride(config["resnet_layers"]) if config.get("resnet_layers") is not None else 1
-    return (patch[0] * stride, patch[1] * stride)
+MAP_PROBE = "MAPHead_0/probe"
+REGISTERS = "reg"
 
 
 def infer_config(arrays):
-    """Infers ``vision_transformer`` keyword arguments from official checkpoint arrays alone.
+    """Infers ``VisionTransformer`` keyword arguments from official checkpoint arrays alone.
 
-    Returns hidden_size, num_layers, num_heads, mlp_dim, patch_size, channels,
-    classifier, representation_size, classes (None without a head),
-    image_size (from a square position-embedding grid; None for a
-    rectangular one) and, for hybrids, resnet_layers (units per stage) and
-    resnet_width_factor.
+    Returns hidden_size, num_layers, num_heads, mlp_dim, patch_size, channels, classifier ("token", "gap" or
+    "map"), num_register_tokens, posemb ("learn", or "sincos2d" when the file has no table),
+    posemb_class_token, representation_size, classes (None without a head), image_size (from a square
+    position-embedding grid; None for a rectangular one or fixed embeddings) and, for hybrids, resnet_layers
+    (units per stage) and resnet_width_factor.
     """
     arrays = normalize_names(arrays)
     try:
         kernel = arrays["embedding/kernel"]
-        posemb = arrays[POSEMB]
         query = arrays["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"]
         mlp = arrays["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"]
     except KeyError as error:
         raise ValueError(f"Not an official ViT checkpoint: it has no {error.args[0]!r} array.") from None
     blocks = {m[1] for m in map(BLOCK_KEY.match, arrays) if m}
-    prefix = int("cls" in arrays)
-    try:
-        grid = square_grid(posemb.shape[1] - prefix)
-    except ValueError:
-        grid = None  # a rectangular grid: the image size cannot be read off the arrays
+    class_token = "cls" in arrays
+    registers = int(arrays[REGISTERS].shape[1]) if REGISTERS in arrays else 0
+    posemb = arrays.get(POSEMB)
+    grid, posemb_class_token = None, True
+    if posemb is not None:
+        rows = posemb.shape[1]
+        for prefix_rows in ((1, 0) if class_token else (0,)):
+            try:
+                grid = square_grid(rows - prefix_rows)
+                posemb_class_token = bool(prefix_rows)
+                break
+            except ValueError:
+                continue
     patch = tuple(int(p) for p in kernel.shape[:2])
     hybrid = {}
     if "conv_root/kernel" in arrays:
@@ -46,7 +48,8 @@ def infer_config(arrays):
             raise ValueError(f"ResNet stages {stages} of the checkpoint are not numbered block1, block2, ...")
         layers = tuple(len({unit for stage, unit in units if int(stage) == s}) for s in stages)
         hybrid = dict(resnet_layers=layers, resnet_width_factor=arrays["conv_root/kernel"].shape[-1] / 64)
-    stride = token_stride(dict(patch_size=patch, **hybrid))
+    stride = token_stride(patch, hybrid.get("resnet_layers"))
+    classifier = "token" if class_token else "map" if MAP_PROBE in arrays else "gap"
     return dict(
         image_size=(grid[0] * stride[0], grid[1] * stride[1]) if grid else None,
         patch_size=patch,
@@ -55,10 +58,29 @@ def infer_config(arrays):
         num_heads=int(query.shape[1]),
         mlp_dim=int(mlp.shape[1]),
         channels=int((arrays["conv_root/kernel"] if hybrid else kernel).shape[2]),
-        classifier="token" if prefix else "gap",
+        classifier=classifier,
+        num_register_tokens=registers,
+        posemb="learn" if posemb is not None else "sincos2d",
+        posemb_class_token=posemb_class_token,
         representation_size=int(arrays["pre_logits/kernel"].shape[1]) if "pre_logits/kernel" in arrays else None,
         classes=int(arrays["head/bias"].shape[0]) if "head/bias" in arrays else None,
         **hybrid,
+    )
+
+
+def architecture(config, image_size=None):
+    """The ``Architecture`` of ``infer_config``'s result (its head kept, as the checkpoint has it).
+
+    ``image_size`` is needed when the checkpoint's grid could not be read (rectangular, fixed embeddings).
+    """
+    config = dict(config)
+    classes = config.pop("classes")
+    config["image_size"] = image_size or config["image_size"]
+    if config["image_size"] is None:
+        raise ValueError("The checkpoint's image size cannot be read off its arrays: pass image_size=(height, width).")
+    return Architecture.from_arguments(
+        **config, include_top=classes is not None, classes=classes,
+        pooling=None if classes is not None else {"token": "token", "gap": "gap", "map": "map"}[config["classifier"]],
     )
 
 
@@ -68,15 +90,16 @@ def describe(config):
     width = next((name for name, (d, _, n, m) in configs.VARIANTS.items() if (d, n, m) == (hidden, heads, mlp)), None)
     depth = width and configs.VARIANTS[width][1]
     width = width or f"D{hidden}-N{heads}-M{mlp}"
-    stride = token_stride(config)
+    stride = token_stride(config["patch_size"], config.get("resnet_layers"))
     patch = str(stride[0]) if stride[0] == stride[1] else f"{stride[0]}x{stride[1]}"
     stem = ""
     if config.get("resnet_layers") is not None:
         layers = tuple(config["resnet_layers"])
         stem = next((r for (r, _, _), (units, _) in configs.HYBRIDS.items() if tuple(units) == layers), "R") + "+"
     classifier = config.get("classifier", "token")
-    layers_note = "" if layers == depth else f", {layers} layers"
-    return f"{stem}ViT-{width}/{patch} {'token' if classifier == 'token' else 'gap'}{layers_note}"
+    registers = config.get("num_register_tokens") or 0
+    notes = ("" if layers == depth else f", {layers} layers") + (f", {registers} registers" if registers else "")
+    return f"{stem}ViT-{width}/{patch} {classifier}{notes}"
 
 
 def architecture_summary(file_config, model_config):
@@ -86,4 +109,3 @@ def architecture_summary(file_config, model_config):
     if file == model and channels[0] == channels[1]:
         return None
     return f"this is a {file} checkpoint; the model is {model}"
-

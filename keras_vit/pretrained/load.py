@@ -18,17 +18,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_vit.models import VisionTransformer, official_arrays, official_weights
 from keras_vit.pretrained import adapt as adapt_lib
 from keras_vit.pretrained import download, registry
-from keras_vit.pretrained.config import architecture_summary, infer_config
-from keras_vit.pretrained.names import (
-    CheckpointMismatchError,
-    mismatch,
-    model_arrays,
-    model_geometry,
-    normalize_names,
-    official_variables,
-)
+from keras_vit.pretrained.config import architecture, architecture_summary, infer_config
+from keras_vit.pretrained.names import CheckpointMismatchError, mismatch, normalize_names
 from keras_vit.pretrained.npz import read_npz
 
 Source = collections.namedtuple("Source", "arrays label grid")
@@ -63,7 +57,10 @@ def read(source, model_name=None, image_size=None, like=None):
     """
     if isinstance(source, str) and source in registry.FAMILIES:
         if model_name is None:
-            raise ValueError(f"A weights family ({source!r}) needs a model name; pass a file path or URL instead.")
+            raise ValueError(
+                f"A weights family ({source!r}) needs a model of an official variant (e.g. ViT-B_16, "
+                "keras_vit.list_models()); this model's geometry is none of them: pass a file path or URL instead."
+            )
         entry = registry.resolve(model_name, source, image_size)
         path = download.fetch(entry.url, entry.sha256)
         return Source(_read_npz(path), entry.url, None)
@@ -82,13 +79,25 @@ def read(source, model_name=None, image_size=None, like=None):
     if kind == ".npz":
         return Source(_read_npz(path), source, None)
     if kind == ".keras":
-        loaded = keras.models.load_model(path)
-        return Source(model_arrays(loaded), source, model_geometry(loaded)[0])
+        return model_source(keras.models.load_model(path), source)
     if like is None:
         raise ValueError(f"{source} is a .weights.h5 file, which holds no architecture: load it into a model.")
     twin = type(like).from_config(like.get_config())
     twin.load_weights(path)
-    return Source(model_arrays(twin), source, model_geometry(twin)[0])
+    return model_source(twin, source)
+
+
+def model_source(model, label):
+    """A ``Source`` of a keras_vit model's own weights (its grid known even when it is rectangular)."""
+    return Source(official_arrays(model), label, model.grid if isinstance(model, VisionTransformer) else None)
+
+
+def architecture_of(model):
+    """The ``Architecture`` of a keras_vit model; read off the weights of a plain functional model saved before
+    ``VisionTransformer`` existed."""
+    if isinstance(model, VisionTransformer):
+        return model.architecture
+    return architecture(infer_config(official_arrays(model)), image_size=tuple(model.input.shape[1:3]))
 
 
 def _shapes_only(shapes):
@@ -112,13 +121,12 @@ def assign(model, source, adapt=True):
     says what the file and the model are, and nothing is assigned. Each
     adaptation is logged once after success. Returns ``model``.
     """
-    variables = official_variables(model)
+    variables = official_weights(model)
     shapes = {name: tuple(variable.shape) for name, variable in variables.items()}
     arrays = normalize_names(source.arrays)
     kept, notes = set(), []
     if adapt:
-        grid, prefix = model_geometry(model)
-        arrays, kept, notes = adapt_lib.adapt(arrays, shapes, grid, prefix, source_grid=source.grid)
+        arrays, kept, notes = adapt_lib.adapt(arrays, architecture_of(model), source_grid=source.grid)
     wanted = {name: shape for name, shape in shapes.items() if name not in kept}
     missing, unexpected, mis_shaped = mismatch(wanted, arrays)
     if missing or unexpected or mis_shaped:
@@ -141,4 +149,5 @@ def load_weights(model, source, adapt=True):
     Returns ``model``.
     """
     image_size = tuple(model.input.shape[1:3])
-    return assign(model, read(source, model.name, image_size, like=model), adapt=adapt)
+    variant = model.vit_config["variant"] if isinstance(model, VisionTransformer) else model.name
+    return assign(model, read(source, variant, image_size, like=model), adapt=adapt)

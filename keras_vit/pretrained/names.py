@@ -8,19 +8,13 @@ the pre-Linen numbering (``LayerNorm_0``, ``MultiHeadDotProductAttention_1``,
 ``MlpBlock_0``. Both are accepted, as are ``opt/target/`` and ``params/``
 prefixes.
 
-``official_variables`` is the name mapping between a keras_vit model and the
-official tree; it reads the model's layers (by class and official layer
-name), so that it also serves functional models saved by keras_vit versions
-before ``VisionTransformer`` existed.
+The layers of a keras_vit model declare their weights' official names within their scope
+(``official_weights()``); ``official_scope`` gives a top-level layer's scope.
 """
 
 import re
 
-import keras
-
-from keras_vit.layers import AddPositionEmbs, ClassToken, Patches, TransformerBlock
 from keras_vit.pretrained.npz import decode_array
-from keras_vit.resnet import ResNetStage, StdConv2D
 
 _PREFIXES = ("opt/target/", "params/")
 _OPTIMIZER_STATE = "opt/state/"  # a full Flax optimizer checkpoint: moments, not parameters
@@ -35,6 +29,7 @@ _GROUP_NORM_KEY = re.compile(r"(^|/)gn(_root|_proj|\d+)/(scale|bias)$")
 BLOCK_KEY = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)/(.*)$")
 UNIT_KEY = re.compile(r"^block(\d+)/unit(\d+)/")
 POSEMB = "Transformer/posembed_input/pos_embedding"
+_BIG_VISION_POSEMB = "pos_embedding"  # big_vision keeps the table at the top level, without a class-token row
 _LISTED = 5  # names shown per kind in a mismatch message
 
 
@@ -74,7 +69,8 @@ def normalize_names(arrays):
 
     Strips ``opt/target/`` and ``params/`` prefixes, drops optimizer state
     (``opt/state/...``), renames Linen block
-    submodules to their pre-Linen names, widens bfloat16 bit patterns and
+    submodules to their pre-Linen names and big_vision's top-level ``pos_embedding`` to the 2020 name,
+    widens bfloat16 bit patterns and
     flattens GroupNorm parameters stored as (1, 1, 1, C) to (C,). Returns a new dict.
     """
     stripped = {}
@@ -85,6 +81,8 @@ def normalize_names(arrays):
             if name.startswith(prefix):
                 name = name[len(prefix) :]
                 break
+        if name == _BIG_VISION_POSEMB:
+            name = POSEMB
         array = decode_array(array)
         if _GROUP_NORM_KEY.search(name) and array.ndim == 4:
             array = array.reshape(-1)
@@ -113,92 +111,20 @@ def mismatch(shapes, arrays):
     return missing, unexpected, mis_shaped
 
 
-def _block_variables(block):
-    attention = block.attention
-    variables = {
-        "LayerNorm_0/scale": block.norm_attention.gamma,
-        "LayerNorm_0/bias": block.norm_attention.beta,
-        "LayerNorm_2/scale": block.norm_mlp.gamma,
-        "LayerNorm_2/bias": block.norm_mlp.beta,
-        "MlpBlock_3/Dense_0/kernel": block.mlp_in.kernel,
-        "MlpBlock_3/Dense_0/bias": block.mlp_in.bias,
-        "MlpBlock_3/Dense_1/kernel": block.mlp_out.kernel,
-        "MlpBlock_3/Dense_1/bias": block.mlp_out.bias,
-    }
-    for part in ("query", "key", "value", "out"):
-        variables[f"MultiHeadDotProductAttention_1/{part}/kernel"] = getattr(attention, f"{part}_kernel")
-        variables[f"MultiHeadDotProductAttention_1/{part}/bias"] = getattr(attention, f"{part}_bias")
-    return variables
+_SCOPES = {
+    "posembed_input": "Transformer/posembed_input",
+    "encoder_norm": "Transformer/encoder_norm",
+    "pool": "MAPHead_0",  # the only pooling with weights is the MAP head
+}
+_BLOCK_LAYER = re.compile(r"^encoderblock_\d+$")
 
 
-def _norm_variables(prefix, layer):
-    return {f"{prefix}/scale": layer.gamma, f"{prefix}/bias": layer.beta}
+def official_scope(layer_name):
+    """The official scope of a keras_vit model's top-level layer: ``encoderblock_3`` -> ``Transformer/encoderblock_3``.
 
-
-def _stage_variables(stage):
-    """``blockS/unitU/{conv1,conv2,conv3,conv_proj}/kernel`` and ``gn*/{scale,bias}`` of a ResNet stage."""
-    variables = {}
-    for unit in stage.units:
-        prefix = f"{stage.name}/{unit.name}"
-        for conv, norm in ((unit.conv1, unit.gn1), (unit.conv2, unit.gn2), (unit.conv3, unit.gn3), (unit.conv_proj, unit.gn_proj)):
-            if conv is not None:
-                variables[f"{prefix}/{conv.name}/kernel"] = conv.kernel
-                variables.update(_norm_variables(f"{prefix}/{norm.name}", norm))
-    return variables
-
-
-def _layer_variables(layer):
-    """{official name: variable} of one layer of a keras_vit model; None for a layer with no counterpart."""
-    if isinstance(layer, Patches):
-        return {"embedding/kernel": layer.kernel, "embedding/bias": layer.bias}
-    if isinstance(layer, ClassToken):
-        return {"cls": layer.cls}
-    if isinstance(layer, AddPositionEmbs):
-        return {POSEMB: layer.pos_embedding}
-    if isinstance(layer, TransformerBlock):
-        return {f"Transformer/{layer.name}/{k}": v for k, v in _block_variables(layer).items()}
-    if isinstance(layer, StdConv2D) and layer.name == "conv_root":
-        return {"conv_root/kernel": layer.kernel}
-    if isinstance(layer, keras.layers.GroupNormalization) and layer.name == "gn_root":
-        return _norm_variables("gn_root", layer)
-    if isinstance(layer, ResNetStage):
-        return _stage_variables(layer)
-    if isinstance(layer, keras.layers.LayerNormalization) and layer.name == "encoder_norm":
-        return _norm_variables("Transformer/encoder_norm", layer)
-    if isinstance(layer, keras.layers.Dense) and layer.name in ("pre_logits", "head"):
-        return {f"{layer.name}/kernel": layer.kernel, f"{layer.name}/bias": layer.bias}
-    return None
-
-
-def official_variables(model):
-    """Maps each official checkpoint name to the variable of ``model`` (a keras_vit model) it loads into.
-
-    A layer with weights that has no official counterpart is a ``ValueError``.
+    Layers declare their weights' names inside their scope (``official_weights()``); the scope is the layer's
+    name except for these Transformer parts and the MAP head.
     """
-    variables = {}
-    for layer in model.layers:
-        if not layer.weights:
-            continue
-        entries = _layer_variables(layer)
-        if entries is None:
-            raise ValueError(
-                f"Layer {layer.name!r} ({type(layer).__name__}) has no counterpart in the official checkpoints; "
-                "only models built by keras_vit.vision_transformer can load them."
-            )
-        variables.update(entries)
-    return variables
-
-
-def model_arrays(model):
-    """The weights of a keras_vit model as ``{official name: float32 array}``, ready to save as an official .npz."""
-    return {name: keras.ops.convert_to_numpy(v) for name, v in official_variables(model).items()}
-
-
-def model_geometry(model):
-    """``(grid, num_prefix_tokens)`` of a keras_vit model: its token grid (gh, gw) and 1 or 0 class tokens."""
-    if hasattr(model, "grid") and hasattr(model, "num_prefix_tokens"):
-        return model.grid, model.num_prefix_tokens
-    embedding = next(layer for layer in model.layers if isinstance(layer, Patches))
-    height, width = embedding.input.shape[1:3]
-    prefix = int(any(isinstance(layer, ClassToken) for layer in model.layers))
-    return (height // embedding.patch_size[0], width // embedding.patch_size[1]), prefix
+    if _BLOCK_LAYER.match(layer_name):
+        return f"Transformer/{layer_name}"
+    return _SCOPES.get(layer_name, layer_name)

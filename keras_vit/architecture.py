@@ -1,0 +1,211 @@
+"""One description of a ViT's architecture, ``Architecture``: what the builder builds, what a checkpoint must
+hold, how position embeddings and heads are laid out. The model builder, ``keras_vit.pretrained`` (inference
+from files, adaptation), the command-line tools and the tuner all read it; none re-derives any of it.
+
+It is made from the builder's arguments (``from_arguments``), which are also what a saved model's config holds.
+Every argument is checked here, once, with an error that names it.
+"""
+
+import dataclasses
+import difflib
+import numbers
+
+from keras_vit.layers.common import GELU_FORMS, to_pair
+from keras_vit.resnet import stem_stride
+
+CLASSIFIERS = ("token", "gap", "map", "unpooled")
+# keras.applications pooling names, plus the class token, the official "gap" (= "avg") and big_vision's "map".
+POOLINGS = (None, "token", "avg", "gap", "max", "map")
+POSEMBS = ("learn", "sincos2d")
+_POOLING_KIND = {"token": "token", "avg": "gap", "gap": "gap", "max": "max", "map": "map"}
+_CLASSIFIER_POOLING = {"token": "token", "gap": "gap", "map": "map", "unpooled": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A ViT's structure. Tokens are laid out as ``prefix_tokens`` (class token, registers), then the grid.
+
+    Attributes:
+        image_size: (height, width) in pixels.
+        patch_size: (height, width) of a patch (on a hybrid's feature map).
+        hidden_size, num_layers, num_heads, mlp_dim: D, L, N, M.
+        channels: input channels.
+        prefix_tokens: ``((kind, count), ...)`` in order, kinds of ``keras_vit.layers.PREFIX_TOKENS``.
+        posemb: "learn" (a learned (1, rows, D) table) or "sincos2d" (fixed, computed).
+        posemb_class_token: whether the class token has a learned position-embedding row (the 2020 models) or
+            the table covers the grid only and is added before any prefix token (big_vision).
+        pooling: "token", "gap", "max", "map" (``keras_vit.layers.POOLINGS``), or None for the token sequence.
+        representation_size: R of the ``pre_logits`` layer (Dense + tanh after pooling), or None.
+        classes: K of the classifier ``head``, or None without one.
+        gelu: "tanh" or "erf".
+        resnet_layers, resnet_width_factor: a hybrid's ResNet stem (None: a plain ViT).
+    """
+
+    image_size: tuple
+    patch_size: tuple
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    channels: int = 3
+    prefix_tokens: tuple = (("class", 1),)
+    posemb: str = "learn"
+    posemb_class_token: bool = True
+    pooling: str | None = "token"
+    representation_size: int | None = None
+    classes: int | None = 1000
+    gelu: str = "tanh"
+    resnet_layers: tuple | None = None
+    resnet_width_factor: float = 1
+
+    @classmethod
+    def from_arguments(cls, image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
+                       mlp_dim=3072, classifier="token", representation_size=None, include_top=True, classes=1000,
+                       pooling=None, num_register_tokens=0, posemb="learn", posemb_class_token=True, gelu="tanh",
+                       channels=3, resnet_layers=None, resnet_width_factor=1):
+        """The architecture of ``VisionTransformer(**arguments)`` (see its arguments); checks every one."""
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}.")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        if include_top and classifier == "unpooled":
+            raise ValueError("classifier='unpooled' has no head: build it with include_top=False.")
+        if not include_top and pooling == "token" and classifier != "token":
+            raise ValueError(f"pooling='token' needs a class token, but classifier={classifier!r} has none; use 'avg'.")
+        if representation_size and not include_top and pooling is None:
+            raise ValueError("representation_size applies to a pooled vector: set pooling='token', 'avg', 'max' or 'map'.")
+        _check_int("num_register_tokens", num_register_tokens, minimum=0)
+        prefix = ((("class", 1),) if classifier == "token" else ()) + (
+            (("register", num_register_tokens),) if num_register_tokens else ()
+        )
+        arch = cls(
+            image_size=_pair("image_size", image_size),
+            patch_size=_pair("patch_size", patch_size),
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            mlp_dim=mlp_dim,
+            channels=channels,
+            prefix_tokens=prefix,
+            posemb=posemb,
+            posemb_class_token=bool(posemb_class_token),
+            pooling=_CLASSIFIER_POOLING[classifier] if include_top else _POOLING_KIND.get(pooling),
+            representation_size=representation_size or None,
+            classes=classes if include_top else None,
+            gelu=gelu,
+            resnet_layers=None if resnet_layers is None else tuple(resnet_layers),
+            resnet_width_factor=resnet_width_factor,
+        )
+        arch.check()
+        return arch
+
+    def check(self):
+        """Raises ``ValueError`` naming the first argument that cannot describe a ViT."""
+        for name in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "channels"):
+            _check_int(name, getattr(self, name), minimum=1)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: "
+                "choose a number of heads that divides the hidden size."
+            )
+        if self.classes is not None:
+            _check_int("classes", self.classes, minimum=1, what="the number of head outputs")
+        if self.representation_size is not None:
+            _check_int("representation_size", self.representation_size, minimum=1)
+        if self.posemb not in POSEMBS:
+            raise ValueError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}.")
+        if self.posemb == "sincos2d" and self.hidden_size % 4:
+            raise ValueError(f"posemb='sincos2d' needs a hidden_size that is a multiple of 4, got {self.hidden_size}.")
+        if self.gelu not in GELU_FORMS:
+            raise ValueError(f"gelu must be one of {GELU_FORMS}, got {self.gelu!r}.")
+        if self.resnet_layers is not None:
+            for units in self.resnet_layers:
+                _check_int("resnet_layers", units, minimum=1, what="units per ResNet stage")
+            if not isinstance(self.resnet_width_factor, numbers.Real) or self.resnet_width_factor <= 0:
+                raise ValueError(f"resnet_width_factor must be a positive number, got {self.resnet_width_factor!r}.")
+        stride = self.token_stride
+        for side, size, step in zip(("height", "width"), self.image_size, stride):
+            if size < step or size % step:
+                multiple = max(size // step, 1) * step
+                raise ValueError(
+                    f"Image {side} {size} is not a multiple of the token stride {step} (patch size"
+                    f"{' x ResNet stride' if self.resnet_layers is not None else ''}): use {multiple}"
+                    + (f" or {multiple + step}" if size > step else "") + "."
+                )
+
+    # --- derived ----------------------------------------------------------------------------------------------
+
+    @property
+    def class_token(self):
+        """Whether the first token is a class token."""
+        return bool(self.prefix_tokens) and self.prefix_tokens[0][0] == "class"
+
+    @property
+    def num_prefix_tokens(self):
+        """Tokens before the grid tokens (class token and registers)."""
+        return sum(count for _, count in self.prefix_tokens)
+
+    @property
+    def token_stride(self):
+        """Image pixels per token, (rows, columns): patch size x ResNet stride."""
+        return token_stride(self.patch_size, self.resnet_layers)
+
+    @property
+    def grid(self):
+        """The token grid (gh, gw)."""
+        return tuple(size // step for size, step in zip(self.image_size, self.token_stride))
+
+    @property
+    def posemb_prefix_rows(self):
+        """Rows of the learned position-embedding table before the grid rows: 1 for the 2020 class token, else 0."""
+        return int(self.posemb == "learn" and self.class_token and self.posemb_class_token)
+
+    @property
+    def posemb_shape(self):
+        """Shape of the learned table (1, rows, D); None for fixed embeddings."""
+        if self.posemb != "learn":
+            return None
+        return (1, self.posemb_prefix_rows + self.grid[0] * self.grid[1], self.hidden_size)
+
+    @property
+    def num_tokens(self):
+        """T, the length of the token sequence."""
+        return self.num_prefix_tokens + self.grid[0] * self.grid[1]
+
+    def replace(self, **changes):
+        """A checked copy with ``changes``."""
+        arch = dataclasses.replace(self, **changes)
+        arch.check()
+        return arch
+
+
+def token_stride(patch_size, resnet_layers=None):
+    """Image pixels per token, (rows, columns), of a patch size (int or pair) on a hybrid's ResNet (or none)."""
+    patch = to_pair(patch_size, "patch size")
+    stride = 1 if resnet_layers is None else stem_stride(resnet_layers)
+    return (patch[0] * stride, patch[1] * stride)
+
+
+def _pair(name, value):
+    try:
+        pair = to_pair(value, name)
+    except ValueError:
+        raise ValueError(f"{name} must be an int or (height, width) of ints, got {value!r}.") from None
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be positive, got {value!r}.")
+    return pair
+
+
+def _check_int(name, value, minimum, what=None):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        bound = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {bound}{f' ({what})' if what else ''}, got {value!r}.")
+
+
+def unknown_arguments_error(unknown, valid, where):
+    """A ``TypeError`` for keyword arguments ``where`` does not take, suggesting the closest valid names."""
+    parts = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, valid, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return TypeError(f"{where} got unexpected keyword argument(s) {', '.join(parts)}. Valid: {', '.join(sorted(valid))}.")

@@ -1,0 +1,231 @@
+"""Multi-head dot-product attention with the official parameter layout, its projections as Keras layers.
+
+Shapes: B = batch, T = query tokens, S = key/value tokens, D = hidden size, N = heads, dh = D / N.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_vit import _speed
+from keras_vit.layers.common import PACKAGE, scoped
+
+_PROJECTIONS = ("query", "key", "value", "out")
+
+
+class _FlattenedFans(keras.initializers.Initializer):
+    """Runs a variance-scaling initializer on the 2-D (fan_in, fan_out) matrix and reshapes it.
+
+    Keras computes fans of a 3-D kernel as for a convolution; flax's DenseGeneral
+    uses the flattened input and output sizes, which this reproduces.
+    """
+
+    def __init__(self, initializer, fan_in, fan_out):
+        self.initializer = initializer
+        self.fan_in = fan_in
+        self.fan_out = fan_out
+
+    def __call__(self, shape, dtype=None):
+        return ops.reshape(self.initializer((self.fan_in, self.fan_out), dtype=dtype), shape)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Projection(keras.layers.EinsumDense):
+    """An ``EinsumDense`` projection of ``MultiHeadSelfAttention`` (quantization and LoRA are Keras').
+
+    Its only addition to ``EinsumDense``: when its attention layer has read its variables from a file written
+    before the projections were layers (keras_vit <= 0.1.0 at 410d757), it has no entry of its own there to load.
+    """
+
+    _filled_by_parent = False
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        # Keras refuses subclasses (they may change ``call``); this one computes exactly what EinsumDense does.
+        super().quantize(mode, type_check=False, config=config)
+
+    def load_own_variables(self, store):
+        if self._filled_by_parent and not len(store.keys()):
+            return
+        super().load_own_variables(store)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MultiHeadSelfAttention(keras.layers.Layer):
+    """Multi-head dot-product attention (flax's ``MultiHeadDotProductAttention``): (B, T, D) -> (B, T, D).
+
+    Sub-layers ``query``, ``key``, ``value`` (``EinsumDense``, kernels (D, N, dh), biases (N, dh)) and ``out``
+    (kernel (N, dh, D), bias (D,)): the official shapes and names, so Keras' ``quantize`` and ``enable_lora``
+    reach every projection. Queries are scaled by 1/sqrt(dh); the softmax runs in float32 under mixed
+    precision (in float64 for float64 models). ``call(x)`` is self-attention; ``call(x, key_value)``
+    attends from ``x`` (B, T, D) to ``key_value`` (B, S, D) (the MAP head's probe). With
+    ``return_attention_scores=True`` it also returns the weights (B, N, T, S).
+
+    While no projection is quantized or LoRA-enabled, self-attention computes q, k and v in one
+    (B*T, D) x (D, 3D) product with the scale folded into the query kernel, and the output projection as one
+    (B*T, D) x (D, D) product (same parameters, faster on CPUs); without weights to return or attention
+    dropout, the core's gradient keeps q, k and v instead of the (B, N, T, S) probabilities (``keras_vit._speed``).
+    """
+
+    def __init__(self, num_heads, dropout_rate=0.0, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.dropout_rate = dropout_rate
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if dropout_rate else None
+
+    def build(self, x_shape, key_value_shape=None):
+        hidden = x_shape[-1]
+        if hidden % self.num_heads:
+            raise ValueError(
+                f"Hidden size {hidden} is not divisible by num_heads {self.num_heads}: "
+                "choose a number of heads that divides the hidden size."
+            )
+        heads, head_dim = self.num_heads, hidden // self.num_heads
+        # Glorot fan-in/out over the flattened (D, N*dh) matrix, as flax's DenseGeneral.
+        initializer = _FlattenedFans(self.kernel_initializer, fan_in=hidden, fan_out=hidden)
+
+        def projection(name, equation, output_shape, bias_axes):
+            return Projection(equation, output_shape, bias_axes=bias_axes, kernel_initializer=initializer,
+                              bias_initializer=self.bias_initializer, dtype=self.dtype_policy, name=name)
+
+        self.query = projection("query", "btd,dnh->btnh", (None, heads, head_dim), "nh")
+        self.key = projection("key", "btd,dnh->btnh", (None, heads, head_dim), "nh")
+        self.value = projection("value", "btd,dnh->btnh", (None, heads, head_dim), "nh")
+        self.out = projection("out", "btnh,nhd->btd", (None, hidden), "d")
+        key_value_shape = key_value_shape or x_shape
+        self.query.build(x_shape)
+        self.key.build(key_value_shape)
+        self.value.build(key_value_shape)
+        self.out.build((*x_shape[:-1], heads, head_dim))
+
+    @property
+    def head_dim(self):
+        return self.query.kernel.shape[-1]
+
+    def official_weights(self):
+        weights = {}
+        for name in _PROJECTIONS:
+            layer = getattr(self, name)
+            weights.update(scoped(name, {"kernel": layer.kernel, "bias": layer.bias}))
+        return weights
+
+    def _fused(self):
+        """Whether the projections are plain (not quantized, no LoRA), so that their kernels can be fused."""
+        return all(getattr(self, name).quantization_mode is None and not getattr(self, name).lora_enabled
+                   for name in _PROJECTIONS)
+
+    def _fused_qkv(self, x, scale):
+        """q (scaled), k, v (B, N, T, dh) of x (B, T, D) from one (B*T, D) x (D, 3D) product."""
+        batch, tokens, hidden = ops.shape(x)[0], ops.shape(x)[1], x.shape[-1]
+        heads, head_dim = self.num_heads, self.head_dim
+        kernel = ops.concatenate(
+            [ops.reshape(self.query.kernel * scale, (hidden, hidden)),
+             ops.reshape(self.key.kernel, (hidden, hidden)),
+             ops.reshape(self.value.kernel, (hidden, hidden))],
+            axis=1,
+        )
+        bias = ops.concatenate(
+            [ops.reshape(self.query.bias * scale, (hidden,)),
+             ops.reshape(self.key.bias, (hidden,)),
+             ops.reshape(self.value.bias, (hidden,))],
+            axis=0,
+        )
+        qkv = ops.matmul(ops.reshape(x, (-1, hidden)), kernel) + bias  # (B*T, 3D)
+        qkv = ops.transpose(ops.reshape(qkv, (batch, tokens, 3, heads, head_dim)), (2, 0, 3, 1, 4))
+        return ops.unstack(qkv, 3, axis=0)  # (B, N, T, dh) each; unstacking has a cheap gradient
+
+    def _heads(self, projection, x):
+        return ops.transpose(projection(x), (0, 2, 1, 3))  # (B, N, T, dh)
+
+    def call(self, x, key_value=None, training=None, return_attention_scores=False, dropout_seed=None):
+        fused = self._fused()
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if key_value is None and fused:
+            q, k, v = self._fused_qkv(x, scale)
+        else:
+            source = x if key_value is None else key_value
+            q = self._heads(self.query, x) * ops.cast(scale, x.dtype)
+            k, v = self._heads(self.key, source), self._heads(self.value, source)
+        dropout = bool(training) and bool(self.dropout_rate)
+        if return_attention_scores or dropout:
+            weights = _speed.attention_weights(q, k)  # (B, N, T, S)
+            probabilities = ops.cast(weights, q.dtype)
+            if dropout:
+                seed = self.seed_generator.next() if dropout_seed is None else dropout_seed
+                probabilities = probabilities * _speed.keep_mask(
+                    ops.shape(probabilities), self.dropout_rate, seed, 5, probabilities.dtype
+                )
+            context = ops.matmul(probabilities, v)
+        else:  # the same ops, with a gradient that keeps q, k, v instead of the probabilities
+            context = _speed.attention(q, k, v)
+        context = ops.transpose(context, (0, 2, 1, 3))  # (B, T, N, dh)
+        if fused:
+            hidden = self.out.kernel.shape[-1]
+            out = ops.matmul(ops.reshape(context, (-1, hidden)), ops.reshape(self.out.kernel, (hidden, hidden)))
+            out = ops.reshape(out + self.out.bias, (ops.shape(x)[0], ops.shape(x)[1], hidden))
+        else:
+            out = self.out(context)
+        return (out, weights) if return_attention_scores else out
+
+    def compute_output_spec(self, x, key_value=None, training=None, return_attention_scores=False, dropout_seed=None):
+        out = keras.KerasTensor(x.shape, dtype=self.compute_dtype)
+        if not return_attention_scores:
+            return out
+        source = x if key_value is None else key_value
+        shape = (x.shape[0], self.num_heads, x.shape[1], source.shape[1])
+        return out, keras.KerasTensor(shape, dtype=_speed.compute_dtype(out))
+
+    def load_own_variables(self, store):
+        """Reads files written before the projections were layers, whose attention held its 8 variables itself."""
+        if len(store.keys()) != 2 * len(_PROJECTIONS):
+            return super().load_own_variables(store)
+        for i, name in enumerate(_PROJECTIONS):
+            layer = getattr(self, name)
+            layer.kernel.assign(store[str(2 * i)])
+            layer.bias.assign(store[str(2 * i + 1)])
+            layer._filled_by_parent = True
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer),
+            seed=self.seed,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AttentionWeights(keras.layers.Layer):
+    """The attention weights of a layer with a ``norm_attention`` and an ``attention``, on its input.
+
+    (B, T, D) -> (B, N, T, T) float32 (float64 for a float64 layer). Shares the layer's variables; used by
+    ``VisionTransformer.features`` to expose every block's attention as a graph output next to its output.
+    """
+
+    def __init__(self, block, **kwargs):
+        super().__init__(**kwargs)
+        self.block = block
+
+    def call(self, x, training=None):
+        return self.block.attention(self.block.norm_attention(x), training=training, return_attention_scores=True)[1]
+
+    def compute_output_spec(self, x, training=None):
+        dtype = _speed.compute_dtype(keras.KerasTensor((), dtype=self.block.compute_dtype))
+        return keras.KerasTensor((x.shape[0], self.block.attention.num_heads, x.shape[1], x.shape[1]), dtype=dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(block=keras.saving.serialize_keras_object(self.block))
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config["block"] = keras.saving.deserialize_keras_object(config["block"])
+        return cls(**config)

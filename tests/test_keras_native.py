@@ -1,0 +1,246 @@
+"""Keras 3's own machinery on keras_vit models: quantization, LoRA, dtype policies in the saved file, weights by
+variant, and files written by earlier versions."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import keras_vit
+from conftest import REPO, fixture_path, load_reference
+
+LEGACY = REPO / "tests" / "data" / "legacy_410d757"
+SMALL = dict(image_size=16, patch_size=4, hidden_size=48, num_layers=2, num_heads=3, mlp_dim=96, classes=5)
+BACKEND = keras.backend.backend()
+tensorflow_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow export")
+
+
+def _random_model(seed=0, **overrides):
+    """A small model with random weights everywhere (the official init zeroes the head)."""
+    model = keras_vit.vision_transformer(**{**SMALL, **overrides})
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        if "float" in str(variable.dtype):
+            variable.assign(rng.normal(0, 0.3, variable.shape).astype("float32"))
+    return model
+
+
+def _images(seed=1, size=16, count=4):
+    return np.random.default_rng(seed).uniform(-1, 1, (count, size, size, 3)).astype("float32")
+
+
+def _run_in_fresh_process(script, tmp_path, **env):
+    """Runs ``script`` in a new Python process (Keras' global dtype policy there is its default, float32)."""
+    environment = os.environ | {"PYTHONPATH": str(REPO)} | env
+    subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=True, cwd=tmp_path, env=environment)
+
+
+def _quantized_layers(model):
+    return [layer for layer in model._flatten_layers() if layer.quantization_mode is not None]
+
+
+# --- quantization -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "float8"])
+def test_quantize_reaches_every_projection(mode):
+    model = _random_model(representation_size=24)
+    images = _images()
+    expected = keras.ops.convert_to_numpy(model(images))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*does not have a `quantize` method.*")
+        model.quantize(mode)
+    quantized = _quantized_layers(model)
+    names = sorted(layer.name for layer in quantized)
+    # per block query, key, value, out, Dense_0, Dense_1; then pre_logits and head
+    assert names == sorted(["query", "key", "value", "out", "Dense_0", "Dense_1"] * 2 + ["pre_logits", "head"])
+    assert {layer.quantization_mode for layer in quantized} == {mode}
+    actual = keras.ops.convert_to_numpy(model(images))
+    error = np.abs(actual - expected).max() / np.abs(expected).max()
+    assert 0 < error < {"int8": 0.05, "int4": 0.5, "float8": 0.2}[mode]
+
+
+def test_quantize_reaches_the_hybrid_and_map_head_projections():
+    hybrid = _random_model(image_size=32, patch_size=1, resnet_layers=(1,), resnet_width_factor=0.5, num_layers=1)
+    hybrid.quantize("int8")
+    assert len(_quantized_layers(hybrid)) == 6 + 1  # one block, the head; the ResNet's convolutions stay
+    map_model = _random_model(classifier="map", num_layers=1)
+    map_model.quantize("int8")
+    assert len(_quantized_layers(map_model)) == 6 + 6 + 1  # block, MAP head (4 projections, its MLP), head
+
+
+def test_quantized_model_saves_and_reloads_in_a_fresh_process_with_identical_outputs(tmp_path):
+    model = _random_model()
+    model.quantize("int8")
+    images = _images()
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "expected.npy", keras.ops.convert_to_numpy(model(images)))
+    model.save(tmp_path / "q.keras")
+    _run_in_fresh_process(
+        """
+        import keras, numpy as np
+        model = keras.models.load_model("q.keras")  # safe_mode
+        quantized = [layer for layer in model._flatten_layers() if layer.quantization_mode == "int8"]
+        assert len(quantized) == 13, len(quantized)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(np.load("images.npy"))), np.load("expected.npy"))
+        """,
+        tmp_path,
+    )
+
+
+@tensorflow_only
+def test_quantized_model_exports_with_keras_and_the_project_exporter(tmp_path):
+    import tensorflow as tf
+
+    from keras_vit import export
+
+    model = _random_model()
+    model.quantize("int8")
+    images = _images()
+    expected = keras.ops.convert_to_numpy(model(images))
+    model.export(str(tmp_path / "keras_export"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "keras_export")).serve(images).numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    result = export.export(model, tmp_path / "vit.tflite", format="tflite", images=images)
+    assert result["max_abs_diff"] < 1e-4 and result["top1_agreement"] == 1.0
+
+
+# --- LoRA ---------------------------------------------------------------------------------------------------------
+
+
+def test_enable_lora_trains_only_the_low_rank_factors_and_the_head():
+    model = _random_model()
+    images = _images()
+    before = keras.ops.convert_to_numpy(model(images))
+    model.enable_lora(4)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images)), before, atol=1e-6)  # unchanged at first
+    trainable = sorted(v.path for v in model.trainable_variables)
+    lora = [p for p in trainable if "lora" in p]
+    assert len(lora) == 2 * 2 * 2  # (query, value) x 2 blocks x (A, B)
+    assert all(("/query/" in p or "/value/" in p) for p in lora)
+    assert sorted(set(trainable) - set(lora)) == ["head/bias", "head/kernel"]
+    params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert params == 2 * 2 * 4 * (48 + 48) + 48 * 5 + 5
+
+    frozen = {v.path: keras.ops.convert_to_numpy(v) for v in model.non_trainable_variables}
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    labels = keras.utils.to_categorical(np.arange(4) % 5, 5)
+    model.fit(images, labels, epochs=3, verbose=0)
+    for variable in model.non_trainable_variables:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), frozen[variable.path])
+    assert np.abs(keras.ops.convert_to_numpy(model(images)) - before).max() > 1e-3
+
+
+def test_lora_weights_save_and_load_into_a_model_with_the_same_base(tmp_path):
+    base = _random_model(seed=3)
+    base.save(tmp_path / "base.keras")
+    model = keras.models.load_model(tmp_path / "base.keras")
+    model.enable_lora(2, target_names=("query", "value", "Dense_0"))
+    for variable in model.trainable_variables:
+        if "lora_kernel_b" in variable.path:
+            variable.assign(np.full(variable.shape, 0.05, "float32"))
+    images = _images()
+    expected = keras.ops.convert_to_numpy(model(images))
+    model.save_lora_weights(tmp_path / "adapter.lora.h5")
+    fresh = keras.models.load_model(tmp_path / "base.keras")
+    fresh.load_lora_weights(tmp_path / "adapter.lora.h5")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fresh(images)), expected, atol=1e-6)
+    model.save(tmp_path / "merged.keras")  # Keras merges the factors into the kernels
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(keras.models.load_model(tmp_path / "merged.keras")(images)), expected, atol=1e-5
+    )
+    with pytest.raises(ValueError, match=r"\.lora\.h5"):
+        model.save_lora_weights(tmp_path / "adapter.h5")
+    with pytest.raises(ValueError, match="rank"):
+        model.enable_lora(0)
+
+
+# --- dtype policies -----------------------------------------------------------------------------------------------
+
+
+def test_dtype_argument_reaches_every_layer_and_the_config():
+    model = keras_vit.create_model("Ti/16", image_size=32, num_layers=1, classes=3, dtype="mixed_bfloat16")
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is untouched
+    assert model.get_config()["dtype"] == "mixed_bfloat16"
+    for layer in model._flatten_layers(include_self=False):
+        if layer.name != "head" and layer.weights:
+            assert layer.compute_dtype == "bfloat16", layer.path
+    assert model.get_layer("head").compute_dtype == "float32"
+    assert keras.backend.standardize_dtype(model(_images(size=32)).dtype) == "float32"
+
+
+def test_mixed_precision_model_reloads_mixed_in_a_fresh_float32_process(tmp_path):
+    model = _random_model(dtype="mixed_bfloat16")
+    images = _images()
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "expected.npy", keras.ops.convert_to_numpy(model(images)))
+    model.save(tmp_path / "mixed.keras")
+    _run_in_fresh_process(
+        """
+        import keras, numpy as np
+        assert keras.config.dtype_policy().name == "float32"
+        model = keras.models.load_model("mixed.keras")
+        assert model.get_layer("encoderblock_0").compute_dtype == "bfloat16"
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(np.load("images.npy"))), np.load("expected.npy"))
+        """,
+        tmp_path,
+    )
+
+
+def test_from_official_checkpoint_takes_a_dtype():
+    ref, _ = load_reference("vit_tiny_token")
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), dtype="mixed_bfloat16")
+    assert model.get_layer("encoderblock_0").compute_dtype == "bfloat16"
+    np.testing.assert_allclose(model.predict(ref["images"], verbose=0), ref["logits"], atol=0.05)
+
+
+# --- weights by variant -------------------------------------------------------------------------------------------
+
+
+class _Fetched(Exception):
+    pass
+
+
+def test_weights_families_resolve_from_the_variant_not_the_name(monkeypatch):
+    from keras_vit.pretrained import download
+
+    def fetch(url, sha256=None):
+        raise _Fetched(url)
+
+    monkeypatch.setattr(download, "fetch", fetch)
+    renamed = keras_vit.ViT_Ti16(name="my_vit", image_size=32, num_layers=12)
+    assert renamed.vit_config["variant"] == "ViT-Ti_16"
+    with pytest.raises(_Fetched, match="augreg/Ti_16-i21k"):
+        keras_vit.load_weights(renamed, "augreg_in21k")
+    built = keras_vit.vision_transformer(image_size=32, patch_size=16, hidden_size=192, num_layers=12, num_heads=3,
+                                         mlp_dim=768, name="built")
+    assert built.vit_config["variant"] == "ViT-Ti_16"
+    with pytest.raises(_Fetched, match="augreg/Ti_16-i21k"):
+        keras_vit.load_weights(built, "augreg_in21k")
+    custom = keras_vit.vision_transformer(**SMALL)
+    assert custom.vit_config["variant"] is None
+    with pytest.raises(ValueError, match="official variant"):
+        keras_vit.load_weights(custom, "augreg_in21k")
+    with pytest.raises(ValueError, match="does not describe this geometry"):
+        keras_vit.vision_transformer(**SMALL, variant="ViT-B_16")
+
+
+# --- files written by earlier versions (tests/data/legacy_410d757, made by its make_legacy.py) ----------------------
+
+
+@pytest.mark.parametrize("name", ["token_dropout", "gap_bf16", "hybrid"])
+def test_keras_files_written_at_410d757_load_with_identical_outputs(name):
+    outputs = np.load(LEGACY / "outputs.npz")
+    model = keras.models.load_model(LEGACY / f"{name}.keras")
+    images = outputs["hybrid_images" if name == "hybrid" else "images"]
+    actual = keras.ops.convert_to_numpy(model(images, training=False)).astype("float32")
+    # 410d757 stored no dtype: its files compute under the loading process's policy, as they did then.
+    np.testing.assert_allclose(actual, outputs[f"{name}_reloaded"], atol=1e-5, rtol=1e-5)
+    assert isinstance(model, keras_vit.VisionTransformer)
+    assert model.get_layer("encoderblock_0").attention.query.kernel.shape[1:] == (3, 16)
