@@ -31,6 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_vit.models import dequantized_copy
+
 FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = (None, "float16", "int8")
 FLOAT_TOLERANCE = 1e-4
@@ -183,6 +185,11 @@ def _saved_model(model, target, images, top_k):
 def _tflite(model, target, images, quantization):
     height, width, channels = _input_size(model)
     saved = Path(target).parent / "saved_model_for_tflite"
+    reference = model
+    if _keras_quantized(model):
+        # TFLite's kernels do not take the integer (or float8) products of Keras' quantized layers: the file holds
+        # their effective weights, quantized by TFLite itself (int8 dynamic range unless float16 is asked).
+        model = dequantized_copy(model)
     model.export(str(saved), format="tf_saved_model", verbose=False,
                  input_signature=[tf.TensorSpec([1, height, width, channels], tf.float32)])
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
@@ -201,7 +208,12 @@ def _tflite(model, target, images, quantization):
         interpreter.set_tensor(input_index, image[None].astype(np.float32))
         interpreter.invoke()
         exported.append(interpreter.get_tensor(output_index)[0])
-    return np.stack(exported), _keras_logits(model, images)
+    return np.stack(exported), _keras_logits(reference, images)
+
+
+def _keras_quantized(model):
+    """Whether ``model`` was quantized with Keras' ``model.quantize`` (its config holds quantized dtype policies)."""
+    return "Quantized" in str(model.get_config())
 
 
 def _onnx(model, target, images):
@@ -269,7 +281,10 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
             bytes; ``serve_pixels``: uint8 pixels; both resize and map to [-1, 1]
             inside and return logits and top-k), ``"tflite"`` or ``"onnx"``.
         quantization: TFLite only: None (float32), ``"float16"`` or ``"int8"``
-            (dynamic range).
+            (dynamic range). A model quantized with Keras (``model.quantize``)
+            is exported as it is to SavedModel; TFLite cannot run Keras'
+            integer products, so its TFLite file holds the layers' effective
+            weights quantized by TFLite (``"int8"`` unless ``"float16"``).
         images: (B, H, W, C) float32 in [-1, 1] to compare on; 8 random images by default.
         inputs: paths the export must never replace (e.g. the file ``model`` was loaded from).
     Returns:
@@ -288,6 +303,8 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
         except ImportError:
             raise ImportError("ONNX export needs tf2onnx and onnxruntime: pip install 'keras3-vit[onnx]'.") from None
     model = float32_model(model)
+    if format == "tflite" and _keras_quantized(model):
+        quantization = quantization or "int8"
     height, width, channels = _input_size(model)
     if images is None:
         images = np.random.default_rng(0).uniform(-1, 1, (8, height, width, channels)).astype(np.float32)

@@ -381,6 +381,8 @@ class VisionTransformer(keras.Model):
         for layer in targets:
             layer.trainable = True
             layer.enable_lora(rank)
+            if layer.bias is not None:
+                layer.bias.trainable = False
         if train_head:
             for name in ("pre_logits", "head"):
                 if any(layer.name == name for layer in self.layers):
@@ -552,6 +554,44 @@ def official_weights(model):
 def official_arrays(model):
     """The weights of a keras_vit model as ``{official name: float32 array}``, ready to save as an official .npz."""
     return {name: np.asarray(keras.ops.convert_to_numpy(v), np.float32) for name, v in official_weights(model).items()}
+
+
+def _effective_kernel(quantized, shape):
+    """The float kernel of ``shape`` that a quantized ``Dense`` or ``EinsumDense`` (on (B, T, ...) inputs whose
+    kernel lists the input axes first) applies, read back through the layer: one-hot inputs, which every Keras
+    quantization mode represents exactly, give the kernel's rows plus the bias."""
+    if isinstance(quantized, keras.layers.EinsumDense):
+        in_shape = tuple(shape[: len(quantized.equation.split(",")[0]) - 2])
+        fan_in = int(np.prod(in_shape))
+        probe = np.eye(fan_in, dtype="float32").reshape((1, fan_in, *in_shape))
+    else:
+        fan_in = shape[0]
+        probe = np.eye(fan_in, dtype="float32")
+    response = np.asarray(keras.ops.convert_to_numpy(quantized(probe)), np.float32).reshape((fan_in, -1))
+    if quantized.bias is not None:
+        response = response - np.asarray(keras.ops.convert_to_numpy(quantized.bias), np.float32).reshape(1, -1)
+    return response.reshape(shape)
+
+
+def dequantized_copy(model):
+    """A ``VisionTransformer`` computing in its source precision with the effective weights of a quantized one.
+
+    For converters that cannot take Keras' integer products (TFLite); ``model`` itself is unchanged.
+    """
+    config = model.get_config()
+    policy = keras.dtype_policies.get(config["dtype"])
+    config["dtype"] = (policy.default_policy if isinstance(policy, keras.dtype_policies.DTypePolicyMap) else policy).name
+    twin = VisionTransformer(**config)
+    originals = {layer.path: layer for layer in _nested_layers(model.layers)}
+    quantized = {path for path, layer in originals.items() if layer.quantization_mode is not None}
+    variables = {variable.path: variable for variable in model.variables}
+    for layer in _nested_layers(twin.layers):
+        if layer.path in quantized:
+            layer.kernel.assign(_effective_kernel(originals[layer.path], tuple(layer.kernel.shape)))
+    for variable in twin.variables:
+        if variable.path.rsplit("/", 1)[0] not in quantized or variable.path.endswith("/bias"):
+            variable.assign(variables[variable.path])
+    return twin
 
 
 def as_vision_transformer(model, what="this function"):
