@@ -88,7 +88,8 @@ class Architecture:
             channels=channels,
             prefix_tokens=prefix,
             posemb=posemb,
-            posemb_class_token=bool(posemb_class_token),
+            # meaningful only for a learned table and a class token; True otherwise, so that equal models compare equal
+            posemb_class_token=bool(posemb_class_token) or not (posemb == "learn" and classifier == "token"),
             pooling=_CLASSIFIER_POOLING[classifier] if include_top else _POOLING_KIND.get(pooling),
             representation_size=representation_size or None,
             classes=classes if include_top else None,

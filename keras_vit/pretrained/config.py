@@ -35,7 +35,7 @@ def infer_config(arrays):
         for prefix_rows in ((1, 0) if class_token else (0,)):
             try:
                 grid = square_grid(rows - prefix_rows)
-                posemb_class_token = bool(prefix_rows)
+                posemb_class_token = bool(prefix_rows) or not class_token
                 break
             except ValueError:
                 continue
