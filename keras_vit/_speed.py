@@ -11,6 +11,7 @@ what the backward pass keeps, or how fast a random mask is drawn, differs:
   are computed in float32 and cast back. ``plain_autodiff()`` switches them off (tests compare both).
 * ``keep_mask`` draws a dropout mask from a seed tensor (stateless), on TensorFlow with Philox and 16 bits per
   entry: TF's default algorithm is lowered by XLA on CPU to a generator about 100x slower.
+* ``fused_attention`` says where ``keras.ops.dot_product_attention`` is the faster core (PyTorch).
 * ``remat`` recomputes a function in the backward pass; the random masks inside it are drawn from a seed passed in
   as an argument, so the recomputation replays the same masks.
 
@@ -184,6 +185,17 @@ def attention(q, k, v):
         return ops.matmul(ops.cast(attention_weights(q, k), q.dtype), v), grad
 
     return attend(q, k, v)
+
+
+# Backends where ``keras.ops.dot_product_attention`` (a fused kernel: PyTorch's scaled_dot_product_attention) is
+# faster than ``attention`` for inference and training; on TensorFlow and JAX it is slower on CPUs
+# (``benchmarks/attention_paths.py``, benchmarks/RESULTS.md).
+FUSED_ATTENTION_BACKENDS = ("torch",)
+
+
+def fused_attention():
+    """Whether the attention core runs through ``keras.ops.dot_product_attention`` on this backend."""
+    return keras.backend.backend() in FUSED_ATTENTION_BACKENDS
 
 
 def keep_mask(shape, rate, seed, salt, dtype):

@@ -63,8 +63,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
     While no projection is quantized or LoRA-enabled, self-attention computes q, k and v in one
     (B*T, D) x (D, 3D) product with the scale folded into the query kernel, and the output projection as one
-    (B*T, D) x (D, D) product (same parameters, faster on CPUs); without weights to return or attention
-    dropout, the core's gradient keeps q, k and v instead of the (B, N, T, S) probabilities (``keras_vit._speed``).
+    (B*T, D) x (D, D) product (same parameters, faster on CPUs). Without weights to return or attention
+    dropout, the core is ``keras.ops.dot_product_attention`` where that is faster (PyTorch), else one whose
+    gradient keeps q, k and v instead of the (B, N, T, S) probabilities (``keras_vit._speed``).
     """
 
     def __init__(self, num_heads, dropout_rate=0.0, kernel_initializer="glorot_uniform", bias_initializer="zeros",
@@ -118,10 +119,10 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         return all(getattr(self, name).quantization_mode is None and not getattr(self, name).lora_enabled
                    for name in _PROJECTIONS)
 
-    def _fused_qkv(self, x, scale):
-        """q (scaled), k, v (B, N, T, dh) of x (B, T, D) from one (B*T, D) x (D, 3D) product."""
+    def _fused_qkv(self, x, scale, heads_first):
+        """q (scaled), k, v of x (B, T, D) from one (B*T, D) x (D, 3D) product: (B, N, T, dh) each with
+        ``heads_first``, else (B, T, N, dh)."""
         batch, tokens, hidden = ops.shape(x)[0], ops.shape(x)[1], x.shape[-1]
-        heads, head_dim = self.num_heads, self.head_dim
         kernel = ops.concatenate(
             [ops.reshape(self.query.kernel * scale, (hidden, hidden)),
              ops.reshape(self.key.kernel, (hidden, hidden)),
@@ -135,34 +136,40 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             axis=0,
         )
         qkv = ops.matmul(ops.reshape(x, (-1, hidden)), kernel) + bias  # (B*T, 3D)
-        qkv = ops.transpose(ops.reshape(qkv, (batch, tokens, 3, heads, head_dim)), (2, 0, 3, 1, 4))
-        return ops.unstack(qkv, 3, axis=0)  # (B, N, T, dh) each; unstacking has a cheap gradient
-
-    def _heads(self, projection, x):
-        return ops.transpose(projection(x), (0, 2, 1, 3))  # (B, N, T, dh)
+        qkv = ops.reshape(qkv, (batch, tokens, 3, self.num_heads, self.head_dim))
+        if heads_first:  # one transpose for the three; unstacking has a cheap gradient
+            return ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0)
+        return ops.unstack(qkv, 3, axis=2)
 
     def call(self, x, key_value=None, training=None, return_attention_scores=False, dropout_seed=None):
         fused = self._fused()
         scale = 1.0 / math.sqrt(self.head_dim)
+        dropout = bool(training) and bool(self.dropout_rate)
+        # dot_product_attention takes (B, T, N, dh); the other cores (B, N, T, dh), heads beside the batch
+        heads_first = return_attention_scores or dropout or not _speed.fused_attention()
         if key_value is None and fused:
-            q, k, v = self._fused_qkv(x, scale)
+            q, k, v = self._fused_qkv(x, scale, heads_first)
         else:
             source = x if key_value is None else key_value
-            q = self._heads(self.query, x) * ops.cast(scale, x.dtype)
-            k, v = self._heads(self.key, source), self._heads(self.value, source)
-        dropout = bool(training) and bool(self.dropout_rate)
-        if return_attention_scores or dropout:
-            weights = _speed.attention_weights(q, k)  # (B, N, T, S)
-            probabilities = ops.cast(weights, q.dtype)
-            if dropout:
-                seed = self.seed_generator.next() if dropout_seed is None else dropout_seed
-                probabilities = probabilities * _speed.keep_mask(
-                    ops.shape(probabilities), self.dropout_rate, seed, 5, probabilities.dtype
-                )
-            context = ops.matmul(probabilities, v)
-        else:  # the same ops, with a gradient that keeps q, k, v instead of the probabilities
-            context = _speed.attention(q, k, v)
-        context = ops.transpose(context, (0, 2, 1, 3))  # (B, T, N, dh)
+            q = self.query(x) * ops.cast(scale, x.dtype)
+            k, v = self.key(source), self.value(source)
+            if heads_first:
+                q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
+        if not heads_first:
+            context = ops.dot_product_attention(q, k, v, scale=1.0)  # (B, T, N, dh); q is already scaled
+        else:
+            if return_attention_scores or dropout:
+                weights = _speed.attention_weights(q, k)  # (B, N, T, S)
+                probabilities = ops.cast(weights, q.dtype)
+                if dropout:
+                    seed = self.seed_generator.next() if dropout_seed is None else dropout_seed
+                    probabilities = probabilities * _speed.keep_mask(
+                        ops.shape(probabilities), self.dropout_rate, seed, 5, probabilities.dtype
+                    )
+                context = ops.matmul(probabilities, v)
+            else:  # the same ops, with a gradient that keeps q, k, v instead of the probabilities
+                context = _speed.attention(q, k, v)
+            context = ops.transpose(context, (0, 2, 1, 3))  # (B, T, N, dh)
         if fused:
             hidden = self.out.kernel.shape[-1]
             out = ops.matmul(ops.reshape(context, (-1, hidden)), ops.reshape(self.out.kernel, (hidden, hidden)))
