@@ -5,6 +5,7 @@
     python benchmarks/throughput.py --peers timm,keras-hub --python timm=/path/to/venv/bin/python
     python benchmarks/throughput.py --cells "inference Ti/16 32" --precisions float32 --xla on,off --runs 10
     python benchmarks/throughput.py --cells "train S/16 32" --loops trainer,fit --xla auto --peers timm,keras-hub
+    python benchmarks/throughput.py --baseline ../keras_vit-at-main --xla auto   # before/after a change, side by side
 
 Every (framework, XLA setting) of a cell runs in its own worker process
 (``benchmarks/throughput_worker.py``); the workers of a cell are started
@@ -18,7 +19,8 @@ XLA for float32 and without it for bfloat16 (``Trainer``'s default on CPUs, and
 the faster setting for keras-hub too). keras_vit trains through ``Trainer``
 and, with ``--loops trainer,fit``, through plain ``model.compile`` +
 ``train_on_batch`` as well. Peers are optional (``pip install timm keras-hub``); a peer that
-is not installed is reported and skipped.
+is not installed is reported and skipped. ``--baseline PATH`` adds the keras_vit of another checkout (e.g. a
+``git worktree`` of the commit before a change) as the peer ``keras_vit@base``, run the same way.
 """
 
 import argparse
@@ -32,7 +34,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "throughput_worker.py")
-TF_FRAMEWORKS = ("keras_vit", "keras-hub", "matmul")
+TF_FRAMEWORKS = ("keras_vit", "keras_vit@base", "keras-hub", "matmul")
+BASELINE = "keras_vit@base"
 DEFAULT_CELLS = ("inference Ti/16 32", "inference B/16 8", "train Ti/16 32")
 PRECISIONS = ("float32", "mixed_bfloat16")
 
@@ -67,14 +70,16 @@ def forward_flops(spec):
 class Worker:
     """One running ``throughput_worker.py`` process."""
 
-    def __init__(self, label, python, framework, spec, workload, batch, precision, xla, options, warmup):
+    def __init__(self, label, python, framework, spec, workload, batch, precision, xla, options, warmup, path=None):
         self.label = label
         command = [
-            python, WORKER, "--framework", framework, "--spec", json.dumps(spec), "--workload", workload,
+            python, WORKER, "--framework", framework.split("@")[0], "--spec", json.dumps(spec), "--workload", workload,
             "--batch", str(batch), "--precision", precision, "--xla", str(int(xla)),
             "--options", json.dumps(options), "--warmup", str(warmup),
         ]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        if path:  # another checkout's keras_vit comes first on the path
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(path), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -181,6 +186,7 @@ def main(argv=None):
                         help="XLA settings for the TensorFlow frameworks: on, off, both, or auto (on for float32 only)")
     parser.add_argument("--loops", default="trainer", help="keras_vit training loops: trainer, fit or both")
     parser.add_argument("--peers", default="", help="comma-separated: timm, keras-hub")
+    parser.add_argument("--baseline", metavar="CHECKOUT", help="also run the keras_vit of this checkout (keras_vit@base)")
     parser.add_argument("--python", action="append", default=[], metavar="FRAMEWORK=PATH",
                         help="interpreter for a framework (default: this one)")
     parser.add_argument("--remat", action="store_true", help="also time keras_vit training with remat=True")
@@ -202,7 +208,8 @@ def main(argv=None):
             print()
         return
 
-    pythons = {"keras_vit": sys.executable, "keras-hub": sys.executable, "timm": sys.executable, "matmul": sys.executable}
+    pythons = {"keras_vit": sys.executable, BASELINE: sys.executable, "keras-hub": sys.executable, "timm": sys.executable,
+               "matmul": sys.executable}
     for item in args.python:
         framework, _, path = item.partition("=")
         if framework not in pythons or not path:
@@ -216,6 +223,8 @@ def main(argv=None):
         if not installed(pythons[peer], modules[peer]):
             print(f"Peer {peer} is not installed for {pythons[peer]}: skipped (pip install {peer}).", file=sys.stderr)
             peers.remove(peer)
+    if args.baseline:
+        peers.insert(0, BASELINE)
     loops = args.loops.split(",")
     if not set(loops) <= {"trainer", "fit"}:
         raise SystemExit(f"--loops {args.loops!r}: choose from trainer, fit.")
@@ -230,7 +239,7 @@ def main(argv=None):
             variants = []
             for framework in ["keras_vit", *peers]:
                 options_list = [{}]
-                if framework == "keras_vit" and workload == "train":
+                if framework in ("keras_vit", BASELINE) and workload == "train":
                     options_list = [{"loop": loop} for loop in loops]
                     if args.remat:
                         options_list.append({"loop": loops[0], "remat": True})
@@ -242,7 +251,7 @@ def main(argv=None):
             print(f"{label}: {len(variants)} workers", file=sys.stderr, flush=True)
             workers = [
                 Worker(f"{framework} xla={xla} {options}", pythons[framework], framework, spec, workload, batch,
-                       precision, xla, options, args.warmup)
+                       precision, xla, options, args.warmup, path=args.baseline if framework == BASELINE else None)
                 for framework, xla, options in variants
             ]
             by_worker = dict(zip(workers, variants))
@@ -262,6 +271,16 @@ def main(argv=None):
             json.dump({"machine": machine(), "matmul_peak_gflops": peaks, "args": vars(args), "rows": rows}, f, indent=1)
 
 
+def cpu_flags():
+    """The CPU's matrix and bfloat16 features (from /proc/cpuinfo): AMX and AVX-512 BF16 decide bfloat16 speed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(flag for flag in flags if flag in ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f"))
+
+
 def machine():
     cpu = platform.processor()
     try:
@@ -269,14 +288,15 @@ def machine():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "cpu_flags": cpu_flags()}
 
 
 def report(rows, peaks, runs, warmup, matmul_size):
     """Markdown: every worker's row, then per cell each keras_vit loop against the best peer (speed, memory)."""
     info = machine()
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores. Matmul peak ({matmul_size}^2): "
+        f"Machine: {info['cpu']}, {info['cores']} cores, flags {' '.join(info['cpu_flags']) or 'none of AMX/AVX-512'}. "
+        f"Matmul peak ({matmul_size}^2): "
         f"{peaks['float32']:.0f} GFLOP/s float32, {peaks['bfloat16']:.0f} GFLOP/s bfloat16.",
         f"Median of {runs} steps after {warmup} warm-up steps, interleaved across frameworks.",
         "",

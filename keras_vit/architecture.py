@@ -11,14 +11,14 @@ import difflib
 import numbers
 
 from keras_vit.layers.common import GELU_FORMS, to_pair
+from keras_vit.layers.heads import POOLINGS as POOLING_KINDS
 from keras_vit.resnet import stem_stride
 
-CLASSIFIERS = ("token", "gap", "map", "unpooled")
-# keras.applications pooling names, plus the class token, the official "gap" (= "avg") and big_vision's "map".
-POOLINGS = (None, "token", "avg", "gap", "max", "map")
+# Every pooling kind is a classifier (only "token" has a class token); "unpooled" has neither pooling nor head.
+CLASSIFIERS = (*POOLING_KINDS, "unpooled")
+# keras.applications pooling names ("avg" = the official "gap"), plus every pooling kind.
+POOLINGS = (None, "avg", *POOLING_KINDS)
 POSEMBS = ("learn", "sincos2d")
-_POOLING_KIND = {"token": "token", "avg": "gap", "gap": "gap", "max": "max", "map": "map"}
-_CLASSIFIER_POOLING = {"token": "token", "gap": "gap", "map": "map", "unpooled": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Architecture:
         posemb: "learn" (a learned (1, rows, D) table) or "sincos2d" (fixed, computed).
         posemb_class_token: whether the class token has a learned position-embedding row (the 2020 models) or
             the table covers the grid only and is added before any prefix token (big_vision).
-        pooling: "token", "gap", "max", "map" (``keras_vit.layers.POOLINGS``), or None for the token sequence.
+        pooling: a kind of ``keras_vit.layers.POOLINGS`` ("token", "gap", "max", "map"), or None for the tokens.
         representation_size: R of the ``pre_logits`` layer (Dense + tanh after pooling), or None.
         classes: K of the classifier ``head``, or None without one.
         gelu: "tanh" or "erf".
@@ -90,7 +90,7 @@ class Architecture:
             posemb=posemb,
             # meaningful only for a learned table and a class token; True otherwise, so that equal models compare equal
             posemb_class_token=bool(posemb_class_token) or not (posemb == "learn" and classifier == "token"),
-            pooling=_CLASSIFIER_POOLING[classifier] if include_top else _POOLING_KIND.get(pooling),
+            pooling=(None if classifier == "unpooled" else classifier) if include_top else {"avg": "gap"}.get(pooling, pooling),
             representation_size=representation_size or None,
             classes=classes if include_top else None,
             gelu=gelu,

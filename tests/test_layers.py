@@ -245,7 +245,7 @@ def test_map_head_matches_numpy(prefix):
     expected, weights = _np_map_head(tokens.astype("float64"), {k: v.astype("float64") for k, v in p.items()}, prefix)
     np.testing.assert_allclose(n(head(tokens)), expected, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(n(head.attention_weights(tokens)), weights, atol=1e-5)
-    assert sorted(head.official_weights()) == sorted(
+    assert sorted(head.official_weights()) == sorted("MAPHead_0/" + name for name in
         ["probe", "LayerNorm_0/scale", "LayerNorm_0/bias", "MlpBlock_0/Dense_0/kernel", "MlpBlock_0/Dense_0/bias",
          "MlpBlock_0/Dense_1/kernel", "MlpBlock_0/Dense_1/bias"]
         + [f"MultiHeadDotProductAttention_0/{part}/{kind}" for part in ("query", "key", "value", "out")

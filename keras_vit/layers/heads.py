@@ -1,12 +1,17 @@
 """Poolings and the classification head: what turns the token sequence into a vector and logits.
 
-``POOLINGS`` is the registry: a pooling is one layer (B, T, D) -> (B, D) built by ``factory(architecture,
-name=..., dtype=...)`` and one line here. ``token`` reads the class token; ``gap`` and ``max`` reduce the grid
-tokens (prefix tokens left out); ``map`` is big_vision's multi-head attention pooling. ``head`` wires the whole
-top: pooling, the optional representation layer (``pre_logits``, Dense + tanh) and the classifier (``head``).
+``POOLINGS`` is the registry: a pooling is one layer (B, T, D) -> (B, D) and one line here,
+``kind: PoolingKind(build, official_scope)`` with ``build(architecture, name=..., dtype=...)`` and the scope its
+weights have in checkpoints (None without weights), from which files are recognised and adapted. ``token`` reads
+the class token; ``gap`` and ``max`` reduce the grid tokens (prefix tokens left out); ``map`` is big_vision's
+multi-head attention pooling. Every kind is a ``classifier`` (only ``token`` has a class token) and a ``pooling``.
+``head`` wires the whole top: pooling, the optional representation layer (``pre_logits``, Dense + tanh) and the
+classifier (``head``).
 
 Shapes: B = batch, T = tokens, D = hidden size, N = heads, M = MLP size, K = classes.
 """
+
+import collections
 
 import keras
 from keras import ops
@@ -58,6 +63,9 @@ class TokenPooling(keras.layers.Layer):
         return config
 
 
+OFFICIAL_SCOPE = "MAPHead_0"
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class MAPHead(keras.layers.Layer):
     """Multi-head attention pooling (big_vision's ``MAPHead``): (B, T, D) -> (B, D).
@@ -92,13 +100,13 @@ class MAPHead(keras.layers.Layer):
         self.mlp_out.build((input_shape[0], 1, self.mlp_dim))
 
     def official_weights(self):
-        return {
+        return scoped(OFFICIAL_SCOPE, {
             "probe": self.probe,
             **scoped("MultiHeadDotProductAttention_0", self.attention.official_weights()),
             **scoped("LayerNorm_0", official_weights(self.norm)),
             **scoped("MlpBlock_0/Dense_0", official_weights(self.mlp_in)),
             **scoped("MlpBlock_0/Dense_1", official_weights(self.mlp_out)),
-        }
+        })
 
     def _probe(self, tokens):
         return ops.broadcast_to(ops.cast(self.probe, tokens.dtype), (ops.shape(tokens)[0], 1, tokens.shape[-1]))
@@ -155,12 +163,13 @@ def _token_pooling(method):
     return lambda arch, **kwargs: TokenPooling(method, arch.num_prefix_tokens, **kwargs)
 
 
-# pooling kind: factory(architecture, name=..., dtype=...) -> a layer (B, T, D) -> (B, D)
+PoolingKind = collections.namedtuple("PoolingKind", "build official_scope")
 POOLINGS = {
-    "token": _token_pooling("token"),
-    "gap": _token_pooling("gap"),
-    "max": _token_pooling("max"),
-    "map": lambda arch, **kwargs: MAPHead(arch.num_heads, arch.mlp_dim, arch.num_prefix_tokens, arch.gelu, **kwargs),
+    "token": PoolingKind(_token_pooling("token"), None),
+    "gap": PoolingKind(_token_pooling("gap"), None),
+    "max": PoolingKind(_token_pooling("max"), None),
+    "map": PoolingKind(lambda arch, **kw: MAPHead(arch.num_heads, arch.mlp_dim, arch.num_prefix_tokens, arch.gelu, **kw),
+                       OFFICIAL_SCOPE),
 }
 
 
@@ -174,7 +183,7 @@ def head(tokens, arch, classifier_activation=None, dtype=None, output_dtype=None
     """
     if arch.pooling is None:
         return tokens
-    x = POOLINGS[arch.pooling](arch, dtype=dtype, name="pool")(tokens)
+    x = POOLINGS[arch.pooling].build(arch, dtype=dtype, name="pool")(tokens)
     if arch.representation_size:
         x = keras.layers.Dense(arch.representation_size, activation="tanh", dtype=dtype, name="pre_logits")(x)
     if arch.classes:

@@ -1,12 +1,15 @@
 """Prefix tokens, the learned tokens put in front of the grid tokens: the class token and register tokens.
 
 ``PREFIX_TOKENS`` is the registry: a kind of prefix token is one layer (it inserts ``count`` learned tokens
-after the ``offset`` prefix tokens already there) and one line, ``kind: (layer class, official name)``; the
-``Architecture`` lists the kinds a model has, in order (``prefix_tokens``). Heads and analysis read the grid
-tokens after ``num_prefix_tokens``.
+after the ``offset`` prefix tokens already there) and one line, ``kind: PrefixKind(build, official_name,
+argument)`` (the layer's name, which is its array's name in checkpoints, and the builder argument that counts
+them; the class token's presence is the classifier's). The ``Architecture`` lists the kinds a model has, in
+order (``prefix_tokens``). Heads and analysis read the grid tokens after ``num_prefix_tokens``.
 
 Shapes: B = batch, T = tokens, D = hidden size.
 """
+
+import collections
 
 import keras
 from keras import ops
@@ -81,10 +84,10 @@ def _class_token(count, offset, **kwargs):
     return ClassToken(**kwargs)
 
 
-# kind: (factory(count, offset, dtype=..., name=...), layer name = official name of its array)
-PREFIX_TOKENS = {
-    "class": (_class_token, "cls"),
-    "register": (RegisterTokens, "reg"),
+PrefixKind = collections.namedtuple("PrefixKind", "build official_name argument")
+PREFIX_TOKENS = {  # in their order in the sequence
+    "class": PrefixKind(_class_token, "cls", None),
+    "register": PrefixKind(RegisterTokens, "reg", "num_register_tokens"),
 }
 
 
@@ -92,7 +95,7 @@ def prefix_token_layers(prefix_tokens, dtype):
     """The layers that insert ``prefix_tokens`` (``((kind, count), ...)``, in order): ``[(kind, layer), ...]``."""
     layers, offset = [], 0
     for kind, count in prefix_tokens:
-        factory, name = PREFIX_TOKENS[kind]
-        layers.append((kind, factory(count, offset, dtype=dtype, name=name)))
+        entry = PREFIX_TOKENS[kind]
+        layers.append((kind, entry.build(count, offset, dtype=dtype, name=entry.official_name)))
         offset += count
     return layers

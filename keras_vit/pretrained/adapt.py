@@ -9,14 +9,13 @@ loading succeeded.
 
 import logging
 
-from keras_vit.pretrained.config import MAP_PROBE
+from keras_vit.layers.heads import POOLINGS
 from keras_vit.pretrained.names import POSEMB
 from keras_vit.pretrained.resample import adapt_input_channels, interpolate_posemb, resample_patch_kernel
 
 log = logging.getLogger(__name__)
 _HEAD = ("head/kernel", "head/bias")
 _PRE_LOGITS = ("pre_logits/kernel", "pre_logits/bias")
-_MAP_HEAD = "MAPHead_0/"
 
 
 def _pop(arrays, names):
@@ -25,7 +24,7 @@ def _pop(arrays, names):
 
 
 def _adapt_top(arrays, arch, kept, notes):
-    """The head, the pre-logits layer that feeds it and a MAP pooling."""
+    """The head, the pre-logits layer that feeds it and a pooling with weights (MAP)."""
     head = arrays.get("head/kernel")
     if head is None and arch.classes is not None and "embedding/kernel" in arrays:
         kept.update(_HEAD)  # a headless encoder (include_top=False, self-supervised)
@@ -43,9 +42,11 @@ def _adapt_top(arrays, arch, kept, notes):
     if "pre_logits/kernel" in arrays and not arch.representation_size and "head/kernel" not in arrays:
         _pop(arrays, _PRE_LOGITS)
         notes.append("Dropped the checkpoint's pre_logits layer: the model has no representation layer.")
-    if MAP_PROBE in arrays and arch.pooling != "map":
-        _pop(arrays, [name for name in arrays if name.startswith(_MAP_HEAD)])
-        notes.append("Dropped the checkpoint's MAP head: the model does not pool with it.")
+    for kind, entry in POOLINGS.items():
+        scope = entry.official_scope and entry.official_scope + "/"
+        if scope and kind != arch.pooling and any(name.startswith(scope) for name in arrays):
+            _pop(arrays, [name for name in arrays if name.startswith(scope)])
+            notes.append(f"Dropped the checkpoint's {kind} pooling ({entry.official_scope}): the model does not use it.")
 
 
 def _adapt_first_kernels(arrays, arch, notes):

@@ -2,18 +2,25 @@
 
 from keras_vit import configs
 from keras_vit.architecture import Architecture, token_stride
+from keras_vit.layers.heads import POOLINGS
+from keras_vit.layers.tokens import PREFIX_TOKENS
 from keras_vit.pretrained.names import BLOCK_KEY, POSEMB, UNIT_KEY, normalize_names
 from keras_vit.pretrained.resample import square_grid
 
-MAP_PROBE = "MAPHead_0/probe"
-REGISTERS = "reg"
+
+
+def pooling_in(arrays):
+    """The pooling kind whose official scope has arrays in ``arrays`` (canonical names), or None."""
+    return next((kind for kind, entry in POOLINGS.items()
+                 if entry.official_scope and any(name.startswith(entry.official_scope + "/") for name in arrays)), None)
 
 
 def infer_config(arrays):
     """Infers ``VisionTransformer`` keyword arguments from official checkpoint arrays alone.
 
-    Returns hidden_size, num_layers, num_heads, mlp_dim, patch_size, channels, classifier ("token", "gap" or
-    "map"), num_register_tokens, posemb ("learn", or "sincos2d" when the file has no table),
+    Returns hidden_size, num_layers, num_heads, mlp_dim, patch_size, channels, classifier ("token", or the
+    pooling whose weights the file holds, e.g. "map", else "gap"), the prefix-token counts
+    (``num_register_tokens``), posemb ("learn", or "sincos2d" when the file has no table),
     posemb_class_token, representation_size, classes (None without a head), image_size (from a square
     position-embedding grid; None for a rectangular one or fixed embeddings) and, for hybrids, resnet_layers
     (units per stage) and resnet_width_factor.
@@ -26,8 +33,9 @@ def infer_config(arrays):
     except KeyError as error:
         raise ValueError(f"Not an official ViT checkpoint: it has no {error.args[0]!r} array.") from None
     blocks = {m[1] for m in map(BLOCK_KEY.match, arrays) if m}
-    class_token = "cls" in arrays
-    registers = int(arrays[REGISTERS].shape[1]) if REGISTERS in arrays else 0
+    class_token = PREFIX_TOKENS["class"].official_name in arrays
+    prefix_counts = {entry.argument: int(arrays[entry.official_name].shape[1])
+                     for entry in PREFIX_TOKENS.values() if entry.argument and entry.official_name in arrays}
     posemb = arrays.get(POSEMB)
     grid, posemb_class_token = None, True
     if posemb is not None:
@@ -49,7 +57,7 @@ def infer_config(arrays):
         layers = tuple(len({unit for stage, unit in units if int(stage) == s}) for s in stages)
         hybrid = dict(resnet_layers=layers, resnet_width_factor=arrays["conv_root/kernel"].shape[-1] / 64)
     stride = token_stride(patch, hybrid.get("resnet_layers"))
-    classifier = "token" if class_token else "map" if MAP_PROBE in arrays else "gap"
+    classifier = "token" if class_token else pooling_in(arrays) or "gap"
     return dict(
         image_size=(grid[0] * stride[0], grid[1] * stride[1]) if grid else None,
         patch_size=patch,
@@ -59,7 +67,7 @@ def infer_config(arrays):
         mlp_dim=int(mlp.shape[1]),
         channels=int((arrays["conv_root/kernel"] if hybrid else kernel).shape[2]),
         classifier=classifier,
-        num_register_tokens=registers,
+        **{entry.argument: prefix_counts.get(entry.argument, 0) for entry in PREFIX_TOKENS.values() if entry.argument},
         posemb="learn" if posemb is not None else "sincos2d",
         posemb_class_token=posemb_class_token,
         representation_size=int(arrays["pre_logits/kernel"].shape[1]) if "pre_logits/kernel" in arrays else None,
@@ -80,7 +88,7 @@ def architecture(config, image_size=None):
         raise ValueError("The checkpoint's image size cannot be read off its arrays: pass image_size=(height, width).")
     return Architecture.from_arguments(
         **config, include_top=classes is not None, classes=classes,
-        pooling=None if classes is not None else {"token": "token", "gap": "gap", "map": "map"}[config["classifier"]],
+        pooling=None if classes is not None else config["classifier"],
     )
 
 

@@ -114,7 +114,7 @@ def mismatch(shapes, arrays):
 _SCOPES = {
     "posembed_input": "Transformer/posembed_input",
     "encoder_norm": "Transformer/encoder_norm",
-    "pool": "MAPHead_0",  # the only pooling with weights is the MAP head
+    "pool": "",  # a pooling layer's weights are named in its own official scope
 }
 _BLOCK_LAYER = re.compile(r"^encoderblock_\d+$")
 
@@ -123,7 +123,7 @@ def official_scope(layer_name):
     """The official scope of a keras_vit model's top-level layer: ``encoderblock_3`` -> ``Transformer/encoderblock_3``.
 
     Layers declare their weights' names inside their scope (``official_weights()``); the scope is the layer's
-    name except for these Transformer parts and the MAP head.
+    name except for these Transformer parts and the pooling (which names its own).
     """
     if _BLOCK_LAYER.match(layer_name):
         return f"Transformer/{layer_name}"
