@@ -14,11 +14,17 @@ from keras_vit.layers.common import GELU_FORMS, to_pair
 from keras_vit.layers.heads import POOLINGS as POOLING_KINDS
 from keras_vit.resnet import stem_stride
 
-# Every pooling kind is a classifier (only "token" has a class token); "unpooled" has neither pooling nor head.
-CLASSIFIERS = (*POOLING_KINDS, "unpooled")
-# keras.applications pooling names ("avg" = the official "gap"), plus every pooling kind.
-POOLINGS = (None, "avg", *POOLING_KINDS)
 POSEMBS = ("learn", "sincos2d")
+
+
+def classifiers():
+    """Every pooling kind is a classifier (only "token" has a class token); "unpooled" has neither pooling nor head."""
+    return (*POOLING_KINDS, "unpooled")
+
+
+def poolings():
+    """keras.applications pooling names ("avg" = the official "gap"), plus every pooling kind."""
+    return (None, "avg", *POOLING_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +70,10 @@ class Architecture:
                        pooling=None, num_register_tokens=0, posemb="learn", posemb_class_token=True, gelu="tanh",
                        channels=3, resnet_layers=None, resnet_width_factor=1):
         """The architecture of ``VisionTransformer(**arguments)`` (see its arguments); checks every one."""
-        if classifier not in CLASSIFIERS:
-            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}.")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        if classifier not in classifiers():
+            raise ValueError(f"classifier must be one of {classifiers()}, got {classifier!r}.")
+        if pooling not in poolings():
+            raise ValueError(f"pooling must be one of {poolings()}, got {pooling!r}.")
         if include_top and classifier == "unpooled":
             raise ValueError("classifier='unpooled' has no head: build it with include_top=False.")
         if not include_top and pooling == "token" and classifier != "token":

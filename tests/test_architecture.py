@@ -192,3 +192,26 @@ def test_class_names_are_stored_with_the_model(tmp_path):
     model.save(tmp_path / "named.keras")
     assert keras.models.load_model(tmp_path / "named.keras").class_names == ["a", "b", "c", "d", "e"]
     assert json.loads(json.dumps(model.get_config()))["class_names"] == ["a", "b", "c", "d", "e"]
+
+
+def test_a_new_pooling_kind_is_one_layer_and_one_registry_line(monkeypatch):
+    # What adding a pooling takes: a layer (B, T, D) -> (B, D) and its registry entry; the builder, the
+    # argument checks, the head and the features pick it up.
+    from keras_vit.layers import heads
+
+    class FirstGridToken(keras.layers.Layer):
+        def __init__(self, num_prefix_tokens, **kwargs):
+            super().__init__(**kwargs)
+            self.num_prefix_tokens = num_prefix_tokens
+
+        def call(self, tokens):
+            return tokens[:, self.num_prefix_tokens]
+
+    monkeypatch.setitem(heads.POOLINGS, "first", heads.PoolingKind(
+        lambda arch, **kw: FirstGridToken(arch.num_prefix_tokens, **kw), None))
+    model = keras_vit.vision_transformer(**SMALL, classifier="first", num_register_tokens=1)
+    features = model.features(_images())
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(features["pre_logits"]),
+                                  keras.ops.convert_to_numpy(features["tokens"])[:, 1])
+    headless = keras_vit.vision_transformer(**SMALL, include_top=False, pooling="first")
+    assert headless.output.shape == (None, 12)
