@@ -459,7 +459,7 @@ class VisionTransformer(keras.Model):
             ]
             if arch.pooling == "map":
                 pool = self.get_layer("pool")
-                out["pooling_attention"] = heads_lib.MAPAttentionWeights(pool, name="pool_attention")(pool.input)
+                out["pooling_attention"] = AttentionWeights(pool, name="pool_attention")(pool.input)
         return out
 
     def feature_model(self, output=None, blocks=False, attention=False):

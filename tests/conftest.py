@@ -15,34 +15,37 @@ BIG_VISION_FIXTURES = Path(
 )
 
 
+def _fixture(folder, variable, name, kind):
+    path = folder / f"{name}.{kind}.npz"
+    if not path.exists():
+        pytest.fail(f"Shared fixture {path} is missing; set {variable} to its folder.")
+    return path
+
+
+def _reference(path):
+    with np.load(path, allow_pickle=False) as ref:
+        arrays = {k: ref[k] for k in ref.files}
+    return arrays, json.loads(str(arrays.pop("config_json")))
+
+
 def fixture_path(name, kind):
     """Path of ``<name>.<kind>.npz`` (kind: "ckpt" or "ref") in the shared official fixtures."""
-    path = FIXTURES / f"{name}.{kind}.npz"
-    if not path.exists():
-        pytest.fail(f"Official fixture {path} is missing; set KERAS_VIT_FIXTURES to the official_vit folder.")
-    return path
+    return _fixture(FIXTURES, "KERAS_VIT_FIXTURES", name, kind)
 
 
 def load_reference(name):
     """The reference arrays of a fixture and its official config (dict)."""
-    with np.load(fixture_path(name, "ref"), allow_pickle=False) as ref:
-        arrays = {k: ref[k] for k in ref.files}
-    return arrays, json.loads(str(arrays.pop("config_json")))
+    return _reference(fixture_path(name, "ref"))
 
 
 def big_vision_path(name, kind):
     """Path of ``<name>.<kind>.npz`` (kind: "ckpt" or "ref") in the shared big_vision fixtures."""
-    path = BIG_VISION_FIXTURES / f"{name}.{kind}.npz"
-    if not path.exists():
-        pytest.fail(f"big_vision fixture {path} is missing; set KERAS_VIT_BIG_VISION_FIXTURES to its folder.")
-    return path
+    return _fixture(BIG_VISION_FIXTURES, "KERAS_VIT_BIG_VISION_FIXTURES", name, kind)
 
 
 def big_vision_reference(name):
     """The reference arrays of a big_vision fixture and its ``vit.Model`` kwargs (dict)."""
-    with np.load(big_vision_path(name, "ref"), allow_pickle=False) as ref:
-        arrays = {k: ref[k] for k in ref.files}
-    return arrays, json.loads(str(arrays.pop("config_json")))
+    return _reference(big_vision_path(name, "ref"))
 
 
 def builder_kwargs(config):

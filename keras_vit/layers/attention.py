@@ -210,29 +210,26 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class AttentionWeights(keras.layers.Layer):
-    """The attention weights of a layer with a ``norm_attention`` and an ``attention``, on its input.
+    """The attention weights a layer computes on its input, through its ``attention_weights`` method.
 
-    (B, T, D) -> (B, N, T, T) float32 (float64 for a float64 layer). Shares the layer's variables; used by
-    ``VisionTransformer.features`` to expose every block's attention as a graph output next to its output.
+    A ``TransformerBlock``: (B, T, D) -> (B, N, T, T); a ``MAPHead``: (B, T, D) -> (B, N, 1, T - prefix); float32
+    (float64 for a float64 layer). Shares the layer's variables; ``VisionTransformer.features`` uses it to expose
+    attention as a graph output next to the layer's own output.
     """
 
-    def __init__(self, block, **kwargs):
+    def __init__(self, layer, **kwargs):
         super().__init__(**kwargs)
-        self.block = block
+        self.layer = layer
 
-    def call(self, x, training=None):
-        return self.block.attention(self.block.norm_attention(x), training=training, return_attention_scores=True)[1]
-
-    def compute_output_spec(self, x, training=None):
-        dtype = _speed.compute_dtype(keras.KerasTensor((), dtype=self.block.compute_dtype))
-        return keras.KerasTensor((x.shape[0], self.block.attention.num_heads, x.shape[1], x.shape[1]), dtype=dtype)
+    def call(self, x):
+        return self.layer.attention_weights(x)
 
     def get_config(self):
         config = super().get_config()
-        config.update(block=keras.saving.serialize_keras_object(self.block))
+        config.update(layer=keras.saving.serialize_keras_object(self.layer))
         return config
 
     @classmethod
     def from_config(cls, config):
-        config["block"] = keras.saving.deserialize_keras_object(config["block"])
+        config["layer"] = keras.saving.deserialize_keras_object(config["layer"])
         return cls(**config)

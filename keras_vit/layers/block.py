@@ -118,6 +118,10 @@ class TransformerBlock(keras.layers.Layer):
             return _speed.remat(self._forward)(x, seed)
         return self._forward(x, seed, return_attention_scores)
 
+    def attention_weights(self, x):
+        """The attention weights (B, N, T, T) of the block on its input x (B, T, D), in inference."""
+        return self.attention(self.norm_attention(x), return_attention_scores=True)[1]
+
     def compute_output_spec(self, x, training=None, return_attention_scores=False):
         return self.attention.compute_output_spec(x, return_attention_scores=return_attention_scores)
 

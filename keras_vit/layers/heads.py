@@ -130,35 +130,6 @@ class MAPHead(keras.layers.Layer):
         return config
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class MAPAttentionWeights(keras.layers.Layer):
-    """The probe attention of a ``MAPHead`` on its input tokens: (B, T, D) -> (B, N, 1, T - prefix), float32.
-
-    Shares the head's variables; used by ``VisionTransformer.features`` beside the blocks' attention.
-    """
-
-    def __init__(self, head, **kwargs):
-        super().__init__(**kwargs)
-        self.head = head
-
-    def call(self, tokens):
-        return self.head.attention_weights(tokens)
-
-    def compute_output_spec(self, tokens):
-        grid = None if tokens.shape[1] is None else tokens.shape[1] - self.head.num_prefix_tokens
-        return keras.KerasTensor((tokens.shape[0], self.head.num_heads, 1, grid), dtype="float32")
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(head=keras.saving.serialize_keras_object(self.head))
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config["head"] = keras.saving.deserialize_keras_object(config["head"])
-        return cls(**config)
-
-
 def _token_pooling(method):
     return lambda arch, **kwargs: TokenPooling(method, arch.num_prefix_tokens, **kwargs)
 
