@@ -74,9 +74,10 @@ def attention_rollout(model, images, head_fusion="mean", discard_ratio=0.0, batc
     prefix = vit.num_prefix_tokens
     relevance = rollout(attention_maps(vit, images, batch_size), head_fusion, discard_ratio, prefix,
                         vit.architecture.class_token)
-    maps = relevance[:, prefix:].reshape(-1, *vit.grid)
+    images = np.asarray(images)
+    maps = relevance[:, prefix:].reshape(-1, *vit.grid_for(images))
     maps = maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
-    height, width = vit.architecture.image_size
+    height, width = images.shape[1:3]
     upsampled = keras.ops.convert_to_numpy(keras.ops.image.resize(maps[..., None].astype("float32"), (height, width)))
     return {"grid": maps.astype("float32"), "image": upsampled[..., 0]}
 
@@ -110,7 +111,7 @@ def position_embedding_similarity(model_or_posemb, grid=None, num_prefix_tokens=
     if isinstance(model_or_posemb, keras.Model):
         vit = as_vision_transformer(model_or_posemb, "position_embedding_similarity")
         posemb = vit.position_embeddings()
-        grid = grid or vit.grid
+        grid = grid or vit.architecture.posemb_grid
         num_prefix_tokens = 0
     else:
         posemb = np.asarray(model_or_posemb)
@@ -149,5 +150,6 @@ def model_attention_distance(model, images, batch_size=32):
     """``mean_attention_distance`` of ``model`` on ``images``: (L, N) pixels."""
     vit = as_vision_transformer(model, "model_attention_distance")
     return mean_attention_distance(
-        attention_maps(vit, images, batch_size), vit.grid, pixels_per_token(vit), vit.num_prefix_tokens
+        attention_maps(vit, images, batch_size), vit.grid_for(np.asarray(images)), pixels_per_token(vit),
+        vit.num_prefix_tokens
     )

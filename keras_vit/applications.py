@@ -21,22 +21,32 @@ _SET_BY_CREATE_MODEL = ("image_size", "include_top", "pooling", "classes", "clas
                         "include_preprocessing", "name", "input_tensor", "dtype", "variant")
 
 
-def _input_geometry(input_shape, image_size, channels):
-    """``(image_size, channels)`` from keras.applications' ``input_shape=(H, W, C)`` or ``image_size``."""
+def _input_geometry(input_shape, image_size, channels, native_size=_DEFAULT_IMAGE_SIZE):
+    """``(image size, channels, native image size)`` from keras.applications' ``input_shape=(H, W, C)``, where H or
+    W may be None (any size: the position embeddings are laid out for ``image_size``, default ``native_size``), or
+    from ``image_size``."""
     if input_shape is None:
-        return (_DEFAULT_IMAGE_SIZE if image_size is None else image_size), channels
+        size = native_size if image_size is None else image_size
+        return size, channels, None
     try:
         shape = tuple(input_shape)
     except TypeError:
         shape = ()
-    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
-        raise ValueError(f"input_shape must be (height, width, channels) of positive ints, got {input_shape!r}.")
+    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    if len(shape) != 3 or not positive(shape[2]) or not all(v is None or positive(v) for v in shape[:2]):
+        raise ValueError(
+            f"input_shape must be (height, width, channels) of positive ints (None for a side of any size), "
+            f"got {input_shape!r}."
+        )
+    if None in shape[:2]:
+        native = to_pair(native_size if image_size is None else image_size, "image size")
+        return shape[:2], shape[2], tuple(n if s is None else s for s, n in zip(shape[:2], native))
     if image_size is not None and to_pair(image_size, "image size") != shape[:2]:
         raise ValueError(
             f"image_size={image_size!r} and input_shape={input_shape!r} disagree: give one of them "
             "(input_shape wins in keras.applications; here neither is guessed)."
         )
-    return shape[:2], shape[2]
+    return shape[:2], shape[2], None
 
 
 def _default_name(official_name):
@@ -71,11 +81,12 @@ def create_model(
         raise unknown_arguments_error(unknown, set(BUILDER_ARGUMENTS) - set(_SET_BY_CREATE_MODEL), "create_model")
     config = configs.model_config(model_name)
     official_name, variant = config.pop("name"), config.pop("variant")
-    image_size, channels = _input_geometry(input_shape, image_size, overrides.pop("channels", 3))
+    image_size, channels, native = _input_geometry(input_shape, image_size, overrides.pop("channels", 3))
     chosen_representation = "representation_size" in overrides
     config.update(overrides)
     config.update(
         image_size=image_size,
+        native_image_size=native,
         channels=channels,
         include_top=include_top,
         pooling=pooling,
@@ -89,7 +100,7 @@ def create_model(
         return vision_transformer(input_tensor=input_tensor, **config)
     source = None
     if not str(weights).endswith(".weights.h5"):
-        source = loading.read(weights, variant, to_pair(image_size, "image size"))
+        source = loading.read(weights, variant, to_pair(native or image_size, "image size"))
         if not chosen_representation:
             # The pre-logits layer stays with the head it feeds; a new head (fine-tuning) drops it, as the official code.
             found = infer_config(source.arrays)
@@ -106,14 +117,17 @@ def create_model(
 load_weights = loading.load_weights
 
 
-def from_official_checkpoint(path, image_size=None, classes=None, include_top=True, dtype=None, **overrides):
+def from_official_checkpoint(path, image_size=None, classes=None, include_top=True, dtype=None, input_shape=None,
+                             **overrides):
     """Builds the model a checkpoint describes and loads it; no other argument is needed.
 
     ``path``: an official ``.npz``, a keras_vit ``.keras`` file or an URL. The architecture (hidden size,
     layers, heads, MLP size, patch size, classifier, registers, position embeddings, representation size,
     classes, image size from the position-embedding grid) is inferred from the arrays. ``image_size``,
     ``classes``, ``patch_size`` and ``channels`` may differ from the checkpoint's (adapted, see
-    ``keras_vit.pretrained.adapt``). Other keyword arguments are ``VisionTransformer`` arguments.
+    ``keras_vit.pretrained.adapt``). ``input_shape=(None, None, C)`` makes a model of any image size whose
+    position embeddings keep the checkpoint's grid (or ``image_size``'s). Other keyword arguments are
+    ``VisionTransformer`` arguments.
     """
     unknown = set(overrides) - set(BUILDER_ARGUMENTS)
     if unknown:
@@ -129,8 +143,11 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
         raise ValueError(f"{path} has no head: pass classes=K for a new head, or include_top=False.")
     if not (include_top and classes in (None, config["classes"])):
         config["representation_size"] = None  # a new head or none: the pre-logits layer goes too
+    size, channels, native = _input_geometry(input_shape, image_size, config["channels"], config["image_size"])
     config.update(
-        image_size=image_size or config["image_size"],
+        image_size=size,
+        native_image_size=native,
+        channels=channels,
         classes=classes or config["classes"] or 1000,
         include_top=include_top,
         name=Path(str(path)).stem.replace(".", "_"),
@@ -155,7 +172,7 @@ def resize_model(model, image_size, patch_size=None):
     else:  # a keras_vit model saved before VisionTransformer existed
         config = infer_config(source.arrays)
         config.update(include_top=config["classes"] is not None, classes=config["classes"] or 1000, name=model.name)
-    config["image_size"] = to_pair(image_size, "image size")
+    config["image_size"] = config["native_image_size"] = to_pair(image_size, "image size")
     config["variant"] = None
     if patch_size is not None:
         config["patch_size"] = to_pair(patch_size, "patch size")
@@ -178,7 +195,9 @@ Args:
     input_tensor: optional Keras tensor (output of ``keras.Input()``) to use
         as the image input.
     input_shape: optional ``(height, width, channels)``, 1 to 4 channels;
-        instead of ``image_size``. Each side a multiple of {stride}.
+        instead of ``image_size``. Each side a multiple of {stride}, or None:
+        one model for any size (multiples of {stride}, or any with
+        ``dynamic_padding=True``), position embeddings resampled per call.
     pooling: with ``include_top=False``: ``None`` (the token sequence
         (B, T, {hidden})), ``"token"`` (the class token), ``"avg"`` or ``"max"``
         over the patch tokens, or ``"map"`` (a new attention-pooling head)
@@ -190,7 +209,9 @@ Args:
         [-1, 1] itself (``(x - 127.5) / 127.5``). Default False: inputs are
         in [-1, 1] (``keras_vit.preprocess_input``).
     name: the model's name (default ``"{official}"``).
-    image_size: int or (height, width), default 224, when ``input_shape`` is not given.
+    image_size: int or (height, width), default 224, when ``input_shape`` is not given;
+        with an ``input_shape`` of open sides (None), the size the position
+        embeddings are laid out for.
     dtype: dtype policy of the model (e.g. ``"mixed_bfloat16"``); default: Keras' global policy.
     **overrides: configuration overrides such as ``dropout_rate``,
         ``stochastic_depth_rate``, ``representation_size``, ``classifier``,

@@ -32,7 +32,11 @@ class Architecture:
     """A ViT's structure. Tokens are laid out as ``prefix_tokens`` (class token, registers), then the grid.
 
     Attributes:
-        image_size: (height, width) in pixels.
+        image_size: (height, width) of the input in pixels; None for a side that may vary from call to call.
+        native_image_size: (height, width) the learned position-embedding table is laid out for (the image size
+            of a fixed-size model); other sizes resample the table on the fly.
+        dynamic_padding: whether inputs whose sides are not multiples of the token stride are padded (zeros at
+            the bottom and right, timm's ``dynamic_img_pad``) instead of refused.
         patch_size: (height, width) of a patch (on a hybrid's feature map).
         hidden_size, num_layers, num_heads, mlp_dim: D, L, N, M.
         channels: input channels.
@@ -63,12 +67,19 @@ class Architecture:
     gelu: str = "tanh"
     resnet_layers: tuple | None = None
     resnet_width_factor: float = 1
+    native_image_size: tuple | None = None
+    dynamic_padding: bool = False
+
+    def __post_init__(self):
+        if self.native_image_size is None and None not in self.image_size:
+            object.__setattr__(self, "native_image_size", self.image_size)
 
     @classmethod
     def from_arguments(cls, image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
                        mlp_dim=3072, classifier="token", representation_size=None, include_top=True, classes=1000,
                        pooling=None, num_register_tokens=0, posemb="learn", posemb_class_token=True, gelu="tanh",
-                       channels=3, resnet_layers=None, resnet_width_factor=1):
+                       channels=3, resnet_layers=None, resnet_width_factor=1, native_image_size=None,
+                       dynamic_padding=False):
         """The architecture of ``VisionTransformer(**arguments)`` (see its arguments); checks every one."""
         if classifier not in classifiers():
             raise ValueError(f"classifier must be one of {classifiers()}, got {classifier!r}.")
@@ -85,7 +96,7 @@ class Architecture:
             (("register", num_register_tokens),) if num_register_tokens else ()
         )
         arch = cls(
-            image_size=_pair("image_size", image_size),
+            image_size=_pair("image_size", image_size, dynamic=True),
             patch_size=_pair("patch_size", patch_size),
             hidden_size=hidden_size,
             num_layers=num_layers,
@@ -102,6 +113,8 @@ class Architecture:
             gelu=gelu,
             resnet_layers=None if resnet_layers is None else tuple(resnet_layers),
             resnet_width_factor=resnet_width_factor,
+            native_image_size=None if native_image_size is None else _pair("native_image_size", native_image_size),
+            dynamic_padding=bool(dynamic_padding),
         )
         arch.check()
         return arch
@@ -130,14 +143,22 @@ class Architecture:
                 _check_int("resnet_layers", units, minimum=1, what="units per ResNet stage")
             if not isinstance(self.resnet_width_factor, numbers.Real) or self.resnet_width_factor <= 0:
                 raise ValueError(f"resnet_width_factor must be a positive number, got {self.resnet_width_factor!r}.")
+        if self.native_image_size is None:
+            raise ValueError(
+                f"image_size={self.image_size} leaves a side open: give native_image_size=(height, width), the size "
+                "the position embeddings are laid out for (keras.applications-style constructors take image_size)."
+            )
         stride = self.token_stride
-        for side, size, step in zip(("height", "width"), self.image_size, stride):
+        sizes = [("image_size", size) for size in self.image_size if size is not None and not self.dynamic_padding]
+        sizes += [("native_image_size", size) for size in self.native_image_size]
+        for (name, size), side, step in zip(sizes, ("height", "width") * 2, stride * 2):
             if size < step or size % step:
                 multiple = max(size // step, 1) * step
                 raise ValueError(
-                    f"Image {side} {size} is not a multiple of the token stride {step} (patch size"
+                    f"Image {side} {size} ({name}) is not a multiple of the token stride {step} (patch size"
                     f"{' x ResNet stride' if self.resnet_layers is not None else ''}): use {multiple}"
-                    + (f" or {multiple + step}" if size > step else "") + "."
+                    + (f" or {multiple + step}" if size > step else "")
+                    + (", or dynamic_padding=True" if name == "image_size" else "") + "."
                 )
 
     # --- derived ----------------------------------------------------------------------------------------------
@@ -158,9 +179,28 @@ class Architecture:
         return token_stride(self.patch_size, self.resnet_layers)
 
     @property
+    def dynamic(self):
+        """Whether a side of the input may vary (then the learned table is resampled for other sizes)."""
+        return None in self.image_size
+
+    @property
     def grid(self):
-        """The token grid (gh, gw)."""
-        return tuple(size // step for size, step in zip(self.image_size, self.token_stride))
+        """The token grid (gh, gw); None for a side that varies (see ``grid_for``)."""
+        return self.grid_for(*self.image_size)
+
+    def grid_for(self, height, width):
+        """The token grid (gh, gw) of an input of ``height`` x ``width`` pixels (None stays None)."""
+        def side(size, step):
+            if size is None:
+                return None
+            return -(-size // step) if self.dynamic_padding else size // step
+
+        return tuple(side(size, step) for size, step in zip((height, width), self.token_stride))
+
+    @property
+    def posemb_grid(self):
+        """The grid the learned position-embedding table is laid out for (``native_image_size`` / stride)."""
+        return tuple(size // step for size, step in zip(self.native_image_size, self.token_stride))
 
     @property
     def posemb_prefix_rows(self):
@@ -172,12 +212,12 @@ class Architecture:
         """Shape of the learned table (1, rows, D); None for fixed embeddings."""
         if self.posemb != "learn":
             return None
-        return (1, self.posemb_prefix_rows + self.grid[0] * self.grid[1], self.hidden_size)
+        return (1, self.posemb_prefix_rows + self.posemb_grid[0] * self.posemb_grid[1], self.hidden_size)
 
     @property
     def num_tokens(self):
-        """T, the length of the token sequence."""
-        return self.num_prefix_tokens + self.grid[0] * self.grid[1]
+        """T, the length of the token sequence; None when a side varies."""
+        return None if self.dynamic else self.num_prefix_tokens + self.grid[0] * self.grid[1]
 
     def replace(self, **changes):
         """A checked copy with ``changes``."""
@@ -193,11 +233,21 @@ def token_stride(patch_size, resnet_layers=None):
     return (patch[0] * stride, patch[1] * stride)
 
 
-def _pair(name, value):
+def _pair(name, value, dynamic=False):
+    """``value`` as (height, width) of positive ints (None allowed when ``dynamic``)."""
+    if dynamic and value is not None and not isinstance(value, int):
+        try:
+            pair = tuple(value)
+        except TypeError:
+            pair = ()
+        if len(pair) == 2 and None in pair:
+            fixed = [side for side in pair if side is not None]
+            return tuple(pair) if not fixed or _pair(name, fixed * 2) else pair
     try:
         pair = to_pair(value, name)
     except ValueError:
-        raise ValueError(f"{name} must be an int or (height, width) of ints, got {value!r}.") from None
+        allowed = " (None for a side that varies)" if dynamic else ""
+        raise ValueError(f"{name} must be an int or (height, width) of ints{allowed}, got {value!r}.") from None
     if min(pair) < 1:
         raise ValueError(f"{name} must be positive, got {value!r}.")
     return pair

@@ -39,7 +39,7 @@ from keras_vit.layers import (
     official_weights as layer_official_weights,
 )
 from keras_vit.layers import heads as heads_lib
-from keras_vit.layers.embedding import position_embedding
+from keras_vit.layers.embedding import PadToMultiple, position_embedding
 from keras_vit.layers.tokens import prefix_token_layers
 from keras_vit.pretrained.names import official_scope
 
@@ -164,6 +164,8 @@ class VisionTransformer(keras.Model):
         resnet_layers=None,
         resnet_width_factor=1,
         include_preprocessing=False,
+        native_image_size=None,
+        dynamic_padding=False,
         variant=None,
         class_names=None,
         input_tensor=None,
@@ -180,6 +182,7 @@ class VisionTransformer(keras.Model):
             include_top=include_top, classes=classes, pooling=pooling, num_register_tokens=num_register_tokens,
             posemb=posemb, posemb_class_token=posemb_class_token, gelu=gelu, channels=channels,
             resnet_layers=resnet_layers, resnet_width_factor=resnet_width_factor,
+            native_image_size=native_image_size, dynamic_padding=dynamic_padding,
         )
         for rate_name, rate in (("dropout_rate", dropout_rate), ("attention_dropout_rate", attention_dropout_rate),
                                 ("stochastic_depth_rate", stochastic_depth_rate)):
@@ -201,17 +204,21 @@ class VisionTransformer(keras.Model):
         x = inputs
         if include_preprocessing:
             x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, dtype=policy, name="preprocessing")(x)
+        if dynamic_padding:
+            x = PadToMultiple(arch.token_stride, dtype=policy, name="pad")(x)
         if resnet_layers is not None:
             x = resnet.resnet_stem(x, resnet_layers, resnet_width_factor, dtype=policy)
+        pixels = x  # the patch embedding's input: each call's token grid comes from its size
         x = Patches(patch_size, hidden_size, dtype=policy, name="embedding")(x)
         prefix_layers = [layer for _, layer in prefix_token_layers(arch.prefix_tokens, policy)]
+        posemb_layer = position_embedding(arch, policy)
         # The 2020 models add the position embeddings after the class token, which has a row; the others to the
         # grid tokens, before any prefix token.
         at = arch.posemb_prefix_rows
-        token_layers = [*prefix_layers[:at], position_embedding(arch.posemb, arch.grid, policy), *prefix_layers[at:],
+        token_layers = [*prefix_layers[:at], posemb_layer, *prefix_layers[at:],
                         Dropout(dropout_rate, dtype=policy, name="dropout")]
         for layer in token_layers:
-            x = layer(x)
+            x = layer(x, pixels) if layer is posemb_layer else layer(x)
         for i in range(num_layers):
             x = TransformerBlock(
                 num_heads,
@@ -257,6 +264,8 @@ class VisionTransformer(keras.Model):
             resnet_layers=arch.resnet_layers,
             resnet_width_factor=resnet_width_factor,
             include_preprocessing=include_preprocessing,
+            native_image_size=arch.native_image_size,
+            dynamic_padding=arch.dynamic_padding,
             variant=found_variant,
             class_names=class_names,
         )
@@ -304,8 +313,13 @@ class VisionTransformer(keras.Model):
 
     @property
     def grid(self):
-        """The token grid (gh, gw)."""
+        """The token grid (gh, gw); None for a side of a model that takes any size (see ``grid_for``)."""
         return self._architecture.grid
+
+    def grid_for(self, images):
+        """The token grid (gh, gw) of ``images`` (B, H, W, C) or of an (H, W) size, for a model of any size."""
+        shape = tuple(getattr(images, "shape", images))
+        return self._architecture.grid_for(*(shape[1:3] if len(shape) == 4 else shape[:2]))
 
     @property
     def num_prefix_tokens(self):
@@ -328,10 +342,18 @@ class VisionTransformer(keras.Model):
             return
         channels = self._vit_config["channels"]
         if rank != 4 or shape[-1] not in (None, channels):
-            height, width = self._architecture.image_size
+            height, width = ("H" if side is None else side for side in self._architecture.image_size)
             raise ValueError(
                 f"{self.name} expects images shaped (batch, {height}, {width}, {channels}), got {tuple(shape)}."
             )
+        arch = self._architecture
+        if arch.dynamic and not arch.dynamic_padding:
+            for side, size, step in zip(("height", "width"), shape[1:3], arch.token_stride):
+                if isinstance(size, int) and size % step:
+                    raise ValueError(
+                        f"{self.name} takes images whose {side} is a multiple of {step}, got {size}: resize them, "
+                        "or build the model with dynamic_padding=True (zeros added at the bottom and right)."
+                    )
 
     def __call__(self, *args, **kwargs):
         self._check_images(args[0] if args else kwargs.get("inputs"))
@@ -515,6 +537,8 @@ class VisionTransformer(keras.Model):
 
         def build():
             grid, hidden = self.grid, self._vit_config["hidden_size"]
+            if None in grid:
+                raise ValueError(f"encoder_model needs a fixed token grid; {self.name} takes any image size.")
             embeddings = keras.Input((grid[0] * grid[1], hidden), name="embeddings")
             x = embeddings
             names = self._token_layer_names + [f"encoderblock_{i}" for i in range(self._vit_config["num_layers"])]

@@ -1,4 +1,10 @@
-"""Patch and position embeddings: ``Patches``, learned ``AddPositionEmbs`` and fixed ``SinCos2DPositionEmbs``.
+"""Patch and position embeddings: ``Patches``, learned ``AddPositionEmbs`` and fixed ``SinCos2DPositionEmbs``,
+and ``PadToMultiple`` for inputs of any size.
+
+A position-embedding layer called with the patch embedding's input as its second argument (``layer(tokens,
+pixels)``) takes the token grid from it at every call, so one model takes inputs of any size: the learned table
+keeps its native grid and is resampled to the call's grid in the graph, with the official interpolation
+(``resize_grid``); the fixed table is computed for it.
 
 Shapes: B = batch, H x W = image (or a hybrid's feature map), C = channels, (gh, gw) = token grid,
 P = prefix tokens that have a position embedding row (the official class token), D = hidden size.
@@ -86,34 +92,94 @@ class Patches(keras.layers.Layer):
         return config
 
 
+def _interpolation_matrix(new, old):
+    """(new, old) weights of linear interpolation with aligned corners (scipy.ndimage.zoom(order=1)'s rule):
+    output i reads input position i * (old - 1) / (new - 1); ``new`` may be a tensor."""
+    new_f = ops.cast(new, "float32")
+    step = ops.where(new_f > 1, (old - 1) / ops.maximum(new_f - 1, 1.0), 0.0)
+    positions = ops.arange(new, dtype="float32") * step
+    low = ops.clip(ops.floor(positions), 0, old - 1)
+    fraction = positions - low
+    high = ops.minimum(low + 1, old - 1)
+    low, high = ops.cast(low, "int32"), ops.cast(high, "int32")
+    return ops.one_hot(low, old) * (1.0 - fraction)[:, None] + ops.one_hot(high, old) * fraction[:, None]
+
+
+def resize_grid(table, source_grid, target_grid):
+    """Bilinear resize with aligned corners of grid embeddings (gh * gw, D) to ``target_grid`` (th * tw, D).
+
+    The official loader's interpolation (``keras_vit.interpolate_posemb``, NumPy in float64) in the graph, in
+    float32; ``target_grid`` may hold tensors. Row-major grids.
+    """
+    grid = ops.reshape(ops.cast(table, "float32"), (source_grid[0], source_grid[1], -1))
+    rows = _interpolation_matrix(target_grid[0], source_grid[0])
+    columns = _interpolation_matrix(target_grid[1], source_grid[1])
+    resized = ops.einsum("ih,hwd,jw->ijd", rows, grid, columns)
+    return ops.reshape(resized, (-1, table.shape[-1]))
+
+
+def _token_grid(pixels, patch_size):
+    """The token grid (gh, gw) of the patch embedding's input ``pixels``: ints when static, else tensors."""
+    return tuple(size // patch for size, patch in zip(ops.shape(pixels)[1:3], patch_size))
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class AddPositionEmbs(keras.layers.Layer):
     """Adds learnable 1-D position embeddings (1, P + gh * gw, D), normal(std 0.02) init: (B, T, D) -> (B, T, D).
 
     The official models add them after the class token is prepended (P = 1: the class token has a row);
-    big_vision's add them to the grid tokens only (P = 0), before any prefix token.
+    big_vision's add them to the grid tokens only (P = 0), before any prefix token. With ``grid`` (the table's
+    native (gh, gw)) and ``patch_size``, ``layer(tokens, pixels)`` resamples the grid rows to the grid of
+    ``pixels`` (the patch embedding's input) when it differs; the prefix rows stay.
     """
 
-    def __init__(self, initializer=None, **kwargs):
+    def __init__(self, initializer=None, grid=None, patch_size=None, num_prefix_tokens=0, **kwargs):
         super().__init__(**kwargs)
         self.initializer = keras.initializers.get(initializer or keras.initializers.RandomNormal(stddev=0.02))
+        self.grid = None if grid is None else to_pair(grid, "position-embedding grid")
+        self.patch_size = None if patch_size is None else to_pair(patch_size, "patch size")
+        self.num_prefix_tokens = num_prefix_tokens
 
-    def build(self, input_shape):
-        if input_shape[1] is None:
+    def build(self, tokens_shape, pixels_shape=None):
+        if self.grid is not None:
+            rows = self.num_prefix_tokens + self.grid[0] * self.grid[1]
+        elif tokens_shape[1] is None:
             raise ValueError("AddPositionEmbs needs a known number of tokens: give the model a fixed image size.")
+        else:
+            rows = tokens_shape[1]
         self.pos_embedding = self.add_weight(
-            name="pos_embedding", shape=(1, input_shape[1], input_shape[2]), initializer=self.initializer
+            name="pos_embedding", shape=(1, rows, tokens_shape[2]), initializer=self.initializer
         )
 
     def official_weights(self):
         return {"pos_embedding": self.pos_embedding}
 
-    def call(self, tokens):
-        return tokens + ops.cast(self.pos_embedding, tokens.dtype)
+    def call(self, tokens, pixels=None):
+        table = self.pos_embedding
+        if pixels is None or self.grid is None:
+            return tokens + ops.cast(table, tokens.dtype)
+        target = _token_grid(pixels, self.patch_size)
+
+        def resampled():
+            prefix = self.num_prefix_tokens
+            grid = resize_grid(table[0, prefix:], self.grid, target)
+            return ops.concatenate([ops.cast(table[0, :prefix], "float32"), grid], axis=0)[None]
+
+        if all(isinstance(side, int) for side in target):  # a known grid: resample only another one than the table's
+            table = table if target == self.grid else resampled()
+        else:  # known at run time only (a graph traced for any size)
+            native = ops.logical_and(ops.equal(target[0], self.grid[0]), ops.equal(target[1], self.grid[1]))
+            table = ops.cond(native, lambda: ops.cast(table, "float32"), resampled)
+        return tokens + ops.cast(table, tokens.dtype)
+
+    def compute_output_spec(self, tokens, pixels=None):
+        return keras.KerasTensor(tokens.shape, dtype=self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()
         config.update(initializer=keras.initializers.serialize(self.initializer))
+        if self.grid is not None:
+            config.update(grid=self.grid, patch_size=self.patch_size, num_prefix_tokens=self.num_prefix_tokens)
         return config
 
 
@@ -121,50 +187,89 @@ def sincos_2d(grid, width, temperature=10_000.0):
     """big_vision's ``posemb_sincos_2d``: (1, gh * gw, width) float32, ``width`` a multiple of 4.
 
     For the grid cell at row y, column x (row-major), with q = width / 4 and omega_k = temperature^(-k / (q - 1)):
-    the channels are [sin(x omega), cos(x omega), sin(y omega), cos(y omega)].
+    the channels are [sin(x omega), cos(x omega), sin(y omega), cos(y omega)]. ``grid`` may hold tensors (then the
+    result is a tensor).
     """
     if width % 4:
         raise ValueError(f"Sin-cos position embeddings need a hidden size that is a multiple of 4, got {width}.")
     quarter = width // 4
     omega = 1.0 / temperature ** (np.arange(quarter, dtype=np.float32) / max(quarter - 1, 1))
-    y, x = np.mgrid[: grid[0], : grid[1]].astype(np.float32)
-    x = np.einsum("m,d->md", x.ravel(), omega)
-    y = np.einsum("m,d->md", y.ravel(), omega)
-    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)
+    if all(isinstance(side, int) for side in grid):
+        y, x = np.mgrid[: grid[0], : grid[1]].astype(np.float32)
+        x = np.einsum("m,d->md", x.ravel(), omega)
+        y = np.einsum("m,d->md", y.ravel(), omega)
+        return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)
+    rows = ops.arange(grid[0], dtype="float32")
+    columns = ops.arange(grid[1], dtype="float32")
+    y = ops.reshape(ops.broadcast_to(rows[:, None], (grid[0], grid[1])), (-1,))[:, None] * omega
+    x = ops.reshape(ops.broadcast_to(columns[None, :], (grid[0], grid[1])), (-1,))[:, None] * omega
+    return ops.concatenate([ops.sin(x), ops.cos(x), ops.sin(y), ops.cos(y)], axis=1)[None]
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class SinCos2DPositionEmbs(keras.layers.Layer):
     """Adds fixed 2-D sin-cos position embeddings (``sincos_2d``) to grid tokens: (B, gh * gw, D) -> same.
 
-    Computed, not stored (no weights); ``grid`` is the token grid (gh, gw). Added before any prefix token.
+    Computed, not stored (no weights); ``grid`` is the native token grid (gh, gw). Added before any prefix
+    token. With ``patch_size``, ``layer(tokens, pixels)`` computes them for the grid of ``pixels``.
     """
 
-    def __init__(self, grid, temperature=10_000.0, **kwargs):
+    def __init__(self, grid, temperature=10_000.0, patch_size=None, **kwargs):
         super().__init__(**kwargs)
         self.grid = to_pair(grid, "token grid")
         self.temperature = temperature
+        self.patch_size = None if patch_size is None else to_pair(patch_size, "patch size")
 
-    def build(self, input_shape):
-        tokens, self.width = input_shape[1], input_shape[2]
-        if tokens is not None and tokens != self.grid[0] * self.grid[1]:
+    def build(self, tokens_shape, pixels_shape=None):
+        tokens, self.width = tokens_shape[1], tokens_shape[2]
+        if pixels_shape is None and tokens is not None and tokens != self.grid[0] * self.grid[1]:
             raise ValueError(f"{tokens} tokens do not form the {self.grid[0]}x{self.grid[1]} grid of this layer.")
 
     def table(self):
-        """The embeddings (1, gh * gw, D) float32 NumPy."""
+        """The embeddings (1, gh * gw, D) of the native grid, float32 NumPy."""
         return sincos_2d(self.grid, self.width, self.temperature)
 
-    def call(self, tokens):
-        return tokens + ops.cast(self.table(), tokens.dtype)
+    def call(self, tokens, pixels=None):
+        grid = self.grid if pixels is None or self.patch_size is None else _token_grid(pixels, self.patch_size)
+        return tokens + ops.cast(sincos_2d(grid, self.width, self.temperature), tokens.dtype)
+
+    def compute_output_spec(self, tokens, pixels=None):
+        return keras.KerasTensor(tokens.shape, dtype=self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()
-        config.update(grid=self.grid, temperature=self.temperature)
+        config.update(grid=self.grid, temperature=self.temperature, patch_size=self.patch_size)
         return config
 
 
-def position_embedding(kind, grid, dtype, name="posembed_input"):
-    """The position-embedding layer of ``kind`` ("learn" or "sincos2d") for the token ``grid`` (gh, gw)."""
-    if kind == "learn":
-        return AddPositionEmbs(dtype=dtype, name=name)
-    return SinCos2DPositionEmbs(grid, dtype=dtype, name=name)
+def position_embedding(arch, dtype, name="posembed_input"):
+    """The position-embedding layer ``arch`` describes (learned or sin-cos, laid out for its native grid)."""
+    if arch.posemb == "learn":
+        return AddPositionEmbs(grid=arch.posemb_grid, patch_size=arch.patch_size,
+                               num_prefix_tokens=arch.posemb_prefix_rows, dtype=dtype, name=name)
+    return SinCos2DPositionEmbs(arch.posemb_grid, patch_size=arch.patch_size, dtype=dtype, name=name)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PadToMultiple(keras.layers.Layer):
+    """Pads images with zeros at the bottom and right to multiples of ``multiple`` (h, w): (B, H, W, C) ->
+    (B, ceil(H / h) h, ceil(W / w) w, C). timm's ``dynamic_img_pad``; zeros are mid-grey in [-1, 1]."""
+
+    def __init__(self, multiple, **kwargs):
+        super().__init__(**kwargs)
+        self.multiple = to_pair(multiple, "multiple")
+
+    def call(self, images):
+        shape = ops.shape(images)
+        pads = [(0, 0)] + [(0, (-size) % step) for size, step in zip(shape[1:3], self.multiple)] + [(0, 0)]
+        return ops.pad(images, pads)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        sides = [None if size is None else -(-size // step) * step for size, step in zip((height, width), self.multiple)]
+        return (batch, *sides, channels)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(multiple=self.multiple)
+        return config

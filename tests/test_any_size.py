@@ -1,0 +1,140 @@
+"""One model, any image size: position embeddings resampled in the graph with the official loader's numbers."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_vit
+from conftest import fixture_path
+from keras_vit.layers import embedding
+
+BACKEND = keras.backend.backend()
+SIZES = [(32, 32), (48, 48), (32, 48), (64, 40), (16, 24)]
+
+
+def _images(size, count=2, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (count, *size, 3)).astype("float32")
+
+
+def _numpy(x):
+    return np.asarray(keras.ops.convert_to_numpy(x), np.float32)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_token", "vit_tiny_gap", "vit_tiny_repr", "hybrid_tiny"])
+def test_any_size_model_equals_the_model_built_at_each_size(name):
+    # The fixed-size model at S loads the checkpoint through the official interpolation (NumPy, float64); the
+    # any-size model resamples in the graph at every call: the same logits.
+    path = fixture_path(name, "ckpt")
+    model = keras_vit.from_official_checkpoint(path, input_shape=(None, None, 3))
+    assert model.input.shape == (None, None, None, 3) and model.grid == (None, None)
+    for size in SIZES if name != "hybrid_tiny" else [(32, 32), (48, 48), (32, 64), (64, 40)]:
+        fixed = keras_vit.from_official_checkpoint(path, image_size=size)
+        images = _images(size)
+        np.testing.assert_allclose(_numpy(model(images)), _numpy(fixed(images)), atol=1e-5, err_msg=str(size))
+        assert model.grid_for(images) == fixed.grid
+
+
+def test_native_size_runs_no_resampling(monkeypatch):
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), input_shape=(None, None, 3))
+    calls = []
+    original = embedding.resize_grid
+    monkeypatch.setattr(embedding, "resize_grid", lambda *a: calls.append(a[2]) or original(*a))
+    model(_images((32, 32)))
+    assert calls == []
+    model(_images((48, 32)))
+    assert calls == [(12, 8)]
+
+
+def test_partly_open_input_shape_and_constructors():
+    model = keras_vit.ViT_Ti16(input_shape=(32, None, 3), num_layers=1, classes=3, image_size=32)
+    assert model.input.shape == (None, 32, None, 3)
+    assert model.architecture.native_image_size == (32, 32)
+    assert model(_images((32, 64))).shape == (2, 3)
+    named = keras_vit.create_model("Ti/16", input_shape=(None, None, 3), num_layers=1, classes=3)
+    assert named.architecture.native_image_size == (224, 224) and named.architecture.posemb_shape == (1, 197, 192)
+
+
+def test_sides_that_are_not_multiples_are_refused_or_padded():
+    model = keras_vit.vision_transformer(image_size=(None, None), native_image_size=16, patch_size=4, hidden_size=12,
+                                         num_layers=1, num_heads=3, mlp_dim=24, classes=3)
+    with pytest.raises(ValueError) as caught:
+        model(_images((18, 16)))
+    assert "height" in str(caught.value) and "18" in str(caught.value) and "dynamic_padding=True" in str(caught.value)
+    padded = keras_vit.vision_transformer(**{**model.vit_config, "dynamic_padding": True})
+    padded.set_weights(model.get_weights())
+    images = _images((18, 14))
+    zeros = np.zeros((2, 20, 16, 3), "float32")
+    zeros[:, :18, :14] = images  # timm's dynamic_img_pad: zeros at the bottom and right
+    np.testing.assert_allclose(_numpy(padded(images)), _numpy(model(zeros)), atol=1e-6)
+    assert padded.grid_for(images) == (5, 4)
+
+
+def test_sincos_and_registers_at_any_size():
+    from test_layers import _np_sincos
+
+    model = keras_vit.vision_transformer(image_size=(None, None), native_image_size=16, patch_size=4, hidden_size=12,
+                                         num_layers=1, num_heads=3, mlp_dim=24, classifier="gap", posemb="sincos2d",
+                                         num_register_tokens=2)
+    images = _images((12, 20))
+    probe = keras.Model(model.inputs[0], model.get_layer("dropout").output)
+    n = _numpy
+    kernel, bias = n(model.get_layer("embedding").kernel), n(model.get_layer("embedding").bias)
+    patches = images.reshape(2, 3, 4, 5, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 15, -1) @ kernel.reshape(-1, 12) + bias
+    np.testing.assert_allclose(n(probe(images))[:, 2:], patches + _np_sincos(3, 5, 12), atol=1e-5)
+
+
+def test_features_and_analysis_follow_the_call():
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), input_shape=(None, None, 3))
+    for size in [(32, 32), (24, 40)]:
+        images = _images(size)
+        grid = model.grid_for(images)
+        out = model.features(images, blocks=True, attention=True)
+        tokens = 1 + grid[0] * grid[1]
+        assert out["tokens"].shape == (2, tokens, 48)
+        assert out["blocks"][-1].shape == (2, tokens, 48) and out["attention"][0].shape == (2, 3, tokens, tokens)
+        rollout = keras_vit.attention_rollout(model, images)
+        assert rollout["grid"].shape == (2, *grid) and rollout["image"].shape == (2, *size)
+        assert keras_vit.analysis.model_attention_distance(model, images).shape == (2, 3)
+
+
+def test_saves_reloads_and_trains_on_batches_of_one_size(tmp_path):
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_gap", "ckpt"), input_shape=(None, None, 3),
+                                               classes=4)
+    model.save(tmp_path / "any.keras")
+    reloaded = keras.models.load_model(tmp_path / "any.keras")
+    for size in [(32, 32), (40, 24)]:
+        np.testing.assert_array_equal(_numpy(reloaded(_images(size))), _numpy(model(_images(size))))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    labels = keras.utils.to_categorical(np.arange(8) % 4, 4)
+    before = _numpy(model(_images((32, 32))))
+    for size in [(32, 32), (48, 40)]:
+        history = model.fit(_images(size, count=8), labels, batch_size=4, epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+    assert np.abs(_numpy(model(_images((32, 32)))) - before).max() > 1e-4
+
+
+def test_mixed_precision_at_any_size():
+    path = fixture_path("vit_tiny_token", "ckpt")
+    model = keras_vit.from_official_checkpoint(path, input_shape=(None, None, 3), dtype="mixed_bfloat16")
+    fixed = keras_vit.from_official_checkpoint(path, image_size=(48, 32))
+    images = _images((48, 32))
+    logits = model(images)
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+    np.testing.assert_allclose(_numpy(logits), _numpy(fixed(images)), atol=0.1)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA through tf.function")
+def test_xla_compiles_once_per_size():
+    import tensorflow as tf
+
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), input_shape=(None, None, 3))
+    step = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    for size in [(32, 32), (48, 40), (32, 32)]:
+        images = _images(size)
+        np.testing.assert_allclose(step(images).numpy(), _numpy(model(images)), atol=1e-5)
+    assert step.experimental_get_tracing_count() == 2
+    # traced for any size (shapes unknown in the graph): the resampling is a conditional, the same numbers
+    generic = tf.function(lambda x: model(x, training=False),
+                          input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
+    for size in [(32, 32), (24, 40)]:
+        np.testing.assert_allclose(generic(_images(size)).numpy(), _numpy(model(_images(size))), atol=1e-5)
