@@ -2,8 +2,9 @@
 
 ``preprocess_input`` maps pixels in [0, 255] to [-1, 1] as the official input
 pipeline (no mean/std normalisation). ``decode_predictions`` names the top
-classes of a 1000-way ImageNet head; the class list ships with the package
-(``imagenet1k_labels.tsv``: WordNet id and names, in the standard index order).
+classes of a 1000-way ImageNet head, whose class list ships with the package
+(``imagenet1k_labels.tsv``: WordNet id and names, in the standard index order),
+or of any head given its class names.
 """
 
 import functools
@@ -25,20 +26,27 @@ def imagenet1k_classes():
     return [tuple(line.split("\t", 1)) for line in text.splitlines()]
 
 
-def decode_predictions(predictions, top=5):
-    """Top classes of (B, 1000) scores as ``[[(wordnet_id, name, score), ...], ...]``, best first.
+def decode_predictions(predictions, top=5, class_names=None):
+    """Top classes of (B, K) scores as ``[[(class_id, name, score), ...], ...]``, best first.
 
-    ``name`` is the first of the class's names (e.g. ``"goldfish"``); scores
-    are returned as given (logits or probabilities).
+    Without ``class_names``: a 1000-way ImageNet-1k head; ``class_id`` is the
+    WordNet id and ``name`` the first of the class's names (e.g.
+    ``"goldfish"``). With ``class_names`` (the K names in output order, e.g.
+    ``report.json``'s ``"class_names"`` of a model trained on an image
+    folder): ``class_id`` is the output index. Scores are returned as given
+    (logits or probabilities).
     """
     scores = np.asarray(ops.convert_to_numpy(predictions))
-    classes = imagenet1k_classes()
+    if class_names is None:
+        classes = [(wordnet_id, names.split(",")[0]) for wordnet_id, names in imagenet1k_classes()]
+        expected = f"{len(classes)}) ImageNet-1k scores (pass class_names= for another head)"
+    else:
+        classes = list(enumerate(map(str, class_names)))
+        expected = f"{len(classes)}) scores, one per class name"
     if scores.ndim != 2 or scores.shape[1] != len(classes):
-        raise ValueError(
-            f"decode_predictions expects (batch, {len(classes)}) ImageNet-1k scores, got shape {scores.shape}."
-        )
+        raise ValueError(f"decode_predictions expects (batch, {expected}, got shape {scores.shape}.")
     results = []
     for row in scores:
         best = np.argsort(-row, kind="stable")[:top]
-        results.append([(classes[i][0], classes[i][1].split(",")[0], float(row[i])) for i in best])
+        results.append([(*classes[i], float(row[i])) for i in best])
     return results

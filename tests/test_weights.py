@@ -379,6 +379,14 @@ def test_decode_predictions_uses_the_shipped_class_names():
         keras_vit.decode_predictions(np.zeros((1, 10)))
 
 
+def test_decode_predictions_takes_the_class_names_of_another_head():
+    scores = np.array([[0.5, 2.0, -1.0], [5.0, 0.0, 4.0]], "float32")
+    decoded = keras_vit.decode_predictions(scores, top=2, class_names=["ant", "bee", "cat"])
+    assert decoded == [[(1, "bee", 2.0), (0, "ant", 0.5)], [(0, "ant", 5.0), (2, "cat", 4.0)]]
+    with pytest.raises(ValueError, match=r"expects \(batch, 2\) scores, one per class name, got shape \(2, 3\)"):
+        keras_vit.decode_predictions(scores, class_names=["ant", "bee"])
+
+
 def test_interpolate_tool_keeps_names_and_storage_types(tmp_path):
     arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
     np.savez(tmp_path / "bf16.npz", **{f"params/{k}": v.astype(ml_dtypes.bfloat16) for k, v in arrays.items()})
