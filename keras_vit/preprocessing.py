@@ -4,7 +4,8 @@
 pipeline (no mean/std normalisation). ``decode_predictions`` names the top
 classes of a 1000-way ImageNet head, whose class list ships with the package
 (``imagenet1k_labels.tsv``: WordNet id and names, in the standard index order),
-or of any head given its class names.
+or of any head given its class names. ``decode_image`` decodes image files to
+the channels a model takes (TensorFlow).
 """
 
 import functools
@@ -17,6 +18,28 @@ from keras import ops
 def preprocess_input(images):
     """(..., H, W, C) pixels in [0, 255] (uint8 or float) -> float32 in [-1, 1]: ``(x - 127.5) / 127.5``."""
     return (ops.cast(images, "float32") - 127.5) / 127.5
+
+
+def decode_image(data, channels):
+    """Encoded image bytes (any format ``tf.io.decode_image`` reads) -> uint8 (H, W, ``channels``) tensor.
+
+    ``channels``: 1 (grey) or 3 (RGB), whatever the file holds; another count
+    is decoded as ``tf.io.decode_image(channels=...)`` does. GIF, BMP, WebP
+    and JPEG XL decoders give no grey output: those files are decoded in
+    colour and converted (ITU-R 601 luma, as the JPEG and PNG decoders).
+    Works in a ``tf.function`` and a ``tf.data`` pipeline.
+    """
+    import tensorflow as tf
+
+    if channels != 1:
+        return tf.io.decode_image(data, channels=channels, expand_animations=False)
+    head = tf.strings.substr(data, 0, 2)
+    colour_only = tf.reduce_any(tf.equal(head, [b"GI", b"BM", b"RI", b"\xff\x0a", b"\x00\x00"]))  # GIF BMP WebP JXL
+    return tf.cond(
+        colour_only,
+        lambda: tf.image.rgb_to_grayscale(tf.io.decode_image(data, channels=3, expand_animations=False)),
+        lambda: tf.io.decode_image(data, channels=1, expand_animations=False),
+    )
 
 
 @functools.cache

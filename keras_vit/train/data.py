@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from keras_vit.preprocessing import decode_image
+
 log = logging.getLogger(__name__)
 
 
@@ -175,20 +177,6 @@ def _list_images(root, class_names):
     return files, labels, undecodable, other, empty
 
 
-def _decode(data, channels):
-    """Encoded image bytes -> uint8 (H, W, ``channels``); GIF, BMP and WebP decode to RGB first (their
-    decoders give no grayscale)."""
-    if channels == 3:
-        return tf.io.decode_image(data, channels=3, expand_animations=False)
-    head = tf.strings.substr(data, 0, 2)
-    colour_only = (head == b"GI") | (head == b"BM") | (head == b"RI") | (head == b"\xff\x0a") | (head == b"\x00\x00")
-    return tf.cond(
-        colour_only,
-        lambda: tf.image.rgb_to_grayscale(tf.io.decode_image(data, channels=3, expand_animations=False)),
-        lambda: tf.io.decode_image(data, channels=1, expand_animations=False),
-    )
-
-
 def from_folder(path, seed=0, classes=None, channels=3, skip_undecodable=False):
     """Source from an image folder: one sub-folder per class, images in any format ``tf.io.decode_image``
     decodes (JPEG, PNG, GIF, BMP, WebP, JPEG XL: ``IMAGE_EXTENSIONS``), decoded to (H, W, ``channels``).
@@ -248,7 +236,7 @@ def from_folder(path, seed=0, classes=None, channels=3, skip_undecodable=False):
         )
 
     def decode(file, label):
-        return _decode(tf.io.read_file(file), channels), label
+        return decode_image(tf.io.read_file(file), channels), label
 
     order = np.random.default_rng(seed).permutation(len(files))
     files, labels = np.asarray(files)[order], np.asarray(labels, "int32")[order]
