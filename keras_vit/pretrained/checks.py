@@ -15,6 +15,7 @@ import collections
 import numpy as np
 
 from keras_vit.pretrained.names import BLOCK_KEY, POSEMB, normalize_names
+from keras_vit.pretrained.npz import stand_ins
 
 _D, _M, _H, _K, _R, _N = "hidden size", "MLP size", "heads", "head size", "representation size", "classes"
 _DIMENSIONS = (_D, _M, _H, _K, _R, _N)
@@ -44,10 +45,6 @@ def _layout(name, has_pre_logits):
     return _LAYOUTS.get(name)
 
 
-def _shape_stand_in(shape):
-    return np.broadcast_to(np.float32(0), shape)  # no memory: the names are normalized, the shapes kept
-
-
 def check_consistent(shapes, label):
     """Refuses (``ValueError``) official arrays ``{name: shape}`` that disagree on the ViT's dimensions.
 
@@ -56,8 +53,7 @@ def check_consistent(shapes, label):
     is named in one line. Arrays of unknown names (ResNet stems, optimizer
     state, other layouts) are not checked.
     """
-    shapes = {name: tuple(array.shape) for name, array in normalize_names(
-        {name: _shape_stand_in(shape) for name, shape in shapes.items()}).items()}
+    shapes = {name: tuple(array.shape) for name, array in normalize_names(stand_ins(shapes)).items()}
     has_pre_logits = "pre_logits/kernel" in shapes
     layouts = {name: _layout(name, has_pre_logits) for name in shapes}
     votes = collections.defaultdict(collections.Counter)

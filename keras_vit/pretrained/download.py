@@ -80,7 +80,8 @@ def _folder_and_file(url, quoted=False):
     return name if quoted else urllib.parse.unquote(name)
 
 
-def _suffix(name):
+def file_suffix(name):
+    """A file name's suffix, ``.weights.h5`` counted as one: ``"vit.weights.h5"`` -> ``".weights.h5"``."""
     return ".weights.h5" if name.endswith(".weights.h5") else Path(name).suffix
 
 
@@ -88,7 +89,7 @@ def cached_name(url):
     """The cache file name of ``url``: folder and file joined and a digest of the URL, e.g.
     ``imagenet21k+imagenet2012--ViT-B_16--3f0c5e9a1b7d2c64.npz`` (the suffix kept last)."""
     name = _folder_and_file(url)
-    suffix = _suffix(name)
+    suffix = file_suffix(name)
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
     return f"{name[: len(name) - len(suffix)]}--{digest}{suffix}"
 
@@ -148,7 +149,7 @@ def _check_arrival(path, name, received, announced, content_type):
     if (expected and not head.startswith(expected)) or (not expected and looks_like_page):
         what = "a web page" if looks_like_page else "a file"
         raise _Refused(
-            f"the server sent {what} ({content_type}, starting {head[:12]!r}), not the {_suffix(name) or 'file'} "
+            f"the server sent {what} ({content_type}, starting {head[:12]!r}), not the {file_suffix(name) or 'file'} "
             "expected: the address is wrong or needs a login (e.g. a sharing page rather than the direct link)"
         )
 

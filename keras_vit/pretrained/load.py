@@ -29,17 +29,12 @@ from keras_vit.pretrained.names import (
     normalize_names,
     official_variables,
 )
-from keras_vit.pretrained.npz import READ_ANYWAY_BYTES, array_headers, read_npz
+from keras_vit.pretrained.npz import READ_ANYWAY_BYTES, array_headers, read_npz, stand_ins
 
 Source = collections.namedtuple("Source", "arrays label grid")
 Source.__doc__ = "Arrays keyed by official name, a label for messages, and the token grid when the source knows it."
 _SUFFIXES = (".npz", ".keras", ".weights.h5")
 _MAX_VALUES_PER_WEIGHT = 16  # checkpoint values per model weight: an Adam checkpoint holds 3, an in21k head on Ti ~2
-
-
-def _suffix(path):
-    name = Path(path).name
-    return ".weights.h5" if name.endswith(".weights.h5") else Path(path).suffix
 
 
 def _read_npz(path, label, like=None):
@@ -71,7 +66,7 @@ def _check_size(headers, model, label):
         return
     try:
         shapes = {name: tuple(variable.shape) for name, variable in official_variables(model).items()}
-        summary = _summary(_shapes_only({name: header.shape for name, header in headers.items()}), shapes)
+        summary = _summary(stand_ins({name: header.shape for name, header in headers.items()}), shapes)
     except ValueError:
         summary = None
     raise CheckpointMismatchError(
@@ -126,7 +121,7 @@ def _read(source, model_name, image_size, like):
         return Source(_read_npz(path, entry.url, like), entry.url, None)
     source = os.fspath(source)
     path = download.fetch(source) if "://" in source else Path(source)
-    kind = _suffix(path)
+    kind = download.file_suffix(Path(path).name)
     if kind not in _SUFFIXES and path.is_file():
         return Source(_read_npz(path, source, like), source, None)  # says what the file is when it is not an .npz
     if kind not in _SUFFIXES:
@@ -146,15 +141,10 @@ def _read(source, model_name, image_size, like):
     return Source(_read_weights_h5(path, like, source), source, model_geometry(like)[0])
 
 
-def _shapes_only(shapes):
-    """Zero-stride stand-ins of arrays with these shapes (no memory), for ``infer_config``."""
-    return {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
-
-
 def _summary(arrays, shapes):
     """What the file and the model are, when their architectures differ (for a mismatch message)."""
     try:
-        return architecture_summary(infer_config(arrays), infer_config(_shapes_only(shapes)))
+        return architecture_summary(infer_config(arrays), infer_config(stand_ins(shapes)))
     except (ValueError, KeyError):
         return None
 

@@ -158,6 +158,11 @@ def read_npz(path, progress=False):
         return arrays
 
 
+def stand_ins(shapes):
+    """Zero-stride float32 stand-ins of arrays with these shapes (no memory), for code that reads only shapes."""
+    return {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
+
+
 def decode_array(array):
     """float32 view of a checkpoint array; bfloat16 stored as raw 16-bit patterns (void or uint16) is widened."""
     if array.dtype.itemsize == 2 and array.dtype.kind in "Vu":
