@@ -94,11 +94,11 @@ def _image_format(head):
     return None
 
 
-def _looks_complete(file, image_format, head, size):
-    """Whether the file ends as a complete file of its format does (one small read; True when unknown)."""
+def _looks_complete(image_format, head, tail, size):
+    """Whether a file (first bytes ``head``, last bytes ``tail``, ``size`` bytes) ends as a complete file of its
+    format does; True when the format tells nothing."""
     if image_format in _ENDINGS:
-        file.seek(max(0, size - 64))
-        return file.read().rstrip(b"\0\r\n").endswith(_ENDINGS[image_format])
+        return tail.rstrip(b"\0\r\n").endswith(_ENDINGS[image_format])
     if image_format == "BMP":  # the header's file size (0 when the writer left it out)
         declared = int.from_bytes(head[2:6], "little")
         return declared == 0 or declared <= size
@@ -124,19 +124,24 @@ def undecodable_reason(path):
     (truncated, or with data appended) is decoded to decide.
     """
     try:
-        with open(path, "rb") as file:
-            head = file.read(16)
-            image_format = _image_format(head)
-            complete = image_format is not None and _looks_complete(file, image_format, head, os.fstat(file.fileno()).st_size)
+        descriptor = os.open(path, os.O_RDONLY)
+        try:  # unbuffered: two small reads of a file of any size
+            head = os.read(descriptor, 16)
+            size = os.lseek(descriptor, 0, os.SEEK_END)
+            os.lseek(descriptor, max(0, size - 64), os.SEEK_SET)
+            tail = os.read(descriptor, 64)
+        finally:
+            os.close(descriptor)
     except FileNotFoundError:
         if os.path.islink(path):
             return f"is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
         return "was removed while the folder was read"
     except OSError as error:
         return f"cannot be read ({error.strerror or error})"
+    image_format = _image_format(head)
     if image_format is None:
         return f"is not an image TensorFlow decodes (its first bytes are not those of {_FORMAT_NAMES})"
-    if not complete:
+    if not _looks_complete(image_format, head, tail, size):
         error = _decode_error(path)
         if error is not None:
             return f"is a truncated or corrupt {image_format} file (TensorFlow: {error})"
