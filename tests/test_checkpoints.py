@@ -280,3 +280,30 @@ def test_a_foreign_weights_h5_file_is_a_checkpoint_mismatch(tmp_path):
     with pytest.raises(keras_vit.CheckpointMismatchError, match=r"other.weights.h5 does not match the model: its weights are not those of this model's architecture \(Keras: Layer '.*' expected 2 variables"):
         keras_vit.load_weights(model, tmp_path / "other.weights.h5")
     _assert_untouched(model, before)
+
+
+def test_compressed_big_endian_and_fortran_order_archives_read_as_numpy_reads_them(tmp_path):
+    arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
+    arrays["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] = np.asfortranarray(arrays["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"])
+    arrays["head/kernel"] = arrays["head/kernel"].astype(">f4")
+    for save in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{save.__name__}.npz"
+        save(path, **arrays)
+        with np.load(path) as reference:
+            read = npz.read_npz(path)
+            assert sorted(read) == sorted(reference.files)
+            for name in reference.files:
+                assert read[name].dtype == reference[name].dtype and read[name].flags.f_contiguous == reference[name].flags.f_contiguous
+                np.testing.assert_array_equal(read[name], reference[name], err_msg=name)
+
+
+def test_a_flipped_bit_in_an_array_is_caught_by_its_crc(tmp_path):
+    source = fixture_path("vit_tiny_token", "ckpt")
+    with zipfile.ZipFile(source) as archive:
+        info = archive.getinfo("Transformer/encoderblock_1/MlpBlock_3/Dense_1/kernel.npy")
+    data = bytearray(source.read_bytes())
+    data[info.header_offset + info.compress_size] ^= 0x10  # a byte in the array's data (past the local header)
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"array 'Transformer/encoderblock_1/MlpBlock_3/Dense_1/kernel' is corrupt \(truncated, or its CRC does not match\)"):
+        keras_vit.from_official_checkpoint(damaged)

@@ -29,7 +29,7 @@ from keras_vit.pretrained.names import (
     normalize_names,
     official_variables,
 )
-from keras_vit.pretrained.npz import READ_ANYWAY_BYTES, array_headers, read_npz, stand_ins
+from keras_vit.pretrained.npz import READ_ANYWAY_BYTES, read_npz, stand_ins
 
 Source = collections.namedtuple("Source", "arrays label grid")
 Source.__doc__ = "Arrays keyed by official name, a label for messages, and the token grid when the source knows it."
@@ -38,14 +38,16 @@ _MAX_VALUES_PER_WEIGHT = 16  # checkpoint values per model weight: an Adam check
 
 
 def _read_npz(path, label, like=None):
-    """The arrays of an official ``.npz``, its headers checked first: the file (``npz.array_headers``), its
-    arrays against each other (``checks.check_consistent``) and, with ``like``, its size against that model."""
-    try:
-        headers = array_headers(path)
+    """The arrays of an official ``.npz``, its headers checked before anything is read: the file
+    (``npz.array_headers``), its arrays against each other (``checks.check_consistent``) and, with ``like``,
+    its size against that model."""
+    def check(headers):
         checks.check_consistent({name: header.shape for name, header in headers.items()}, label)
         if like is not None:
             _check_size(headers, like, label)
-        return read_npz(path)
+
+    try:
+        return read_npz(path, check=check)
     except CheckpointMismatchError:
         raise
     except ValueError as error:

@@ -10,8 +10,11 @@ float32 (``decode_array``, ``encode_like``).
 """
 
 import collections
+import io
 import os
+import struct
 import zipfile
+import zlib
 
 import keras
 import numpy as np
@@ -66,16 +69,38 @@ def _check_magic(path):
     raise ValueError(f"{path} is not an .npz checkpoint ({kind}; truncated or corrupt?). Download it again.")
 
 
-def _member_header(path, archive, info):
-    """The ``ArrayHeader`` of one ``.npy`` member, checked against the bytes the archive holds for it."""
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip member's local header: signature, ..., name and extra lengths
+_NPY_HEADER_MAX = 16 << 10  # NumPy writes (and reads by default) .npy headers of at most 10,000 bytes
+_Member = collections.namedtuple("_Member", "info header prefix offset fortran_order")
+# prefix: the .npy magic and header (bytes); offset: where a stored member's data starts in the file (else None)
+
+
+def _member(path, file, archive, info):
+    """The ``_Member`` of one ``.npy`` member, its header checked against the bytes the archive holds for it.
+
+    A stored member's header is read straight from the file (one small read);
+    a compressed one's through ``zipfile``.
+    """
     name = info.filename[: -len(".npy")]
+    offset = None
     try:
-        with archive.open(info) as member:
-            version = np.lib.format.read_magic(member)
+        if info.compress_type == zipfile.ZIP_STORED:
+            file.seek(info.header_offset)
+            signature, name_length, extra_length = _LOCAL_HEADER.unpack(file.read(_LOCAL_HEADER.size))
+            if signature != _ZIP_MAGIC:
+                raise zipfile.BadZipFile(f"no local header for {info.filename}")
+            offset = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+            file.seek(offset)
+            stream = io.BytesIO(file.read(min(info.file_size, _NPY_HEADER_MAX)))
+        else:
+            stream = archive.open(info)
+        with stream:
+            version = np.lib.format.read_magic(stream)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(member)
-            stored = info.file_size - member.tell()
-    except (ValueError, SyntaxError) as error:
+            shape, fortran_order, dtype = read_header(stream)
+            length = stream.tell()
+            prefix = stream.getvalue()[:length] if offset is not None else None
+    except (ValueError, SyntaxError, struct.error) as error:
         raise ValueError(f"{path}: array {name!r} is corrupt ({error}). Download the file again.") from None
     if dtype.hasobject:
         raise ValueError(
@@ -88,12 +113,61 @@ def _member_header(path, archive, info):
             f"of at most {MAX_RANK} dimensions. This is not a checkpoint array: remove it from the file."
         )
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    stored = info.file_size - length
     if nbytes != stored:
         raise ValueError(
             f"{path}: array {name!r} declares shape {shape} {dtype} ({_size(nbytes)}) but the archive holds "
             f"{_size(max(stored, 0))} of it (truncated or corrupt). Download the file again."
         )
-    return name, ArrayHeader(tuple(shape), dtype, nbytes)
+    header = ArrayHeader(tuple(shape), dtype, nbytes)
+    return name, _Member(info, header, prefix, offset and offset + length, fortran_order)
+
+
+def _check_expansion(path, headers):
+    """Refuses arrays that would take far more memory than the file's size (a decompression bomb)."""
+    total = sum(header.nbytes for header in headers.values())
+    file_size = os.path.getsize(path)
+    if total > max(READ_ANYWAY_BYTES, MAX_EXPANSION * file_size):
+        name, largest = max(headers.items(), key=lambda item: item[1].nbytes)
+        raise ValueError(
+            f"{path} is a {_size(file_size)} file whose arrays would take {_size(total)} (e.g. {name!r}: "
+            f"{largest.shape} {largest.dtype}, {_size(largest.nbytes)}); no trained checkpoint compresses "
+            f"{total / file_size:.0f} times, so it was not read (a corrupt or malicious file). "
+            "If you trust it, re-save its arrays uncompressed with np.savez."
+        )
+
+
+def _read_member(path, file, archive, name, member):
+    """The array of one member, read straight into its buffer (stored) or through ``zipfile`` (compressed);
+    CRC-checked either way."""
+    buffer = np.empty(member.header.nbytes, np.uint8)
+    if member.offset is not None:
+        file.seek(member.offset)
+        received = file.readinto(buffer)
+        intact = zlib.crc32(buffer, zlib.crc32(member.prefix)) == member.info.CRC
+    else:
+        with archive.open(member.info) as stream:  # zipfile checks the CRC at the end
+            stream.seek(member.info.file_size - member.header.nbytes)
+            received = stream.readinto(buffer)
+        intact = True
+    if received != len(buffer) or not intact:
+        raise ValueError(f"{path}: array {name!r} is corrupt (truncated, or its CRC does not match). Download the file again.")
+    order = "F" if member.fortran_order else "C"
+    return buffer.view(member.header.dtype).reshape(member.header.shape, order=order)
+
+
+def _open_members(path, file, archive):
+    """``{name: _Member}`` of an open archive: every header read and checked, nothing allocated."""
+    kind = _zip_kind(archive)
+    if kind:
+        raise ValueError(f"{path} is {kind}.")
+    members = dict(_member(path, file, archive, info) for info in archive.infolist())
+    _check_expansion(path, {name: member.header for name, member in members.items()})
+    return members
+
+
+def _unreadable(path, error):
+    return ValueError(f"{path} is not a readable .npz checkpoint (truncated or corrupt: {error}). Download it again.")
 
 
 def array_headers(path):
@@ -109,53 +183,39 @@ def array_headers(path):
     """
     _check_magic(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            kind = _zip_kind(archive)
-            if kind:
-                raise ValueError(f"{path} is {kind}.")
-            headers = dict(_member_header(path, archive, info) for info in archive.infolist())
+        with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+            return {name: member.header for name, member in _open_members(path, file, archive).items()}
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise ValueError(
-            f"{path} is not a readable .npz checkpoint (truncated or corrupt: {error}). Download it again."
-        ) from None
-    total = sum(header.nbytes for header in headers.values())
-    file_size = os.path.getsize(path)
-    if total > max(READ_ANYWAY_BYTES, MAX_EXPANSION * file_size):
-        name, largest = max(headers.items(), key=lambda item: item[1].nbytes)
-        raise ValueError(
-            f"{path} is a {_size(file_size)} file whose arrays would take {_size(total)} (e.g. {name!r}: "
-            f"{largest.shape} {largest.dtype}, {_size(largest.nbytes)}); no trained checkpoint compresses "
-            f"{total / file_size:.0f} times, so it was not read (a corrupt or malicious file). "
-            "If you trust it, re-save its arrays uncompressed with np.savez."
-        )
-    return headers
+        raise _unreadable(path, error) from None
 
 
-def read_npz(path, progress=False):
+def read_npz(path, progress=False, check=None):
     """Reads an ``.npz`` archive into ``{name: array}`` without unpickling anything.
 
-    The headers are checked first (``array_headers``), so nothing large is
-    allocated for a file that cannot be a checkpoint. ``progress=True``
-    shows a progress bar over the arrays. A missing file is a
-    ``FileNotFoundError``; a file that cannot be a checkpoint is a
-    ``ValueError`` that names the file (and the array) and says what to do.
+    Every header is checked first (``array_headers``), and then
+    ``check({name: ArrayHeader})`` when given (it raises to refuse), so
+    nothing large is allocated for a file that cannot be a checkpoint.
+    Arrays are read straight into their buffers and CRC-checked (NumPy's
+    ``np.load`` copies each array once more). ``progress=True`` shows a
+    progress bar over the arrays. A missing file is a ``FileNotFoundError``;
+    a file that cannot be a checkpoint is a ``ValueError`` that names the
+    file (and the array) and says what to do.
     """
-    headers = array_headers(path)
-    with np.load(path, allow_pickle=False) as archive:
-        bar = keras.utils.Progbar(len(headers), unit_name="array") if progress else None
-        arrays = {}
-        for name in archive.files:
-            try:
-                arrays[name] = archive[name]
-            except ValueError as error:
-                raise ValueError(f"{path}: array {name!r} is corrupt ({error}). Download the file again.") from None
-            except (zipfile.BadZipFile, EOFError, OSError, KeyError) as error:
-                raise ValueError(
-                    f"{path}: array {name!r} is unreadable (truncated or corrupt: {error}). Download the file again."
-                ) from None
-            if bar:
-                bar.add(1)
-        return arrays
+    _check_magic(path)
+    try:
+        with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+            members = _open_members(path, file, archive)
+            if check is not None:
+                check({name: member.header for name, member in members.items()})
+            bar = keras.utils.Progbar(len(members), unit_name="array") if progress else None
+            arrays = {}
+            for name, member in members.items():
+                arrays[name] = _read_member(path, file, archive, name, member)
+                if bar:
+                    bar.add(1)
+            return arrays
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise _unreadable(path, error) from None
 
 
 def stand_ins(shapes):
