@@ -151,10 +151,9 @@ def _match_channels(pixels, channels):
         pixels = tf.identity(pixels)
     if channels not in (1, 3):
         return tf.ensure_shape(pixels, [None, None, None, channels])
-    rgb = tf.cond(given == 1, lambda: tf.tile(pixels[..., :1], [1, 1, 1, 3]), lambda: pixels[..., :3])
     if channels == 3:
-        return rgb
-    return tf.cond(given == 1, lambda: pixels[..., :1], lambda: tf.image.rgb_to_grayscale(rgb))
+        return tf.cond(given == 1, lambda: tf.tile(pixels[..., :1], [1, 1, 1, 3]), lambda: pixels[..., :3])
+    return tf.cond(given == 1, lambda: pixels[..., :1], lambda: tf.image.rgb_to_grayscale(pixels[..., :3]))
 
 
 class ServingModule(tf.Module):

@@ -120,7 +120,7 @@ def _member(path, file, archive, info):
             f"{_size(max(stored, 0))} of it (truncated or corrupt). Download the file again."
         )
     header = ArrayHeader(tuple(shape), dtype, nbytes)
-    return name, _Member(info, header, prefix, offset and offset + length, fortran_order)
+    return name, _Member(info, header, prefix, None if offset is None else offset + length, fortran_order)
 
 
 def _check_expansion(path, headers):
