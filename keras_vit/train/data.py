@@ -18,6 +18,7 @@ skip the batches already seen and get exactly the same stream.
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,9 @@ def _decode_error(path):
     try:
         tf.io.decode_image(tf.io.read_file(str(path)), expand_animations=False)
     except tf.errors.OpError as error:
-        return error.message.strip().splitlines()[-1]
+        message = error.message.strip().splitlines()[-1]
+        message = re.sub(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$", "", message)  # TensorFlow's wrapping
+        return message or type(error).__name__
     return None
 
 
