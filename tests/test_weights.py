@@ -287,11 +287,11 @@ def test_a_web_page_served_with_200_is_not_cached_as_a_checkpoint(cache, server,
     assert list(cache.iterdir()) == []
 
 
-@pytest.mark.parametrize("setting", ["a_file", "a_file/below"])
-def test_a_cache_variable_that_cannot_hold_files_is_named(tmp_path, monkeypatch, setting):
+@pytest.mark.parametrize("setting, reason", [("a_file", "it is a file, not a folder"), ("a_file/below", "a folder above it is a file")])
+def test_a_cache_variable_that_cannot_hold_files_is_named(tmp_path, monkeypatch, setting, reason):
     (tmp_path / "a_file").write_text("not a folder")
     monkeypatch.setenv("KERAS_VIT_CACHE", str(tmp_path / setting))
-    with pytest.raises(OSError, match=rf"The download cache folder {tmp_path / setting} \(set by KERAS_VIT_CACHE={tmp_path / setting}\) cannot be used: .*Set KERAS_VIT_CACHE to a folder you can write to"):
+    with pytest.raises(OSError, match=rf"The download cache folder {tmp_path / setting} \(set by KERAS_VIT_CACHE={tmp_path / setting}\) cannot be used: {reason}\. Set KERAS_VIT_CACHE to a folder you can write to"):
         keras_vit.from_official_checkpoint("http://127.0.0.1:9/vit/x.npz")
 
 

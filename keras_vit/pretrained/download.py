@@ -57,7 +57,12 @@ def _usable_cache_dir():
     except OSError as error:
         variable = next((v for v in ("KERAS_VIT_CACHE", "KERAS_HOME") if v in os.environ), None)
         setting = f"set by {variable}={os.environ[variable]}" if variable else "the default"
-        reason = error.strerror or str(error)
+        if folder.is_file():
+            reason = "it is a file, not a folder"
+        elif isinstance(error, (NotADirectoryError, FileExistsError)):
+            reason = "a folder above it is a file"
+        else:
+            reason = error.strerror or str(error)
         raise type(error)(
             f"The download cache folder {folder} ({setting}) cannot be used: {reason}. Set KERAS_VIT_CACHE to a "
             "folder you can write to (it is created if missing), or unset it to use ~/.keras/keras_vit."
