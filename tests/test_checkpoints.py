@@ -307,3 +307,10 @@ def test_a_flipped_bit_in_an_array_is_caught_by_its_crc(tmp_path):
     damaged.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"array 'Transformer/encoderblock_1/MlpBlock_3/Dense_1/kernel' is corrupt \(truncated, or its CRC does not match\)"):
         keras_vit.from_official_checkpoint(damaged)
+
+
+def test_an_array_no_vit_has_is_refused_from_its_header(save_npz):
+    arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
+    arrays["cls"] = np.zeros((1, 1, 1, 1, 48), "float32")
+    with pytest.raises(ValueError, match=r"array 'cls' is shaped \(1, 1, 1, 1, 48\) with dtype float32; a ViT checkpoint holds plain numeric arrays of at most 4 dimensions"):
+        keras_vit.from_official_checkpoint(save_npz(arrays))
