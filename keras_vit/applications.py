@@ -67,6 +67,7 @@ def create_model(
     name=None,
     image_size=None,
     dtype=None,
+    allow_nonfinite=False,
     **overrides,
 ):
     """Builds a named model, e.g. ``create_model("ViT-B_16")`` or ``create_model("S/32-gap", classes=10)``.
@@ -75,6 +76,7 @@ def create_model(
     short form (``keras_vit.list_models``). Other keyword arguments override the configuration
     (``dropout_rate``, ``stochastic_depth_rate``, ``representation_size``, ``gelu``, ``num_register_tokens``,
     ``classifier``, ``class_names``, ...); an unknown one is a ``TypeError`` naming the closest valid one.
+    ``allow_nonfinite=True`` loads weights that hold NaN or infinite values (refused by default).
     """
     unknown = set(overrides) - (set(BUILDER_ARGUMENTS) - set(_SET_BY_CREATE_MODEL))
     if unknown:
@@ -100,7 +102,8 @@ def create_model(
         return vision_transformer(input_tensor=input_tensor, **config)
     source = None
     if not str(weights).endswith(".weights.h5"):
-        source = loading.read(weights, variant, to_pair(native or image_size, "image size"))
+        source = loading.read(weights, variant, to_pair(native or image_size, "image size"),
+                              allow_nonfinite=allow_nonfinite)
         if not chosen_representation:
             # The pre-logits layer stays with the head it feeds; a new head (fine-tuning) drops it, as the official code.
             found = infer_config(source.arrays)
@@ -109,7 +112,7 @@ def create_model(
     model = vision_transformer(input_tensor=input_tensor, **config)
     vit = model if isinstance(model, VisionTransformer) else model.get_layer(config["name"])
     if source is None:
-        source = loading.read(weights, variant, like=vit)
+        source = loading.read(weights, variant, like=vit, allow_nonfinite=allow_nonfinite)
     loading.assign(vit, source)
     return model
 
@@ -118,7 +121,7 @@ load_weights = loading.load_weights
 
 
 def from_official_checkpoint(path, image_size=None, classes=None, include_top=True, dtype=None, input_shape=None,
-                             **overrides):
+                             allow_nonfinite=False, **overrides):
     """Builds the model a checkpoint describes and loads it; no other argument is needed.
 
     ``path``: an official ``.npz``, a keras_vit ``.keras`` file or an URL. The architecture (hidden size,
@@ -126,13 +129,14 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     classes, image size from the position-embedding grid) is inferred from the arrays. ``image_size``,
     ``classes``, ``patch_size`` and ``channels`` may differ from the checkpoint's (adapted, see
     ``keras_vit.pretrained.adapt``). ``input_shape=(None, None, C)`` makes a model of any image size whose
-    position embeddings keep the checkpoint's grid (or ``image_size``'s). Other keyword arguments are
+    position embeddings keep the checkpoint's grid (or ``image_size``'s). ``allow_nonfinite=True`` loads
+    arrays that hold NaN or infinite values (refused by default). Other keyword arguments are
     ``VisionTransformer`` arguments.
     """
     unknown = set(overrides) - set(BUILDER_ARGUMENTS)
     if unknown:
         raise unknown_arguments_error(unknown, BUILDER_ARGUMENTS, "from_official_checkpoint")
-    source = loading.read(path)
+    source = loading.read(path, allow_nonfinite=allow_nonfinite)
     config = infer_config(source.arrays)
     if config["image_size"] is None and source.grid is not None:
         stride = token_stride(config["patch_size"], config.get("resnet_layers"))

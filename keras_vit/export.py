@@ -14,7 +14,16 @@ compared with that copy. What the converters print goes to a log file, not to
 the terminal; a failed conversion raises ``ExportError`` with one line that
 names the log file.
 
-Shapes: B = batch, (H, W, C) = the model's input size, K = classes.
+What each format takes (B = batch, (H, W, C) = the model's input size, K = classes):
+
+* SavedModel: encoded image bytes (``serving_default``) or uint8 pixels
+  (``serve_pixels``) of any size, resized and mapped to [-1, 1] inside
+  (``ServingModule``); returns logits, top-k and a per-image ``ok``;
+* TFLite: one image, float32 [1, H, W, C] in [-1, 1] (``(pixels - 127.5) /
+  127.5``, ``keras_vit.preprocess_input``), already resized to H x W: nothing
+  is resized or normalised inside; returns float32 [1, K] logits. Run it with
+  LiteRT (``tflite_interpreter``);
+* ONNX: float32 [B, H, W, C] in [-1, 1], already resized; returns [B, K] logits.
 """
 
 import contextlib
@@ -32,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vit.models import dequantized_copy
+from keras_vit.preprocessing import decode_image
 
 FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = (None, "float16", "int8")
@@ -136,8 +146,43 @@ def _to_model_input(pixels, height, width):
     return (resized - 127.5) / 127.5
 
 
+def _match_channels(pixels, channels):
+    """uint8 (B, h, w, c) -> (B, h, w, ``channels``): as given when c equals ``channels``; for a grey or RGB model,
+    grey and RGB(A) pixels are converted (grey replicated, alpha dropped, ITU-R 601 luma), as decoding does.
+    Other counts: an ``InvalidArgumentError`` that says what the signature takes."""
+    given = tf.shape(pixels)[-1]
+    accepted = [channels] if channels not in (1, 3) else [1, 3, 4]
+    names = f"{channels}" if channels not in (1, 3) else "1 (grey), 3 (RGB) or 4 (RGBA, alpha dropped)"
+    check = tf.debugging.assert_equal(
+        tf.reduce_any(tf.equal(given, accepted)), True,
+        message=f"serve_pixels takes uint8 pixels (batch, height, width, channels) with {names} channels for this "
+        f"{channels}-channel model; convert the images or send encoded bytes to serving_default",
+    )
+    with tf.control_dependencies([check]):
+        pixels = tf.identity(pixels)
+    if channels not in (1, 3):
+        return tf.ensure_shape(pixels, [None, None, None, channels])
+    if channels == 3:
+        return tf.cond(given == 1, lambda: tf.tile(pixels[..., :1], [1, 1, 1, 3]), lambda: pixels[..., :3])
+    return tf.cond(given == 1, lambda: pixels[..., :1], lambda: tf.image.rgb_to_grayscale(pixels[..., :3]))
+
+
 class ServingModule(tf.Module):
-    """The model plus its pre-processing, for TF Serving: encoded image bytes or uint8 pixels in, logits and top-k out."""
+    """The model plus its pre-processing, for TF Serving: images in, logits and top-k out, per-image status.
+
+    Signatures (B images, K = ``top_k``, N = classes):
+
+    * ``serve_bytes(image_bytes)``: string (B,), encoded images (JPEG, PNG,
+      GIF, BMP, WebP, JPEG XL) of any size;
+    * ``serve_pixels(pixels)``: uint8 (B, h, w, c), any h and w; c = 1 (grey),
+      3 (RGB) or 4 (RGBA) for a grey or RGB model, converted to its channels.
+
+    Both resize to the model's (H, W), map to [-1, 1] and return ``logits``
+    float32 (B, N), ``top_k_classes`` int32 (B, K), ``top_k_scores`` float32
+    (B, K) and ``ok`` bool (B,). An image that does not decode has ``ok``
+    False, NaN logits and scores and classes -1; the rest of the batch is
+    served.
+    """
 
     def __init__(self, model, top_k=5):
         super().__init__()
@@ -147,27 +192,47 @@ class ServingModule(tf.Module):
         self.size = (height, width)
         self.channels = channels
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="pixels")])
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8, name="pixels")])
         def serve_pixels(pixels):
-            return self._outputs(_to_model_input(pixels, *self.size))
+            images = _to_model_input(_match_channels(pixels, channels), *self.size)
+            return self._outputs(images, tf.ones(tf.shape(pixels)[:1], tf.bool))
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def serve_bytes(image_bytes):
-            def decode(data):
-                image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-                image.set_shape([None, None, channels])
-                return tf.image.resize(tf.cast(image, tf.float32), self.size)
+            count = tf.shape(image_bytes)[0]
 
-            pixels = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([*self.size, channels], tf.float32))
-            return self._outputs((pixels - 127.5) / 127.5)
+            def decode(index, data):
+                image = decode_image(data, channels)
+                image.set_shape([None, None, channels])
+                return index, tf.image.resize(tf.cast(image, tf.float32), self.size)
+
+            blank = tf.data.Dataset.from_tensors((count, tf.zeros([*self.size, channels])))  # never fails: a batch
+            decoded = (
+                tf.data.Dataset.from_tensor_slices((tf.range(count), image_bytes))
+                .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .ignore_errors()  # an image that does not decode is left out; its row stays blank, ok False
+                .concatenate(blank)
+                .batch(tf.cast(count + 1, tf.int64))
+            )
+            indices, pixels = decoded.get_single_element()
+            rows = indices[:, None]
+            images = tf.scatter_nd(rows, pixels, [count + 1, *self.size, channels])[:count]
+            ok = tf.scatter_nd(rows, tf.ones_like(indices, tf.bool), [count + 1])[:count]
+            return self._outputs((images - 127.5) / 127.5, ok)
 
         self.serve_pixels = serve_pixels
         self.serve_bytes = serve_bytes
 
-    def _outputs(self, images):
+    def _outputs(self, images, ok):
         logits = tf.cast(self.model(images, training=False), tf.float32)
         top = tf.math.top_k(logits, k=min(self.top_k, logits.shape[-1]))
-        return {"logits": logits, "top_k_classes": top.indices, "top_k_scores": top.values}
+        served = ok[:, None]
+        return {
+            "logits": tf.where(served, logits, np.nan),
+            "top_k_classes": tf.where(served, top.indices, -1),
+            "top_k_scores": tf.where(served, top.values, np.nan),
+            "ok": ok,
+        }
 
 
 def _saved_model(model, target, images, top_k):
@@ -180,6 +245,22 @@ def _saved_model(model, target, images, top_k):
     exported = reloaded.signatures["serve_pixels"](pixels=tf.constant(pixels))["logits"].numpy()
     reference = _keras_logits(model, np.asarray(_to_model_input(pixels, *module.size)))
     return exported, reference
+
+
+def tflite_interpreter(path):
+    """An interpreter of the ``.tflite`` file ``path``: LiteRT's (``ai_edge_litert``, ``pip install ai-edge-litert``)
+    when installed, else TensorFlow's deprecated ``tf.lite.Interpreter``. Call ``allocate_tensors()`` first.
+
+    The files ``export`` writes take one image: float32 [1, H, W, C] in
+    [-1, 1] (``(pixels - 127.5) / 127.5``, ``keras_vit.preprocess_input``),
+    already resized to the model's H x W (nothing is resized inside); they
+    return float32 [1, classes] logits.
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter
+    return Interpreter(model_path=str(path))
 
 
 def _tflite(model, target, images, quantization):
@@ -199,7 +280,7 @@ def _tflite(model, target, images, quantization):
             converter.target_spec.supported_types = [tf.float16]
     Path(target).write_bytes(converter.convert())
     shutil.rmtree(saved)
-    interpreter = tf.lite.Interpreter(model_path=str(target))
+    interpreter = tflite_interpreter(target)
     interpreter.allocate_tensors()
     input_index = interpreter.get_input_details()[0]["index"]
     output_index = interpreter.get_output_details()[0]["index"]
@@ -232,6 +313,16 @@ def _onnx(model, target, images):
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     exported = session.run(None, {session.get_inputs()[0].name: images.astype(np.float32)})[0]
     return exported, _keras_logits(model, images)
+
+
+def _input_description(format, height, width, channels):
+    """What an exported artefact takes, in one line (``export``'s ``"input"``)."""
+    if format == "saved_model":
+        return ("serving_default: encoded images, string [B]; serve_pixels: uint8 [B, h, w, 1|3|4]; any size, "
+                "resized and mapped to [-1, 1] inside")
+    batch = "1" if format == "tflite" else "B"
+    return (f"float32 [{batch}, {height}, {width}, {channels}] in [-1, 1] ((pixels - 127.5) / 127.5), already "
+            f"resized to {height}x{width}: nothing is resized or normalised inside")
 
 
 def _size(path):
@@ -279,7 +370,10 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
     Args:
         format: ``"saved_model"`` (signatures ``serving_default``: encoded image
             bytes; ``serve_pixels``: uint8 pixels; both resize and map to [-1, 1]
-            inside and return logits and top-k), ``"tflite"`` or ``"onnx"``.
+            inside and return logits, top-k and a per-image ``ok``: see
+            ``ServingModule``), ``"tflite"`` (input float32 [1, H, W, C] in
+            [-1, 1], already resized: no pre-processing inside) or ``"onnx"``
+            (float32 [B, H, W, C] in [-1, 1], already resized).
         quantization: TFLite only: None (float32), ``"float16"`` or ``"int8"``
             (dynamic range). A model quantized with Keras (``model.quantize``)
             is exported as it is to SavedModel; TFLite cannot run Keras'
@@ -288,7 +382,8 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
         images: (B, H, W, C) float32 in [-1, 1] to compare on; 8 random images by default.
         inputs: paths the export must never replace (e.g. the file ``model`` was loaded from).
     Returns:
-        ``{"path", "format", "quantization", "bytes", "max_abs_diff", "top1_agreement"}``.
+        ``{"path", "format", "quantization", "bytes", "max_abs_diff", "top1_agreement", "input"}``; ``"input"``
+        says what the artefact takes.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
@@ -320,6 +415,7 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
             "bytes": _size(target),
             "max_abs_diff": float(np.abs(exported - reference).max()),
             "top1_agreement": float(np.mean(exported.argmax(-1) == reference.argmax(-1))),
+            "input": _input_description(format, height, width, channels),
         }
         if quantization is None and result["max_abs_diff"] > FLOAT_TOLERANCE:
             raise ValueError(

@@ -146,17 +146,113 @@ def test_folder_channels_one_decodes_grayscale(tmp_path):
         data.from_folder(tmp_path / "train", channels=4)
 
 
+def _warnings_of(caplog, call):
+    """``call()``'s result, the keras_vit warnings it logged gathered in ``caplog``."""
+    with caplog.at_level(logging.WARNING, logger="keras_vit"):
+        logging.getLogger("keras_vit").addHandler(caplog.handler)
+        try:
+            return call()
+        finally:
+            logging.getLogger("keras_vit").removeHandler(caplog.handler)
+
+
 def test_a_file_that_is_not_an_image_is_named_or_skipped_with_a_count(tmp_path, caplog):
     _image_folder(tmp_path, {"train": {"a": 2, "b": 1}})
     (tmp_path / "train" / "b" / "saved_page.jpg").write_text("<html>not an image</html>")
     (tmp_path / "train" / "a" / "empty.png").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"train/a/empty.png and 1 more is not a JPEG or PNG image.*skip_undecodable=True"):
+    with pytest.raises(ValueError, match=r"train/a/empty.png is not an image TensorFlow decodes \(its first bytes are not those of JPEG, PNG, GIF, BMP, WebP, JPEG XL\); 1 more file\(s\) cannot be decoded either.*skip_undecodable=True"):
         data.from_folder(tmp_path / "train")
-    with caplog.at_level(logging.WARNING, logger="keras_vit"):
-        logging.getLogger("keras_vit").addHandler(caplog.handler)
-        try:
-            source = data.from_folder(tmp_path / "train", skip_undecodable=True)
-        finally:
-            logging.getLogger("keras_vit").removeHandler(caplog.handler)
+    source = _warnings_of(caplog, lambda: data.from_folder(tmp_path / "train", skip_undecodable=True))
     assert source.num_examples == 3 and len(_take(source.dataset, 10)) == 3  # every kept file decodes
     assert "Skipped 2 file(s)" in caplog.text
+
+
+def _encoded(pixels, format, **options):
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+def test_a_truncated_jpeg_or_png_is_named_or_skipped(tmp_path, caplog):
+    """Their first bytes are right: they used to pass the listing and kill training at the first step, naming no file."""
+    _image_folder(tmp_path, {"train": {"a": 2, "b": 2}})
+    pixels = np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype="uint8")
+    for name, format in (("a/cut.jpg", "JPEG"), ("b/cut.png", "PNG")):
+        encoded = _encoded(pixels, format)
+        (tmp_path / "train" / name).write_bytes(encoded[: len(encoded) * 2 // 3])
+    with pytest.raises(ValueError, match=r"train/a/cut.jpg is a truncated or corrupt JPEG file \(TensorFlow: .*\); 1 more file\(s\) cannot be decoded either. Remove or replace such files, or pass skip_undecodable=True"):
+        data.from_folder(tmp_path / "train")
+    source = _warnings_of(caplog, lambda: data.from_folder(tmp_path / "train", skip_undecodable=True))
+    assert "Skipped 2 file(s)" in caplog.text and "cut.jpg is a truncated or corrupt JPEG file" in caplog.text
+    batches = list(data.pipeline(source, 8, 2, False).as_numpy_iterator())  # one pass: every kept file decodes
+    assert source.num_examples == 4 and sum(len(labels) for _, labels in batches) == 4
+
+
+def test_a_jpeg_with_data_after_its_end_is_kept(tmp_path):
+    """Motion photos append a video after the JPEG's end: the file does not end as a JPEG does, yet decodes."""
+    pixels = np.random.default_rng(2).integers(0, 255, (16, 16, 3), dtype="uint8")
+    (tmp_path / "a").mkdir()
+    encoded = _encoded(pixels, "JPEG", quality=95)
+    (tmp_path / "a" / "motion.jpg").write_bytes(encoded + b"ftypmp42" + bytes(300))
+    source = data.from_folder(tmp_path)
+    (image, _), = _take(source.dataset, 1)
+    np.testing.assert_array_equal(image, tf.io.decode_jpeg(encoded).numpy())
+
+
+def test_a_file_corrupt_inside_is_dropped_by_the_pipeline_with_skip_undecodable(tmp_path):
+    _image_folder(tmp_path, {"train": {"a": 3}})
+    (tmp_path / "train" / "a" / "inside.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200) + b"\xff\xd9")  # whole, not a JPEG
+    assert data.undecodable_reason(tmp_path / "train" / "a" / "inside.jpg") is None  # the listing cannot tell
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _take(data.from_folder(tmp_path / "train").dataset, 4)
+    source = data.from_folder(tmp_path / "train", skip_undecodable=True)
+    assert len(_take(source.dataset, 4)) == 3
+
+
+def test_hidden_entries_and_macos_zip_metadata_are_not_data(tmp_path, caplog):
+    _image_folder(tmp_path, {"train": {"cat": 2, "dog": 1}})
+    for folder in ("__MACOSX/cat", ".thumbnails", "cat/.cache"):
+        (tmp_path / "train" / folder).mkdir(parents=True)
+        (tmp_path / "train" / folder / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "train" / "cat" / "._1.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    source = _warnings_of(caplog, lambda: data.from_folder(tmp_path / "train"))
+    assert source.class_names == ["cat", "dog"] and source.num_examples == 3 and caplog.text == ""
+
+
+def test_every_format_tensorflow_decodes_is_read_and_the_rest_named(tmp_path, caplog):
+    rng = np.random.default_rng(3)
+    pixels = {name: rng.integers(0, 255, (12, 10, 3), dtype="uint8") for name in ("png", "bmp", "gif", "webp", "jpg")}
+    expected = {}
+    for name, format, options in (("png", "PNG", {}), ("bmp", "BMP", {}), ("gif", "GIF", {}), ("webp", "WEBP", {"lossless": True}), ("jpg", "JPEG", {})):
+        encoded = _encoded(pixels[name], format, **options)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"0.{name}").write_bytes(encoded)
+        import io
+
+        expected[name] = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))  # PIL's decode: the reference
+    (tmp_path / "png" / "scan.tiff").write_bytes(_encoded(pixels["png"], "TIFF"))
+    (tmp_path / "png" / "notes.txt").write_text("labels")
+    source = _warnings_of(caplog, lambda: data.from_folder(tmp_path, seed=0))
+    assert source.class_names == ["bmp", "gif", "jpg", "png", "webp"] and source.num_examples == 5
+    assert "Left out 2 file(s)" in caplog.text and "(extensions .tiff, .txt)" in caplog.text
+    for channels in (3, 1):
+        decoded = {source.class_names[label]: image for image, label in _take(data.from_folder(tmp_path, channels=channels).dataset, 5)}
+        for name, image in decoded.items():
+            reference = expected[name].astype(float)
+            if channels == 1:
+                reference = reference @ [0.299, 0.587, 0.114]  # ITU-R 601 luma
+            tolerance = 4.01 if name == "jpg" else (1.01 if channels == 1 else 0)  # chroma upsampling differs; luma rounding
+            assert image.shape == (12, 10, channels), name
+            np.testing.assert_allclose(image.reshape(reference.shape), reference, atol=tolerance, err_msg=name)
+
+
+def test_a_broken_symbolic_link_is_named_or_skipped(tmp_path, caplog):
+    _image_folder(tmp_path, {"train": {"a": 2}})
+    (tmp_path / "train" / "a" / "moved.png").symlink_to(tmp_path / "elsewhere" / "moved.png")
+    with pytest.raises(ValueError, match=r"train/a/moved.png is a broken symbolic link \(to .*elsewhere/moved.png, which does not exist\)\. .*skip_undecodable=True"):
+        data.from_folder(tmp_path / "train")
+    source = _warnings_of(caplog, lambda: data.from_folder(tmp_path / "train", skip_undecodable=True))
+    assert source.num_examples == 2 and "moved.png is a broken symbolic link" in caplog.text

@@ -56,6 +56,76 @@ def test_tflite(tmp_path, fixture_model, quantization):
         assert 0 < result["max_abs_diff"] < 0.1 and result["bytes"] < 0.7 * 207_000
 
 
+def _png(pixels):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_one_bad_image_does_not_fail_the_served_batch(tmp_path, fixture_model):
+    import tensorflow as tf
+
+    model, _ = fixture_model
+    export.export(model, tmp_path / "served", top_k=3)
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    pixels = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    good = [_png(image) for image in pixels]
+    batch = [good[0], b"<html>not an image</html>", good[1][: len(good[1]) // 2], good[1]]
+    outputs = {k: v.numpy() for k, v in served.signatures["serving_default"](image_bytes=tf.constant(batch)).items()}
+    expected = model.predict(keras.ops.convert_to_numpy(keras_vit.preprocess_input(pixels)), verbose=0)
+    np.testing.assert_array_equal(outputs["ok"], [True, False, False, True])
+    np.testing.assert_allclose(outputs["logits"][[0, 3]], expected, atol=1e-4)
+    assert np.isnan(outputs["logits"][[1, 2]]).all() and np.isnan(outputs["top_k_scores"][[1, 2]]).all()
+    np.testing.assert_array_equal(outputs["top_k_classes"][[1, 2]], -1)
+    np.testing.assert_array_equal(outputs["top_k_classes"][[0, 3]], np.argsort(-expected, axis=1)[:, :3])
+    nothing = served.signatures["serving_default"](image_bytes=tf.constant([b"junk"]))
+    assert not nothing["ok"].numpy().any() and nothing["logits"].shape == (1, 10)
+
+
+def test_serve_pixels_converts_grey_and_rgb_to_the_models_channels(tmp_path):
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    rgb_model = keras_vit.vision_transformer(16, 4, 16, 1, 2, 32, classes=3)
+    grey_model = keras_vit.vision_transformer(16, 4, 16, 1, 2, 32, classes=3, channels=1)
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (2, 20, 20, 1), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (2, 20, 20, 3), dtype=np.uint8)
+    luma = rgb.astype(np.float32) @ np.array([[0.2989], [0.587], [0.114]], np.float32)  # tf.image.rgb_to_grayscale
+    for model, name, cases in (
+        (rgb_model, "rgb", [(grey, np.repeat(grey, 3, -1)), (rgb, rgb), (np.concatenate([rgb, grey], -1), rgb)]),
+        (grey_model, "grey", [(grey, grey), (rgb, luma)]),
+    ):
+        export.export(model, tmp_path / name)
+        served = tf.saved_model.load(str(tmp_path / name))
+        for given, meant in cases:
+            outputs = served.signatures["serve_pixels"](pixels=tf.constant(given))
+            expected = model.predict(keras.ops.convert_to_numpy(keras_vit.preprocess_input(tf.image.resize(meant.astype(np.float32), (16, 16)))), verbose=0)
+            np.testing.assert_allclose(outputs["logits"].numpy(), expected, atol=1e-4, err_msg=f"{name} model, {given.shape[-1]} channels")
+            assert outputs["ok"].numpy().all()
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"serve_pixels takes uint8 pixels \(batch, height, width, channels\) with 1 \(grey\), 3 \(RGB\) or 4 \(RGBA, alpha dropped\) channels"):
+            served.signatures["serve_pixels"](pixels=tf.zeros((1, 8, 8, 2), tf.uint8))
+
+
+def test_tflite_runs_on_litert_and_says_what_it_takes(tmp_path, fixture_model, recwarn):
+    ai_edge_litert = pytest.importorskip("ai_edge_litert.interpreter", reason="LiteRT: pip install ai-edge-litert")
+    model, ref = fixture_model
+    result = export.export(model, tmp_path / "vit.tflite", "tflite", images=ref["images"][:2])
+    assert not [w for w in recwarn if "tf.lite.Interpreter is deprecated" in str(w.message)]
+    assert result["input"].startswith("float32 [1, 32, 32, 3] in [-1, 1] ((pixels - 127.5) / 127.5), already resized to 32x32")
+    interpreter = export.tflite_interpreter(tmp_path / "vit.tflite")
+    assert isinstance(interpreter, ai_edge_litert.Interpreter)
+    interpreter.allocate_tensors()
+    (details,) = interpreter.get_input_details()
+    assert list(details["shape"]) == [1, 32, 32, 3] and details["dtype"] == np.float32
+    interpreter.set_tensor(details["index"], ref["images"][:1].astype(np.float32))
+    interpreter.invoke()
+    logits = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(logits, ref["logits"][:1], atol=1e-4)
+    help_text = subprocess.run([sys.executable, "tools/export.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "tflite       float32 [1, H, W, C] in [-1, 1]" in help_text and "nothing is resized" in help_text
+
+
 @pytest.mark.parametrize("form", ["tanh", "erf"])
 def test_onnx_for_both_gelu_forms(tmp_path, form):
     keras.utils.set_random_seed(0)
@@ -142,7 +212,7 @@ def test_mixed_precision_model_exports_as_float32(tmp_path, policy):
     assert result["max_abs_diff"] <= 1e-4
     import tensorflow as tf
 
-    interpreter = tf.lite.Interpreter(model_path=str(tmp_path / "vit.tflite"))
+    interpreter = export.tflite_interpreter(tmp_path / "vit.tflite")
     interpreter.allocate_tensors()
     outputs = []
     for image in images:

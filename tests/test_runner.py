@@ -183,6 +183,20 @@ def test_keras_file_gives_the_architecture_and_splits_share_labels(finished_fold
     assert model.count_params() == keras_vit.vision_transformer(8, 2, 16, 1, 2, 32, classes=3, channels=1).count_params()
 
 
+def test_the_report_names_the_classes_of_the_outputs(finished_folder_run):
+    import keras
+
+    import keras_vit
+
+    config, report, _ = finished_folder_run
+    stored = json.loads((Path(config["output_dir"]) / "report.json").read_text())
+    assert report["class_names"] == stored["class_names"] == ["ant", "bee", "cat"]  # the train split's folders
+    model = keras.models.load_model(f"{config['output_dir']}/model.keras")
+    scores = model.predict(np.zeros((1, 8, 8, 1), "float32"), verbose=0)
+    (best, name, _), = keras_vit.decode_predictions(scores, top=1, class_names=stored["class_names"])[0]
+    assert name == stored["class_names"][int(scores[0].argmax())] and best == int(scores[0].argmax())
+
+
 def test_rerunning_a_finished_run_keeps_its_outputs(finished_folder_run, caplog):
     config, report, _ = finished_folder_run
     output = Path(config["output_dir"])

@@ -1,6 +1,7 @@
 """Pretrained weights: posemb interpolation, adaptation rules, registry download, CLI tools."""
 
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -153,17 +154,18 @@ def _sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_family_download_through_the_registry(cache, monkeypatch, posemb48):
-    source = fixture_path("vit_tiny_token", "ckpt")
+def test_family_download_through_the_registry(cache, monkeypatch, posemb48, tmp_path):
+    (tmp_path / "official_vit").mkdir()
+    source = tmp_path / "official_vit" / "vit_tiny_token.ckpt.npz"
+    source.write_bytes(fixture_path("vit_tiny_token", "ckpt").read_bytes())
     entry = registry.PretrainedWeights(source.as_uri(), 32, 10, sha256=_sha256(source))
     monkeypatch.setitem(registry.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [entry])
     model = keras_vit.ViT_Ti16(weights="augreg_in21k", image_size=48, classes=10, **_tiny_overrides())
     _check_48(model, posemb48)
     cached = list(cache.iterdir())
-    assert [p.name for p in cached] == ["official_vit--vit_tiny_token.ckpt.npz"] and _sha256(cached[0]) == entry.sha256
-    # Served from the cache the second time: the source may be gone.
-    monkeypatch.setitem(registry.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [registry.PretrainedWeights(
-        "file:///nonexistent/official_vit/vit_tiny_token.ckpt.npz", 32, 10, sha256=entry.sha256)])
+    assert [p.name for p in cached] == [download.cached_name(entry.url)] and _sha256(cached[0]) == entry.sha256
+    assert cached[0].name.startswith("official_vit--vit_tiny_token.ckpt--") and cached[0].suffix == ".npz"
+    source.unlink()  # served from the cache the second time: the source may be gone
     keras_vit.ViT_Ti16(weights="augreg_in21k", image_size=48, classes=10, **_tiny_overrides())
 
 
@@ -185,7 +187,7 @@ def test_unreachable_url_fails_fast_with_instructions(cache):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     start = time.monotonic()
-    with pytest.raises(ConnectionError, match=rf"127.0.0.1:{port}/vit/x.npz.*place it at .*cache.*vit--x.npz"):
+    with pytest.raises(ConnectionError, match=rf"127.0.0.1:{port}/vit/x.npz.*place it at .*cache.*vit--x--[0-9a-f]{{16}}.npz"):
         download.fetch(f"http://127.0.0.1:{port}/vit/x.npz")
     assert time.monotonic() - start < 5 and not any(cache.iterdir())
 
@@ -206,6 +208,92 @@ def test_silent_server_times_out(cache):
         for connection, _ in accepted:
             connection.close()
     assert time.monotonic() - start < 10
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server: ``/ok.npz`` (the tiny fixture), ``/short.npz`` (closes after half the announced
+    bytes), ``/trickle.npz`` (one byte every 0.1 s, never done), ``/page.npz`` and ``/download`` (HTML pages
+    served with 200). Yields its base URL."""
+    import http.server
+
+    checkpoint = fixture_path("vit_tiny_token", "ckpt").read_bytes()
+    page = b"<!DOCTYPE html><html><body>Sign in to download</body></html>"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body, content_type = (page, "text/html") if self.path in ("/page.npz", "/download") else (checkpoint, "application/octet-stream")
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.path == "/short.npz":
+                self.wfile.write(body[: len(body) // 2])
+            elif self.path == "/trickle.npz":
+                for byte in body[:300]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            else:
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_download_cut_short_is_not_cached(cache, server):
+    with pytest.raises(ConnectionError, match=r"short.npz \(the connection closed after [\d,]+ of the [\d,]+ bytes announced\); nothing was cached"):
+        download.fetch(f"{server}/short.npz")
+    assert list(cache.iterdir()) == []
+    path = download.fetch(f"{server}/ok.npz")
+    assert path.read_bytes() == fixture_path("vit_tiny_token", "ckpt").read_bytes()
+
+
+def test_a_trickling_server_meets_the_overall_deadline_and_leaves_no_temporary(cache, server):
+    seen = []
+    watcher = threading.Thread(target=lambda: (time.sleep(0.8), seen.extend(p.name for p in cache.iterdir())), daemon=True)
+    watcher.start()
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"not complete after the 1.5 s deadline, \d+ bytes received\); nothing was cached"):
+        download.fetch(f"{server}/trickle.npz", timeout=5, deadline=1.5)
+    assert time.monotonic() - start < 4  # each byte comes within the 5 s timeout: only the deadline ends it
+    watcher.join()
+    assert len(seen) == 1 and seen[0].startswith(f".{download.cached_name(f'{server}/trickle.npz')}.") and seen[0].endswith(".part")
+    assert list(cache.iterdir()) == []
+
+
+def test_temporaries_of_killed_downloads_are_cleaned_once_stale(cache, server):
+    cache.mkdir()
+    stale, live = cache / ".vit--a.npz.k1ll3d.part", cache / ".vit--b.npz.w0rk1n.part"
+    stale.write_bytes(b"half a download")
+    live.write_bytes(b"a download in progress elsewhere")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    download.fetch(f"{server}/ok.npz")
+    assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("path", ["/page.npz", "/download"])
+def test_a_web_page_served_with_200_is_not_cached_as_a_checkpoint(cache, server, path):
+    with pytest.raises(ValueError, match=r"the server sent a web page \(text/html, starting b'<!DOCTYPE ht'\), not the .* expected: the address is wrong or needs a login.*Nothing was cached"):
+        download.fetch(server + path)
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("setting, reason", [("a_file", "it is a file, not a folder"), ("a_file/below", "a folder above it is a file")])
+def test_a_cache_variable_that_cannot_hold_files_is_named(tmp_path, monkeypatch, setting, reason):
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("KERAS_VIT_CACHE", str(tmp_path / setting))
+    with pytest.raises(OSError, match=rf"The download cache folder {tmp_path / setting} \(set by KERAS_VIT_CACHE={tmp_path / setting}\) cannot be used: {reason}\. Set KERAS_VIT_CACHE to a folder you can write to"):
+        keras_vit.from_official_checkpoint("http://127.0.0.1:9/vit/x.npz")
 
 
 # --- tools -------------------------------------------------------------------------------------------------------
@@ -290,6 +378,14 @@ def test_decode_predictions_uses_the_shipped_class_names():
     assert decoded[1][0] == ("n15075141", "toilet tissue", 1.0)
     with pytest.raises(ValueError, match=r"expects \(batch, 1000\)"):
         keras_vit.decode_predictions(np.zeros((1, 10)))
+
+
+def test_decode_predictions_takes_the_class_names_of_another_head():
+    scores = np.array([[0.5, 2.0, -1.0], [5.0, 0.0, 4.0]], "float32")
+    decoded = keras_vit.decode_predictions(scores, top=2, class_names=["ant", "bee", "cat"])
+    assert decoded == [[(1, "bee", 2.0), (0, "ant", 0.5)], [(0, "ant", 5.0), (2, "cat", 4.0)]]
+    with pytest.raises(ValueError, match=r"expects \(batch, 2\) scores, one per class name, got shape \(2, 3\)"):
+        keras_vit.decode_predictions(scores, class_names=["ant", "bee"])
 
 
 def test_interpolate_tool_keeps_names_and_storage_types(tmp_path):
@@ -475,15 +571,31 @@ def test_readme_weights_table_is_the_registrys():
     assert registry.weights_table() in readme
 
 
-def test_cache_names_can_be_typed_and_old_quoted_names_are_found(cache):
+def test_cache_names_can_be_typed_and_old_names_of_official_files_are_found(cache):
     url = registry.resolve("R50+ViT-B_16", "imagenet21k+imagenet2012").url
-    assert "%2B" in url and download.cached_name(url) == "imagenet21k+imagenet2012--R50+ViT-B_16.npz"
+    name = download.cached_name(url)
+    assert "%2B" in url and name.startswith("imagenet21k+imagenet2012--R50+ViT-B_16--") and name.endswith(".npz")
     cache.mkdir()
-    old = cache / "imagenet21k%2Bimagenet2012--R50%2BViT-B_16.npz"
-    old.write_bytes(b"cached")
-    assert download.fetch(url) == old  # found without network
+    for old in ("imagenet21k%2Bimagenet2012--R50%2BViT-B_16.npz", "imagenet21k+imagenet2012--R50+ViT-B_16.npz"):
+        (cache / old).write_bytes(b"cached")
+        assert download.fetch(url) == cache / old  # found without network
+        (cache / old).unlink()
 
 
+def test_distinct_urls_never_share_a_cache_file(cache, tmp_path):
+    """Two URLs ending in the same folder/file used to share one entry: the second got the first's weights."""
+    urls = []
+    for run in ("run1", "run2"):
+        (tmp_path / run / "ckpt").mkdir(parents=True)
+        (tmp_path / run / "ckpt" / "vit.npz").write_bytes(f"PK\x03\x04 weights of {run}".encode())
+        urls.append((tmp_path / run / "ckpt" / "vit.npz").as_uri())
+    paths = [download.fetch(url) for url in urls]
+    assert paths[0] != paths[1] and [p.read_bytes()[-4:] for p in paths] == [b"run1", b"run2"]
+    assert download.cached_name(urls[0] + "?v=2") != download.cached_name(urls[0])
+    # An old-style name means one file only in the official bucket: elsewhere it may be another URL's.
+    (cache / "ckpt--vit.npz").write_bytes(b"PK\x03\x04 another URL's file")
+    (cache / paths[0].name).unlink()
+    assert download.fetch(urls[0]).read_bytes().endswith(b"run1")
 # --- clear errors ------------------------------------------------------------------------------------------------
 
 
@@ -538,7 +650,7 @@ def test_a_corrupt_file_in_the_cache_says_to_delete_it(cache, monkeypatch):
     entry = registry.PretrainedWeights("https://example.invalid/vit/tiny.npz", 32, 10)
     monkeypatch.setitem(registry.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [entry])
     cache.mkdir()
-    (cache / "vit--tiny.npz").write_bytes(data[: len(data) // 2])
+    (cache / download.cached_name(entry.url)).write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"download cache: delete it \(or move it aside\)"):
         keras_vit.ViT_Ti16(weights="augreg_in21k", image_size=32, classes=10, **_tiny_overrides())
 

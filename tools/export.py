@@ -2,6 +2,13 @@
 """Export a model (.keras or official .npz) to SavedModel, TFLite (float32/float16/int8) or ONNX, verified against Keras.
 
     python tools/export.py runs/main/finetune/model.keras exported/vit_tflite_int8.tflite --format tflite --quantization int8
+
+What the artefacts take (H x W x C: the model's input):
+  saved_model  serving_default: encoded images (string [B]); serve_pixels: uint8 [B, h, w, 1|3|4]; any size,
+               resized and mapped to [-1, 1] inside; outputs logits, top_k_classes, top_k_scores, ok (per image)
+  tflite       float32 [1, H, W, C] in [-1, 1] ((pixels - 127.5) / 127.5), already resized: nothing is resized
+               or normalised inside; outputs [1, classes] logits. Run it with LiteRT (pip install ai-edge-litert).
+  onnx         float32 [B, H, W, C] in [-1, 1], already resized; outputs [B, classes] logits.
 """
 
 import argparse
@@ -14,10 +21,12 @@ import numpy as np
 def main(argv=None):
     from keras_vit.export import FORMATS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", help="a .keras model or an official .npz checkpoint")
     parser.add_argument("output", help="output path (a folder for saved_model, a file otherwise)")
-    parser.add_argument("--format", choices=FORMATS, default="saved_model")
+    parser.add_argument("--format", choices=FORMATS, default="saved_model", help="what each takes: see below")
     parser.add_argument("--quantization", choices=["float16", "int8"], help="TFLite only")
     parser.add_argument("--images", nargs="*", default=[], help="image files to compare on (default: 8 random images)")
     parser.add_argument("--top-k", type=int, default=5, help="SavedModel: classes returned by the signatures")

@@ -20,24 +20,30 @@ import numpy as np
 
 from keras_vit.models import VisionTransformer, official_arrays, official_weights
 from keras_vit.pretrained import adapt as adapt_lib
-from keras_vit.pretrained import download, registry
+from keras_vit.pretrained import checks, download, registry
 from keras_vit.pretrained.config import architecture, architecture_summary, infer_config
 from keras_vit.pretrained.names import CheckpointMismatchError, mismatch, normalize_names
-from keras_vit.pretrained.npz import read_npz
+from keras_vit.pretrained.npz import READ_ANYWAY_BYTES, read_npz, stand_ins
 
 Source = collections.namedtuple("Source", "arrays label grid")
 Source.__doc__ = "Arrays keyed by official name, a label for messages, and the token grid when the source knows it."
 _SUFFIXES = (".npz", ".keras", ".weights.h5")
+_MAX_VALUES_PER_WEIGHT = 16  # checkpoint values per model weight: an Adam checkpoint holds 3, an in21k head on Ti ~2
 
 
-def _suffix(path):
-    name = Path(path).name
-    return ".weights.h5" if name.endswith(".weights.h5") else Path(path).suffix
+def _read_npz(path, label, like=None):
+    """The arrays of an official ``.npz``, its headers checked before anything is read: the file
+    (``npz.array_headers``), its arrays against each other (``checks.check_consistent``) and, with ``like``,
+    its size against that model."""
+    def check(headers):
+        checks.check_consistent({name: header.shape for name, header in headers.items()}, label)
+        if like is not None:
+            _check_size(headers, like, label)
 
-
-def _read_npz(path):
     try:
-        return read_npz(path)
+        return read_npz(path, check=check)
+    except CheckpointMismatchError:
+        raise
     except ValueError as error:
         if download.is_cached(path):
             raise ValueError(
@@ -47,14 +53,62 @@ def _read_npz(path):
         raise
 
 
-def read(source, model_name=None, image_size=None, like=None):
+def _check_size(headers, model, label):
+    """Refuses, before reading, a file with far more values than ``model`` has weights: it is another model's."""
+    values = sum(int(np.prod(header.shape, dtype=np.int64)) for header in headers.values())
+    weights = sum(int(np.prod(weight.shape)) for weight in model.weights)
+    nbytes = sum(header.nbytes for header in headers.values())
+    if values <= _MAX_VALUES_PER_WEIGHT * weights or nbytes <= READ_ANYWAY_BYTES:
+        return
+    try:
+        shapes = {name: tuple(variable.shape) for name, variable in official_weights(model).items()}
+        summary = _summary(stand_ins({name: header.shape for name, header in headers.items()}), shapes)
+    except ValueError:
+        summary = None
+    raise CheckpointMismatchError(
+        label,
+        summary=(f"{summary}; " if summary else "")
+        + f"its arrays hold {values:,} values, {values / weights:.0f} times the model's {weights:,} weights, "
+        "so it was not read",
+    )
+
+
+def _read_weights_h5(path, like, label):
+    """The official arrays of a ``.weights.h5`` file, read through a twin of ``like`` (the file holds no architecture)."""
+    twin = type(like).from_config(like.get_config())
+    try:
+        twin.load_weights(path)
+    except ValueError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        first = next((line for line in lines if line.startswith("Layer ")), lines[0] if lines else type(error).__name__)
+        raise CheckpointMismatchError(
+            label,
+            summary=f"its weights are not those of this model's architecture (Keras: {first})",
+            advice="A .weights.h5 file holds no architecture: load it into a model built exactly as the one that "
+            "saved it (the same builder arguments), or have that model saved as .keras, which carries it.",
+        ) from None
+    return official_arrays(twin)
+
+
+def read(source, model_name=None, image_size=None, like=None, allow_nonfinite=False):
     """Reads a weights source into a ``Source``.
 
     ``source``: a family of ``registry.FAMILIES`` (needs ``model_name`` and
     ``image_size`` to pick the file), an URL, or a path to an official
     ``.npz``, a ``.keras`` model or a ``.weights.h5`` file (needs ``like``,
-    a model of the file's architecture, since the file holds none).
+    a model of the file's architecture, since the file holds none). With
+    ``like``, an ``.npz`` far larger than that model is refused before it is
+    read. Arrays with NaN or infinite values are a ``ValueError`` naming
+    them unless ``allow_nonfinite=True``.
     """
+    result = _read(source, model_name, image_size, like)
+    if not allow_nonfinite:
+        checks.check_finite(result.arrays, result.label)
+    return result
+
+
+def _read(source, model_name, image_size, like):
+    """``read`` without the check of the values."""
     if isinstance(source, str) and source in registry.FAMILIES:
         if model_name is None:
             raise ValueError(
@@ -63,12 +117,12 @@ def read(source, model_name=None, image_size=None, like=None):
             )
         entry = registry.resolve(model_name, source, image_size)
         path = download.fetch(entry.url, entry.sha256)
-        return Source(_read_npz(path), entry.url, None)
+        return Source(_read_npz(path, entry.url, like), entry.url, None)
     source = os.fspath(source)
     path = download.fetch(source) if "://" in source else Path(source)
-    kind = _suffix(path)
+    kind = download.file_suffix(Path(path).name)
     if kind not in _SUFFIXES and path.is_file():
-        return Source(_read_npz(path), source, None)  # says what the file is when it is not an .npz
+        return Source(_read_npz(path, source, like), source, None)  # says what the file is when it is not an .npz
     if kind not in _SUFFIXES:
         raise ValueError(
             f"Unknown weights {source!r}: give a weights family ({', '.join(registry.FAMILIES)}), "
@@ -77,19 +131,21 @@ def read(source, model_name=None, image_size=None, like=None):
     if not path.exists():
         raise FileNotFoundError(f"Weights file {path} does not exist.")
     if kind == ".npz":
-        return Source(_read_npz(path), source, None)
+        return Source(_read_npz(path, source, like), source, None)
     if kind == ".keras":
         return model_source(keras.models.load_model(path), source)
     if like is None:
         raise ValueError(f"{source} is a .weights.h5 file, which holds no architecture: load it into a model.")
-    twin = type(like).from_config(like.get_config())
-    twin.load_weights(path)
-    return model_source(twin, source)
+    return Source(_read_weights_h5(path, like, source), source, _grid(like))
+
+
+def _grid(model):
+    return model.grid if isinstance(model, VisionTransformer) else None
 
 
 def model_source(model, label):
     """A ``Source`` of a keras_vit model's own weights (its grid known even when it is rectangular)."""
-    return Source(official_arrays(model), label, model.grid if isinstance(model, VisionTransformer) else None)
+    return Source(official_arrays(model), label, _grid(model))
 
 
 def architecture_of(model):
@@ -100,15 +156,10 @@ def architecture_of(model):
     return architecture(infer_config(official_arrays(model)), image_size=tuple(model.input.shape[1:3]))
 
 
-def _shapes_only(shapes):
-    """Zero-stride stand-ins of arrays with these shapes (no memory), for ``infer_config``."""
-    return {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
-
-
 def _summary(arrays, shapes):
     """What the file and the model are, when their architectures differ (for a mismatch message)."""
     try:
-        return architecture_summary(infer_config(arrays), infer_config(_shapes_only(shapes)))
+        return architecture_summary(infer_config(arrays), infer_config(stand_ins(shapes)))
     except (ValueError, KeyError):
         return None
 
@@ -138,16 +189,18 @@ def assign(model, source, adapt=True):
     return model
 
 
-def load_weights(model, source, adapt=True):
+def load_weights(model, source, adapt=True, allow_nonfinite=False):
     """Loads ``source`` into ``model``: read -> adapt -> assign.
 
     ``source``: a weights family (the model's name picks the file), an URL,
     an official ``.npz``, a ``.keras`` or a ``.weights.h5`` file. With
     ``adapt=True`` (the default) a different head, a missing top, another
     resolution, patch size or number of input channels are adapted (see
-    ``keras_vit.pretrained.adapt.adapt``); ``adapt=False`` is strict.
+    ``keras_vit.pretrained.adapt.adapt``); ``adapt=False`` is strict. Arrays
+    with NaN or infinite values are refused unless ``allow_nonfinite=True``.
     Returns ``model``.
     """
     image_size = tuple(model.input.shape[1:3])
     variant = model.vit_config["variant"] if isinstance(model, VisionTransformer) else model.name
-    return assign(model, read(source, variant, image_size, like=model), adapt=adapt)
+    source = read(source, variant, image_size, like=model, allow_nonfinite=allow_nonfinite)
+    return assign(model, source, adapt=adapt)

@@ -38,10 +38,11 @@ class CheckpointMismatchError(ValueError):
 
     ``missing``, ``unexpected`` and ``mis_shaped`` hold the full lists; the
     message says first what the file and the model are (when known), then
-    the counts and a few names of each kind.
+    the counts and a few names of each kind, and last what to do (``advice``,
+    by default: build the model with the checkpoint's architecture).
     """
 
-    def __init__(self, source, missing=(), unexpected=(), mis_shaped=(), summary=None):
+    def __init__(self, source, missing=(), unexpected=(), mis_shaped=(), summary=None, advice=None):
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
         self.mis_shaped = sorted(mis_shaped)
@@ -58,7 +59,8 @@ class CheckpointMismatchError(ValueError):
             shapes = [f"{name}: {ckpt} vs {model}" for name, ckpt, model in self.mis_shaped]
             lines.append(f"Shape mismatch ({len(shapes)}), name: checkpoint vs model: {some(shapes)}")
         lines.append(
-            "Build the model with the checkpoint's architecture and resolution "
+            advice
+            or "Build the model with the checkpoint's architecture and resolution "
             "(keras_vit.from_official_checkpoint infers it from the file)."
         )
         super().__init__("\n".join(lines))

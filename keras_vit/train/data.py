@@ -18,13 +18,15 @@ skip the batches already seen and get exactly the same stream.
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from keras_vit.preprocessing import decode_image
+
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 @dataclasses.dataclass
@@ -70,38 +72,138 @@ def digits(split="train", test_fraction=0.2, seed=0):
     return from_arrays(train_x, train_y, 10) if split == "train" else from_arrays(test_x, test_y, 10)
 
 
-JPEG_SIGNATURE = b"\xff\xd8\xff"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# What tf.io.decode_image decodes (TensorFlow 2.21): each format's extensions and first bytes.
+IMAGE_FORMATS = {
+    "JPEG": ((".jpg", ".jpeg", ".jpe", ".jfif"), (b"\xff\xd8\xff",)),
+    "PNG": ((".png",), (b"\x89PNG\r\n\x1a\n",)),
+    "GIF": ((".gif",), (b"GIF87a", b"GIF89a")),
+    "BMP": ((".bmp",), (b"BM",)),
+    "WebP": ((".webp",), (b"RIFF",)),  # and "WEBP" at byte 8
+    "JPEG XL": ((".jxl",), (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")),
+}
+IMAGE_EXTENSIONS = tuple(extension for extensions, _ in IMAGE_FORMATS.values() for extension in extensions)
+_FORMAT_NAMES = ", ".join(IMAGE_FORMATS)
+_ENDINGS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}  # the last bytes of a complete file
+_IGNORED_FOLDERS = ("__MACOSX",)  # macOS zip metadata
 
 
-def _is_image_file(path):
-    """Whether ``path`` starts as a JPEG or PNG file does (a cheap check: 8 bytes read, nothing decoded)."""
-    with open(path, "rb") as file:
-        head = file.read(len(PNG_SIGNATURE))
-    return head.startswith(JPEG_SIGNATURE) or head == PNG_SIGNATURE
+def _image_format(head):
+    """The format whose first bytes ``head`` (16 bytes) are, or None."""
+    for name, (_, signatures) in IMAGE_FORMATS.items():
+        if head.startswith(signatures) and (name != "WebP" or head[8:12] == b"WEBP"):
+            return name
+    return None
+
+
+def _looks_complete(image_format, head, tail, size):
+    """Whether a file (first bytes ``head``, last bytes ``tail``, ``size`` bytes) ends as a complete file of its
+    format does; True when the format tells nothing."""
+    if image_format in _ENDINGS:
+        return tail.rstrip(b"\0\r\n").endswith(_ENDINGS[image_format])
+    if image_format == "BMP":  # the header's file size (0 when the writer left it out)
+        declared = int.from_bytes(head[2:6], "little")
+        return declared == 0 or declared <= size
+    if image_format == "WebP":  # the RIFF chunk's size
+        return int.from_bytes(head[4:8], "little") + 8 <= size
+    return True
+
+
+def _decode_error(path):
+    """TensorFlow's reason (one line) why ``path`` does not decode, or None when it does."""
+    try:
+        tf.io.decode_image(tf.io.read_file(str(path)), expand_animations=False)
+    except tf.errors.OpError as error:
+        message = error.message.strip().splitlines()[-1]
+        message = re.sub(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$", "", message)  # TensorFlow's wrapping
+        return message or type(error).__name__
+    return None
+
+
+def undecodable_reason(path):
+    """Why TensorFlow cannot decode image file ``path`` (a phrase to follow its name), or None when it can.
+
+    Cheap for whole files: the first bytes name the format and the last bytes
+    show a complete file; only a file that does not end as its format does
+    (truncated, or with data appended) is decoded to decide.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:  # unbuffered: two small reads of a file of any size
+            head = os.read(descriptor, 16)
+            size = os.lseek(descriptor, 0, os.SEEK_END)
+            os.lseek(descriptor, max(0, size - 64), os.SEEK_SET)
+            tail = os.read(descriptor, 64)
+        finally:
+            os.close(descriptor)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return "was removed while the folder was read"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    image_format = _image_format(head)
+    if image_format is None:
+        return f"is not an image TensorFlow decodes (its first bytes are not those of {_FORMAT_NAMES})"
+    if not _looks_complete(image_format, head, tail, size):
+        error = _decode_error(path)
+        if error is not None:
+            return f"is a truncated or corrupt {image_format} file (TensorFlow: {error})"
+    return None
+
+
+def _visible(path):
+    """Whether a folder entry is data: not hidden (``.DS_Store``, ``._x.jpg``) nor macOS zip metadata."""
+    return not path.name.startswith(".") and path.name not in _IGNORED_FOLDERS
 
 
 def folder_classes(path):
-    """The sorted class sub-folder names of an image folder split (``path/<class>/``)."""
+    """The sorted class sub-folder names of an image folder split (``path/<class>/``); hidden folders and
+    ``__MACOSX`` are not classes."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"Image folder {root} does not exist.")
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
+
+
+def _list_images(root, class_names):
+    """``(files, labels, undecodable [(path, reason)], other [paths], empty [class names])`` of an image folder."""
+    files, labels, undecodable, other, empty = [], [], [], [], []
+    for label, name in enumerate(class_names):
+        folder = root / name
+        entries = sorted(p for p in folder.iterdir() if _visible(p)) if folder.is_dir() else []
+        images = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS]
+        other += [p for p in entries if p.suffix.lower() not in IMAGE_EXTENSIONS and not p.is_dir()]
+        if not images:
+            empty.append(name)
+        for file in images:
+            reason = undecodable_reason(file)
+            if reason is None:
+                files.append(str(file))
+                labels.append(label)
+            else:
+                undecodable.append((file, reason))
+    return files, labels, undecodable, other, empty
 
 
 def from_folder(path, seed=0, classes=None, channels=3, skip_undecodable=False):
-    """Source from an image folder: one sub-folder per class, .jpg/.jpeg/.png files, decoded to (H, W, ``channels``).
+    """Source from an image folder: one sub-folder per class, images in any format ``tf.io.decode_image``
+    decodes (JPEG, PNG, GIF, BMP, WebP, JPEG XL: ``IMAGE_EXTENSIONS``), decoded to (H, W, ``channels``).
 
     ``classes``: the class names in label order, shared by every split of a
     dataset (e.g. the train split's ``class_names`` for the test split); None:
     this folder's sorted sub-folder names. A listed class without a folder or
     images here is a logged warning (its label stays its index in ``classes``);
-    a sub-folder not in ``classes`` is an error. ``channels``: 1 (grayscale)
-    or 3 (RGB), whatever the files hold.
+    a sub-folder not in ``classes`` is an error. Hidden entries (``.DS_Store``,
+    ``._x.jpg``) and ``__MACOSX`` folders are ignored; other files that are not
+    images by their extension are left out, named in a logged warning.
+    ``channels``: 1 (grayscale) or 3 (RGB), whatever the files hold.
 
-    Each file's first bytes must be those of a JPEG or PNG image: otherwise a
-    ``ValueError`` names the file, or with ``skip_undecodable=True`` such
-    files are left out and counted in a logged warning.
+    Each image must be one TensorFlow decodes (``undecodable_reason``: its
+    first bytes, a complete file; a broken symbolic link is not one):
+    otherwise a ``ValueError`` names the file and says why, or with
+    ``skip_undecodable=True`` such files are left out, counted and named in a
+    logged warning, and a file that still fails to decode in the pipeline is
+    dropped there (TensorFlow logs it).
 
     The file list is shuffled once with ``seed``, so that a shuffle buffer smaller than the dataset still
     mixes the classes (files are listed class by class).
@@ -117,28 +219,24 @@ def from_folder(path, seed=0, classes=None, channels=3, skip_undecodable=False):
             f"{root} has class folders that are not in the class list {class_names}: {unknown}. "
             "Add them to classes= (in the train split too), or move them out."
         )
-    files, labels, undecodable, empty = [], [], [], []
-    for label, name in enumerate(class_names):
-        folder_files = sorted((root / name).iterdir()) if (root / name).is_dir() else []
-        images = [f for f in folder_files if f.suffix.lower() in IMAGE_EXTENSIONS]
-        if not images:
-            empty.append(name)
-        for file in images:
-            if _is_image_file(file):
-                files.append(str(file))
-                labels.append(label)
-            else:
-                undecodable.append(file)
+    files, labels, undecodable, other, empty = _list_images(root, class_names)
     if undecodable and not skip_undecodable:
-        more = f" and {len(undecodable) - 1} more" if len(undecodable) > 1 else ""
+        (first, reason), more = undecodable[0], len(undecodable) - 1
+        also = f"; {more} more file(s) cannot be decoded either" if more else ""
         raise ValueError(
-            f"{undecodable[0]}{more} is not a JPEG or PNG image: remove or replace it, or pass "
-            "skip_undecodable=True to leave such files out."
+            f"{first} {reason}{also}. Remove or replace such files, or pass skip_undecodable=True to leave them out."
         )
     if undecodable:
-        log.warning("Skipped %d file(s) of %s that are not JPEG or PNG images, e.g. %s.", len(undecodable), root, undecodable[0])
+        log.warning(
+            "Skipped %d file(s) of %s that cannot be decoded, e.g. %s %s.", len(undecodable), root, *undecodable[0]
+        )
+    if other:
+        log.warning(
+            "Left out %d file(s) of %s that are not images (extensions %s), e.g. %s; the image formats read are %s.",
+            len(other), root, ", ".join(sorted({p.suffix.lower() or "(none)" for p in other})), other[0], _FORMAT_NAMES,
+        )
     if not files:
-        raise ValueError(f"{root} has no class sub-folders with .jpg or .png images (expected {root}/<class>/<image>).")
+        raise ValueError(f"{root} has no class sub-folders with images (expected {root}/<class>/<image>, formats {_FORMAT_NAMES}).")
     if empty:
         log.warning(
             "%s has no images of class(es) %s; the labels of the other classes keep their index in the class list.",
@@ -146,12 +244,13 @@ def from_folder(path, seed=0, classes=None, channels=3, skip_undecodable=False):
         )
 
     def decode(file, label):
-        image = tf.io.decode_image(tf.io.read_file(file), channels=channels, expand_animations=False)
-        return image, label
+        return decode_image(tf.io.read_file(file), channels), label
 
     order = np.random.default_rng(seed).permutation(len(files))
     files, labels = np.asarray(files)[order], np.asarray(labels, "int32")[order]
     dataset = tf.data.Dataset.from_tensor_slices((files, labels)).map(decode)
+    if skip_undecodable:
+        dataset = dataset.ignore_errors(log_warning=True)
     return Source(dataset, len(class_names), len(files), class_names)
 
 

@@ -447,6 +447,7 @@ def _train(config):
         "replicas": strategy.num_replicas_in_sync,
         "precision": precision,
         "parameters": model.count_params(),
+        "class_names": train_source.class_names,  # output index -> name (keras_vit.decode_predictions(class_names=))
         "config": config,
         "history": history,
     }
