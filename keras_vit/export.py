@@ -140,9 +140,28 @@ def _keras_logits(model, images):
     return np.asarray(model.predict(images, verbose=0), np.float32)
 
 
-def _to_model_input(pixels, height, width):
-    """uint8 or float pixels (B, h, w, C) in [0, 255] -> float32 (B, H, W, C) in [-1, 1] (official mapping)."""
-    resized = tf.image.resize(tf.cast(pixels, tf.float32), (height, width))
+def _serving_size(model, height, width):
+    """The (H, W) that images of ``height`` x ``width`` are resized to for ``model``: its fixed sides; an open side
+    (a model of any size) keeps the image's, rounded down to a multiple of the token stride (at least one), or as
+    it is when the model pads its inputs itself. ``height`` and ``width`` may be tensors."""
+    arch = getattr(model, "architecture", None)
+    fixed = _input_size(model)[:2]
+    sides = []
+    for size, given, step in zip(fixed, (height, width), arch.token_stride if arch else (1, 1)):
+        if size is not None:
+            sides.append(size)
+        elif arch.dynamic_padding:
+            sides.append(given)
+        else:
+            sides.append(tf.maximum(given // step, 1) * step)
+    return sides
+
+
+def _to_model_input(pixels, model):
+    """uint8 or float pixels (B, h, w, C) in [0, 255] -> float32 (B, H, W, C) in [-1, 1] (official mapping), at
+    the model's size (``_serving_size``)."""
+    shape = tf.shape(pixels)
+    resized = tf.image.resize(tf.cast(pixels, tf.float32), _serving_size(model, shape[1], shape[2]))
     return (resized - 127.5) / 127.5
 
 
@@ -177,7 +196,10 @@ class ServingModule(tf.Module):
     * ``serve_pixels(pixels)``: uint8 (B, h, w, c), any h and w; c = 1 (grey),
       3 (RGB) or 4 (RGBA) for a grey or RGB model, converted to its channels.
 
-    Both resize to the model's (H, W), map to [-1, 1] and return ``logits``
+    Both resize to the model's (H, W) (``serve_bytes`` to its native size
+    when it takes any size; ``serve_pixels`` then keeps each batch's size,
+    rounded down to multiples of the token stride unless the model pads),
+    map to [-1, 1] and return ``logits``
     float32 (B, N), ``top_k_classes`` int32 (B, K), ``top_k_scores`` float32
     (B, K) and ``ok`` bool (B,). An image that does not decode has ``ok``
     False, NaN logits and scores and classes -1; the rest of the batch is
@@ -188,13 +210,14 @@ class ServingModule(tf.Module):
         super().__init__()
         self.model = model
         self.top_k = top_k
-        height, width, channels = _input_size(model)
-        self.size = (height, width)
+        channels = _input_size(model)[2]
+        arch = getattr(model, "architecture", None)
+        self.size = arch.native_image_size if arch is not None else _input_size(model)[:2]  # for encoded images
         self.channels = channels
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8, name="pixels")])
         def serve_pixels(pixels):
-            images = _to_model_input(_match_channels(pixels, channels), *self.size)
+            images = _to_model_input(_match_channels(pixels, channels), model)
             return self._outputs(images, tf.ones(tf.shape(pixels)[:1], tf.bool))
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -235,16 +258,18 @@ class ServingModule(tf.Module):
         }
 
 
-def _saved_model(model, target, images, top_k):
+def _saved_model(model, target, batches, top_k):
     module = ServingModule(model, top_k)
     tf.saved_model.save(
         module, str(target), signatures={"serving_default": module.serve_bytes, "serve_pixels": module.serve_pixels}
     )
     reloaded = tf.saved_model.load(str(target))
-    pixels = np.clip(np.round(images * 127.5 + 127.5), 0, 255).astype(np.uint8)
-    exported = reloaded.signatures["serve_pixels"](pixels=tf.constant(pixels))["logits"].numpy()
-    reference = _keras_logits(model, np.asarray(_to_model_input(pixels, *module.size)))
-    return exported, reference
+    exported, reference = [], []
+    for images in batches:
+        pixels = np.clip(np.round(images * 127.5 + 127.5), 0, 255).astype(np.uint8)
+        exported.append(reloaded.signatures["serve_pixels"](pixels=tf.constant(pixels))["logits"].numpy())
+        reference.append(_keras_logits(model, np.asarray(_to_model_input(pixels, model))))
+    return np.concatenate(exported), np.concatenate(reference)
 
 
 def tflite_interpreter(path):
@@ -263,7 +288,7 @@ def tflite_interpreter(path):
     return Interpreter(model_path=str(path))
 
 
-def _tflite(model, target, images, quantization):
+def _tflite(model, target, batches, quantization):
     height, width, channels = _input_size(model)
     saved = Path(target).parent / "saved_model_for_tflite"
     reference = model
@@ -281,15 +306,18 @@ def _tflite(model, target, images, quantization):
     Path(target).write_bytes(converter.convert())
     shutil.rmtree(saved)
     interpreter = tflite_interpreter(target)
-    interpreter.allocate_tensors()
     input_index = interpreter.get_input_details()[0]["index"]
     output_index = interpreter.get_output_details()[0]["index"]
     exported = []
-    for image in images:
-        interpreter.set_tensor(input_index, image[None].astype(np.float32))
-        interpreter.invoke()
-        exported.append(interpreter.get_tensor(output_index)[0])
-    return np.stack(exported), _keras_logits(reference, images)
+    for images in batches:
+        if None in (height, width):  # an open side: the input is resized to each size (resize_tensor_input)
+            interpreter.resize_tensor_input(input_index, [1, *images.shape[1:]])
+        interpreter.allocate_tensors()
+        for image in images:
+            interpreter.set_tensor(input_index, image[None].astype(np.float32))
+            interpreter.invoke()
+            exported.append(interpreter.get_tensor(output_index)[0])
+    return np.stack(exported), np.concatenate([_keras_logits(reference, images) for images in batches])
 
 
 def _keras_quantized(model):
@@ -297,7 +325,7 @@ def _keras_quantized(model):
     return "Quantized" in str(model.get_config())
 
 
-def _onnx(model, target, images):
+def _onnx(model, target, batches):
     import onnxruntime
     import tf2onnx
 
@@ -311,8 +339,9 @@ def _onnx(model, target, images):
     proto, _ = tf2onnx.convert.from_function(tf.function(forward, input_signature=signature), input_signature=signature, opset=ONNX_OPSET)
     Path(target).write_bytes(proto.SerializeToString())
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    exported = session.run(None, {session.get_inputs()[0].name: images.astype(np.float32)})[0]
-    return exported, _keras_logits(model, images)
+    name = session.get_inputs()[0].name
+    exported = [session.run(None, {name: images.astype(np.float32)})[0] for images in batches]
+    return np.concatenate(exported), np.concatenate([_keras_logits(model, images) for images in batches])
 
 
 def _input_description(format, height, width, channels):
@@ -321,8 +350,30 @@ def _input_description(format, height, width, channels):
         return ("serving_default: encoded images, string [B]; serve_pixels: uint8 [B, h, w, 1|3|4]; any size, "
                 "resized and mapped to [-1, 1] inside")
     batch = "1" if format == "tflite" else "B"
-    return (f"float32 [{batch}, {height}, {width}, {channels}] in [-1, 1] ((pixels - 127.5) / 127.5), already "
-            f"resized to {height}x{width}: nothing is resized or normalised inside")
+    h, w = ("H" if height is None else height), ("W" if width is None else width)
+    open_sides = None in (height, width)
+    how = (f"any {h}x{w} the model takes (resize the interpreter's input with resize_tensor_input)"
+           if format == "tflite" and open_sides else f"any {h}x{w} the model takes" if open_sides
+           else f"already resized to {h}x{w}")
+    return (f"float32 [{batch}, {h}, {w}, {channels}] in [-1, 1] ((pixels - 127.5) / 127.5), {how}: nothing is "
+            "resized or normalised inside")
+
+
+def _sample_batches(model, images):
+    """The batches (B, H, W, C) an export is checked on: ``images`` (an array, or a list of arrays of different
+    sizes), else 8 random images at the model's size; a model of any size is checked at two sizes (its native
+    one and a rectangular other)."""
+    if images is not None:
+        return [np.asarray(batch, np.float32) for batch in (images if isinstance(images, (list, tuple)) else [images])]
+    height, width, channels = _input_size(model)
+    arch = getattr(model, "architecture", None)
+    sizes = [(height, width)]
+    if None in (height, width):
+        native, step = arch.native_image_size, arch.token_stride
+        sizes = [tuple(n if s is None else s for s, n in zip((height, width), native)),
+                 tuple(n + k * t if s is None else s for s, n, t, k in zip((height, width), native, step, (1, 2)))]
+    rng = np.random.default_rng(0)
+    return [rng.uniform(-1, 1, (4 if len(sizes) > 1 else 8, *size, channels)).astype(np.float32) for size in sizes]
 
 
 def _size(path):
@@ -330,19 +381,19 @@ def _size(path):
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _convert(model, target, format, images, quantization, top_k):
-    """Writes ``target`` and returns (its outputs, Keras outputs) on ``images``; converter output goes to a log file."""
+def _convert(model, target, format, batches, quantization, top_k):
+    """Writes ``target`` and returns (its outputs, Keras outputs) on ``batches``; converter output goes to a log file."""
     handle, log_path = tempfile.mkstemp(prefix=f"keras_vit_export_{target.name}.", suffix=".log")
     os.close(handle)
     failure = None
     with _converter_output_to(log_path) as log_file:
         try:
             if format == "saved_model":
-                outputs = _saved_model(model, target, images, top_k)
+                outputs = _saved_model(model, target, batches, top_k)
             elif format == "tflite":
-                outputs = _tflite(model, target, images, quantization)
+                outputs = _tflite(model, target, batches, quantization)
             else:
-                outputs = _onnx(model, target, images)
+                outputs = _onnx(model, target, batches)
         except Exception as error:
             traceback.print_exc(file=log_file)
             failure = error
@@ -379,7 +430,9 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
             is exported as it is to SavedModel; TFLite cannot run Keras'
             integer products, so its TFLite file holds the layers' effective
             weights quantized by TFLite (``"int8"`` unless ``"float16"``).
-        images: (B, H, W, C) float32 in [-1, 1] to compare on; 8 random images by default.
+        images: (B, H, W, C) float32 in [-1, 1] to compare on (or a list of such batches of different sizes, for
+            a model of any size); by default 8 random images, or 4 at each of two sizes for a model of any size
+            (its open sides stay open in every format: ONNX dynamic axes, a resizable TFLite input).
         inputs: paths the export must never replace (e.g. the file ``model`` was loaded from).
     Returns:
         ``{"path", "format", "quantization", "bytes", "max_abs_diff", "top1_agreement", "input"}``; ``"input"``
@@ -401,13 +454,12 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
     if format == "tflite" and _keras_quantized(model):
         quantization = quantization or "int8"
     height, width, channels = _input_size(model)
-    if images is None:
-        images = np.random.default_rng(0).uniform(-1, 1, (8, height, width, channels)).astype(np.float32)
+    batches = _sample_batches(model, images)
     path.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     target = workdir / path.name
     try:
-        exported, reference = _convert(model, target, format, images, quantization, top_k)
+        exported, reference = _convert(model, target, format, batches, quantization, top_k)
         result = {
             "path": str(path),
             "format": format,

@@ -138,3 +138,31 @@ def test_xla_compiles_once_per_size():
                           input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
     for size in [(32, 32), (24, 40)]:
         np.testing.assert_allclose(generic(_images(size)).numpy(), _numpy(model(_images(size))), atol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="exports run on TensorFlow")
+@pytest.mark.parametrize("format", ["saved_model", "tflite", "onnx"])
+def test_exports_keep_the_open_sides(format, tmp_path):
+    from keras_vit import export
+
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), input_shape=(None, None, 3))
+    batches = [_images((32, 32), count=3), _images((24, 40), count=3, seed=1)]
+    result = export.export(model, tmp_path / f"vit.{'tflite' if format == 'tflite' else format}", format=format,
+                           images=batches)
+    assert result["max_abs_diff"] < 1e-4 and result["top1_agreement"] == 1.0  # both sizes, against Keras
+    if format == "saved_model":
+        import tensorflow as tf
+
+        served = tf.saved_model.load(str(tmp_path / "vit.saved_model"))
+        pixels = np.random.default_rng(2).integers(0, 256, (2, 26, 41, 3)).astype("uint8")  # not multiples of 4
+        out = served.signatures["serve_pixels"](pixels=tf.constant(pixels))
+        expected = model(tf.image.resize(tf.cast(pixels, tf.float32), (24, 40)) / 127.5 - 1.0)
+        np.testing.assert_allclose(out["logits"].numpy(), _numpy(expected), atol=1e-4)
+    if format == "tflite":
+        interpreter = export.tflite_interpreter(tmp_path / "vit.tflite")
+        assert list(interpreter.get_input_details()[0]["shape_signature"]) == [1, -1, -1, 3]
+    if format == "onnx":
+        import onnx
+
+        dims = onnx.load(str(tmp_path / "vit.onnx")).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param != "" for d in dims] == [True, True, True, False]
