@@ -57,7 +57,8 @@ def _tf_forward(model, images, xla):
 
 
 def build_keras_vit(spec, workload, batch, precision, xla, options):
-    """keras_vit; options: builder arguments (``remat``) and ``loop``: ``"trainer"`` (default) or ``"fit"``."""
+    """keras_vit; options: builder arguments (``remat``; ``image_size`` [None, None] with ``native_image_size``
+    for a model of any size) and ``loop``: ``"trainer"`` (default) or ``"fit"``."""
     import keras
     import tensorflow as tf
 
@@ -67,7 +68,7 @@ def build_keras_vit(spec, workload, batch, precision, xla, options):
     options = dict(options)
     loop = options.pop("loop", "trainer")
     keras.mixed_precision.set_global_policy(precision)
-    model = keras_vit.vision_transformer(**spec, **options)  # the spec's keys are the builder's arguments
+    model = keras_vit.vision_transformer(**{**spec, **options})  # the spec's keys are the builder's arguments
     images, labels = _tf_batch(spec, batch)
     if workload == "inference":
         return _tf_forward(model, images, xla)
