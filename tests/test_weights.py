@@ -385,14 +385,13 @@ def test_hybrid_root_convolution_is_adapted_to_the_input_channels():
 def _np_resize_matrix(old, new):
     """(new*new, old*old): column j is the bilinear resize of the j-th basis patch, an independent B.
 
-    ``tf.image.resize(..., "bilinear", antialias=True)`` is TensorFlow's scale-and-translate
-    resize, the algorithm ``jax.image.resize(..., "bilinear")`` (what FlexiViT uses) was ported
-    from; it needs no optional dependency.
+    Built as FlexiViT's ``resample_patchemb`` builds it (big_vision ``models/proj/flexi/vit.py``):
+    ``tf.image.resize(..., "bilinear")`` of each basis patch, TensorFlow 2's default ``antialias=False``.
     """
     import tensorflow as tf
 
     basis = np.eye(old * old).reshape(old * old, old, old, 1)
-    resized = tf.image.resize(basis, (new, new), "bilinear", antialias=True).numpy()
+    resized = tf.image.resize(basis, (new, new), "bilinear").numpy()
     return resized.reshape(old * old, new * new).T.astype(np.float64)
 
 
@@ -415,7 +414,7 @@ def test_patch_kernel_resampling_is_flexivits_pseudo_inverse(old, new):
 
 
 def _grow_patches(images, old, new):
-    """Resizes every old x old patch of (B, H, W, C) images to new x new (bilinear, antialiased), patch by patch."""
+    """Resizes every old x old patch of (B, H, W, C) images to new x new (bilinear), patch by patch."""
     batch, height, width, channels = images.shape
     resize = _np_resize_matrix(old, new)
     grid = images.reshape(batch, height // old, old, width // old, old, channels).transpose(0, 1, 3, 2, 4, 5)
