@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 import keras_vit
-from conftest import big_vision_path, big_vision_reference, np_attention, np_layer_norm
+from conftest import (
+    big_vision_path,
+    big_vision_reference,
+    flexivit_resize_matrix,
+    grow_patches,
+    np_attention,
+    np_layer_norm,
+)
 from keras_vit.pretrained import names, npz, registry
 
 FIXTURES = ("bv_map", "bv_map_scan", "bv_tok", "bv_gap_sincos", "siglip_img_like", "siglip2_img_like")
@@ -69,7 +76,8 @@ def test_reproduces_big_vision_outputs(name, how):
     np.testing.assert_allclose(n(model(images)), ref["logits"], atol=1e-5, rtol=1e-5)
     out = model.features(images, blocks=True)
     batch, grid, hidden = images.shape[0], model.grid, config["width"]
-    np.testing.assert_allclose(n(model.patch_embedding_model()(images)), ref["out/stem"].reshape(batch, -1, hidden), atol=5e-5)
+    stem = n(model.patch_embedding_model()(images))
+    np.testing.assert_allclose(stem, ref["out/stem"].reshape(batch, -1, hidden), atol=5e-5)
     np.testing.assert_allclose(sub_model_output(model, "posembed_input", images), ref["out/with_posemb"], atol=5e-5)
     for i, block in enumerate(out["blocks"]):
         np.testing.assert_allclose(n(block), ref[f"out/encoder/block{i:02d}/plus_mlp"], atol=5e-5)
@@ -151,7 +159,8 @@ def test_attention_maps_match_numpy(name):
         ln = [arrays[f"{scope}/LayerNorm_0/{kind}"] for kind in ("scale", "bias")]
         ln = [a if layer is None else a[layer] for a in ln]
         branch, weights = np_attention(np_layer_norm(x, *ln), attention_parameters(arrays, scope, layer))
-        np.testing.assert_allclose(branch, ref[f"out/encoder/block{i:02d}/sa"], atol=5e-5)  # the NumPy reference is right
+        # The NumPy reference is right (it gives big_vision's attention branch), and so are the weights.
+        np.testing.assert_allclose(branch, ref[f"out/encoder/block{i:02d}/sa"], atol=5e-5)
         np.testing.assert_allclose(attentions[i], weights, atol=5e-5)
         x = ref[f"out/encoder/block{i:02d}/plus_mlp"].astype(np.float64)
     if config["pool_type"] == "map":
@@ -221,9 +230,9 @@ def test_matching_is_strict_and_all_or_nothing(tmp_path):
     arguments = builder_arguments(config, ref["images"].shape)
     deeper = keras_vit.vision_transformer(**{**arguments, "num_layers": 3})
     before = [n(v).copy() for v in deeper.weights]
-    with pytest.raises(keras_vit.CheckpointMismatchError, match=r"2 layers checkpoint; the model is .* 3 layers") as error:
+    with pytest.raises(keras_vit.CheckpointMismatchError, match=r"2 layers checkpoint; the model is .* 3 layers") as err:
         keras_vit.load_weights(deeper, big_vision_path("siglip2_img_like", "ckpt"))
-    assert len(error.value.missing) == 16 and not error.value.unexpected
+    assert len(err.value.missing) == 16 and not err.value.unexpected
     assert all(np.array_equal(n(v), b) for v, b in zip(deeper.weights, before))  # nothing was assigned
     arrays = npz.read_npz(big_vision_path("siglip2_img_like", "ckpt"))
     del arrays["params/img/MAPHead_0/LayerNorm_0/scale"]
@@ -292,30 +301,12 @@ def test_big_vision_registry_entries():
 # --- FlexiViT: a checkpoint at another patch size -------------------------------------------------------------------
 
 
-def tf_resize_matrix(old, new):
-    """(new*new, old*old) matrix of FlexiViT's ``resample_patchemb``: tf.image.resize (bilinear) of each basis patch."""
-    import tensorflow as tf
-
-    basis = np.eye(old * old).reshape(old * old, old, old, 1)
-    return tf.image.resize(basis, (new, new), "bilinear").numpy().reshape(old * old, new * new).T.astype(np.float64)
-
-
-def grow_patches(images, old, new):
-    """Every old x old patch of (B, H, W, C) images resized on its own to new x new with tf.image.resize."""
-    import tensorflow as tf
-
-    batch, height, width, channels = images.shape
-    gh, gw = height // old, width // old
-    patches = images.reshape(batch, gh, old, gw, old, channels).transpose(0, 1, 3, 2, 4, 5).reshape(-1, old, old, channels)
-    grown = tf.image.resize(patches, (new, new), "bilinear").numpy().reshape(batch, gh, gw, new, new, channels)
-    return grown.transpose(0, 1, 3, 2, 4, 5).reshape(batch, gh * new, gw * new, channels).astype("float32")
-
-
 @pytest.mark.parametrize("patch", [2, 3, 6, 8])
 def test_flexivit_patch_resize_is_big_visions(patch):
-    kernel = npz.read_npz(big_vision_path("bv_tok", "ckpt"))["embedding/kernel"]
-    model = keras_vit.from_official_checkpoint(big_vision_path("bv_tok", "ckpt"), patch_size=patch, image_size=8 * patch)
-    resize = tf_resize_matrix(4, patch)
+    path = big_vision_path("bv_tok", "ckpt")
+    kernel = npz.read_npz(path)["embedding/kernel"]
+    model = keras_vit.from_official_checkpoint(path, patch_size=patch, image_size=8 * patch)
+    resize = flexivit_resize_matrix(4, patch)
     expected = (np.linalg.pinv(resize.T) @ kernel.reshape(16, -1).astype(np.float64)).reshape(patch, patch, 3, -1)
     np.testing.assert_allclose(n(model.get_layer("embedding").kernel), expected, atol=1e-5)
 

@@ -89,7 +89,8 @@ def normalize_names(arrays):
                 break
         stripped[name] = array
     if any(name.startswith(_IMAGE_TOWER) for name in stripped):
-        stripped = {name[len(_IMAGE_TOWER) :]: array for name, array in stripped.items() if name.startswith(_IMAGE_TOWER)}
+        stripped = {name.removeprefix(_IMAGE_TOWER): array for name, array in stripped.items()
+                    if name.startswith(_IMAGE_TOWER)}
     decoded = {}
     for name, array in _unstack_scan({name: decode_array(array) for name, array in stripped.items()}).items():
         if name == _BIG_VISION_POSEMB:

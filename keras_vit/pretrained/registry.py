@@ -161,7 +161,8 @@ class Family:
 # image head); FlexiViT files as proj/flexi/vit.py writes them (a class token, a 7x7 table without a class-token
 # row, a patch kernel of the training config's size: 16x16 in i1k_deit3_distill.py, 8x8 in i21k_sup.py).
 _PAPER_INPUT = "(pixels - 127.5) / 127.5"
-_SIGLIP_INPUT = f"{_PAPER_INPUT} as ViT, after resizing the whole image to R x R (no crop): resize(R)|value_range(-1, 1)"
+_SIGLIP_INPUT = (f"{_PAPER_INPUT} as ViT, after resizing the whole image to R x R (no crop): "
+                 "resize(R)|value_range(-1, 1)")
 FAMILY_INFO = {
     "imagenet21k": Family("google-research/vision_transformer (gs://vit_models)", _PAPER_INPUT),
     "imagenet21k+imagenet2012": Family("google-research/vision_transformer (gs://vit_models)", _PAPER_INPUT),
@@ -287,5 +288,6 @@ def weights_table():
             path = "gs://" + entry.path.removeprefix(_STORAGE) if entry.path.startswith(_STORAGE) else entry.path
             rows.append(f"| {model} | {family} | {entry.resolution} | {classes} | `{path}` | {upstream} |")
     rows += ["", "| Family | Released by | Input |", "|---|---|---|"]
-    rows += [f"| {family} | {info.source} | {info.preprocessing} |" for family, info in FAMILY_INFO.items()]
+    rows += [f"| {family} | {info.source} | {info.preprocessing.replace('|', chr(92) + '|')} |"
+             for family, info in FAMILY_INFO.items()]  # a pipe inside a cell is escaped
     return "\n".join(rows)
