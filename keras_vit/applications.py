@@ -19,6 +19,9 @@ _DEFAULT_IMAGE_SIZE = 224
 # Builder arguments create_model sets itself or that the name decides; the rest are overrides.
 _SET_BY_CREATE_MODEL = ("image_size", "include_top", "pooling", "classes", "classifier_activation",
                         "include_preprocessing", "name", "input_tensor", "dtype", "variant")
+# What a weights file decides when neither the name's options nor an override did: a big_vision file (SigLIP, a
+# MAP head without class token; FlexiViT, a class token without a position-embedding row) is a ViT-B_16 too.
+_SET_BY_THE_WEIGHTS = ("classifier", "num_register_tokens", "posemb", "posemb_class_token")
 
 
 def _input_geometry(input_shape, image_size, channels, native_size=_DEFAULT_IMAGE_SIZE):
@@ -76,6 +79,8 @@ def create_model(
     short form (``keras_vit.list_models``). Other keyword arguments override the configuration
     (``dropout_rate``, ``stochastic_depth_rate``, ``representation_size``, ``gelu``, ``num_register_tokens``,
     ``classifier``, ``class_names``, ...); an unknown one is a ``TypeError`` naming the closest valid one.
+    With ``weights`` (not a ``.weights.h5``), the file decides what neither the name nor an override sets: the
+    classifier (e.g. ``"map"`` for a SigLIP image tower), register tokens and the position-embedding layout.
     ``allow_nonfinite=True`` loads weights that hold NaN or infinite values (refused by default).
     """
     unknown = set(overrides) - (set(BUILDER_ARGUMENTS) - set(_SET_BY_CREATE_MODEL))
@@ -83,6 +88,7 @@ def create_model(
         raise unknown_arguments_error(unknown, set(BUILDER_ARGUMENTS) - set(_SET_BY_CREATE_MODEL), "create_model")
     config = configs.model_config(model_name)
     official_name, variant = config.pop("name"), config.pop("variant")
+    chosen = set(overrides) | configs.options_of(model_name)
     image_size, channels, native = _input_geometry(input_shape, image_size, overrides.pop("channels", 3))
     chosen_representation = "representation_size" in overrides
     config.update(overrides)
@@ -104,9 +110,10 @@ def create_model(
     if not str(weights).endswith(".weights.h5"):
         source = loading.read(weights, variant, to_pair(native or image_size, "image size"),
                               allow_nonfinite=allow_nonfinite)
+        found = infer_config(source.arrays)
+        config.update({key: found[key] for key in _SET_BY_THE_WEIGHTS if key not in chosen})
         if not chosen_representation:
             # The pre-logits layer stays with the head it feeds; a new head (fine-tuning) drops it, as the official code.
-            found = infer_config(source.arrays)
             keeps_head = include_top and found["classes"] == classes
             config["representation_size"] = found["representation_size"] if keeps_head else None
     model = vision_transformer(input_tensor=input_tensor, **config)
@@ -124,13 +131,17 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
                              allow_nonfinite=False, **overrides):
     """Builds the model a checkpoint describes and loads it; no other argument is needed.
 
-    ``path``: an official ``.npz``, a keras_vit ``.keras`` file or an URL. The architecture (hidden size,
+    ``path``: an official ``.npz`` (google-research/vision_transformer or big_vision, the image tower of a
+    two-tower SigLIP file included), a keras_vit ``.keras`` file or an URL. The architecture (hidden size,
     layers, heads, MLP size, patch size, classifier, registers, position embeddings, representation size,
-    classes, image size from the position-embedding grid) is inferred from the arrays. ``image_size``,
-    ``classes``, ``patch_size`` and ``channels`` may differ from the checkpoint's (adapted, see
-    ``keras_vit.pretrained.adapt``). ``input_shape=(None, None, C)`` makes a model of any image size whose
-    position embeddings keep the checkpoint's grid (or ``image_size``'s). ``allow_nonfinite=True`` loads
-    arrays that hold NaN or infinite values (refused by default). Other keyword arguments are
+    classes, image size from the position-embedding grid) is inferred from the arrays. A file without a head
+    (a SigLIP image tower) gives its pooled representation (``include_top=False``, ``pooling`` = its
+    classifier, e.g. ``"map"``) unless ``classes`` asks for a new head. Fixed (sin-cos) position embeddings
+    hold no grid: pass ``image_size``. ``image_size``, ``classes``, ``patch_size`` and ``channels`` may differ
+    from the checkpoint's (adapted, see ``keras_vit.pretrained.adapt``). ``input_shape=(None, None, C)`` makes a
+    model of any image size whose position embeddings keep the checkpoint's grid (or ``image_size``'s).
+    ``allow_nonfinite=True`` loads arrays that hold NaN or infinite values (refused by default). Other keyword
+    arguments are
     ``VisionTransformer`` arguments.
     """
     unknown = set(overrides) - set(BUILDER_ARGUMENTS)
@@ -144,7 +155,9 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     if image_size is None and config["image_size"] is None:
         raise ValueError(f"{path}: the image size cannot be read off its arrays: pass image_size=(height, width).")
     if include_top and classes is None and config["classes"] is None:
-        raise ValueError(f"{path} has no head: pass classes=K for a new head, or include_top=False.")
+        # A file without a head describes its pooled representation (a SigLIP image tower: the MAP output).
+        include_top = False
+        overrides.setdefault("pooling", config["classifier"])
     if not (include_top and classes in (None, config["classes"])):
         config["representation_size"] = None  # a new head or none: the pre-logits layer goes too
     size, channels, native = _input_geometry(input_shape, image_size, config["channels"], config["image_size"])

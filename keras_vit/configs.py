@@ -143,3 +143,10 @@ def model_config(name):
     config["variant"] = f"{prefix}ViT-{match['width']}_{match['patch']}"
     config["name"] = config["variant"] + "".join(f"-{o}" for o in options)
     return config
+
+
+def options_of(name):
+    """The builder arguments that a model name's options set, e.g. ``{"classifier"}`` for ``"ViT-B_16-gap"``."""
+    config = model_config(name)
+    options = [o for o in config["name"][len(config["variant"]) :].split("-") if o]
+    return {argument for option in options for argument in _OPTIONS[option]}

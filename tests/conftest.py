@@ -64,6 +64,32 @@ def builder_kwargs(config):
     )
 
 
+# --- FlexiViT's patch resize, as big_vision's resample_patchemb computes it (models/proj/flexi/vit.py). ---
+
+def flexivit_resize_matrix(old, new):
+    """(new*new, old*old): column j is the bilinear resize of the j-th basis patch, the matrix B of FlexiViT.
+
+    Built as big_vision's ``resample_patchemb`` builds it: ``tf.image.resize(..., "bilinear")`` of each basis
+    patch (TensorFlow 2's default ``antialias=False``); independent of keras_vit's NumPy construction.
+    """
+    import tensorflow as tf
+
+    basis = np.eye(old * old).reshape(old * old, old, old, 1)
+    resized = tf.image.resize(basis, (new, new), "bilinear").numpy()
+    return resized.reshape(old * old, new * new).T.astype(np.float64)
+
+
+def grow_patches(images, old, new):
+    """Every old x old patch of (B, H, W, C) images resized on its own to new x new (``flexivit_resize_matrix``)."""
+    batch, height, width, channels = images.shape
+    gh, gw = height // old, width // old
+    patches = images.astype(np.float64).reshape(batch, gh, old, gw, old, channels).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(batch, gh, gw, old * old, channels)
+    grown = np.einsum("np,bijpc->bijnc", flexivit_resize_matrix(old, new), patches)
+    grown = grown.reshape(batch, gh, gw, new, new, channels).transpose(0, 1, 3, 2, 4, 5)
+    return grown.reshape(batch, gh * new, gw * new, channels).astype("float32")
+
+
 # --- NumPy reference of the official forward pass (float64), written from the fixture README. ---
 
 def graph_ancestors(ops):

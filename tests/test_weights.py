@@ -15,7 +15,7 @@ import pytest
 import scipy.ndimage
 
 import keras_vit
-from conftest import PLAIN_FIXTURES, REPO, builder_kwargs, fixture_path, load_reference
+from conftest import PLAIN_FIXTURES, REPO, builder_kwargs, fixture_path, flexivit_resize_matrix, grow_patches, load_reference
 from keras_vit import cli
 from keras_vit.models import official_arrays
 from keras_vit.pretrained import download, names, npz, registry
@@ -135,8 +135,10 @@ def test_registry_entries():
     for (model, family), entries in registry.REGISTRY.items():
         assert family in registry.FAMILIES and model in keras_vit.list_models()
         for entry in entries:
-            assert entry.url.startswith(registry.BUCKET) and entry.url.endswith(".npz")
-            assert entry.resolution in (224, 384) and entry.classes in (1000, registry.IN21K_CLASSES)
+            assert entry.url.startswith((registry.BUCKET, registry.BIG_VISION_BUCKET)) and entry.url.endswith(".npz")
+            assert entry.preprocessing.startswith("(pixels - 127.5) / 127.5")
+            if entry.url.startswith(registry.BUCKET):  # the 2020 files (big_vision's: tests/test_big_vision.py)
+                assert entry.resolution in (224, 384) and entry.classes in (1000, registry.IN21K_CLASSES)
     assert registry.resolve("ViT-B_16", "imagenet21k+imagenet2012", 384).url.endswith("%2Bimagenet2012/ViT-B_16.npz")
     assert registry.resolve("ViT-B_16", "imagenet21k+imagenet2012", 224).url.endswith("ViT-B_16-224.npz")
     with pytest.raises(ValueError, match="No 'sam' weights were released for ViT-Ti_16. Available: augreg_in21k"):
@@ -478,24 +480,10 @@ def test_hybrid_root_convolution_is_adapted_to_the_input_channels():
     np.testing.assert_array_equal(n(model.get_layer("embedding").kernel), arrays["embedding/kernel"])
 
 
-def _np_resize_matrix(old, new):
-    """(new*new, old*old): column j is the bilinear resize of the j-th basis patch, an independent B.
-
-    ``tf.image.resize(..., "bilinear", antialias=True)`` is TensorFlow's scale-and-translate
-    resize, the algorithm ``jax.image.resize(..., "bilinear")`` (what FlexiViT uses) was ported
-    from; it needs no optional dependency.
-    """
-    import tensorflow as tf
-
-    basis = np.eye(old * old).reshape(old * old, old, old, 1)
-    resized = tf.image.resize(basis, (new, new), "bilinear", antialias=True).numpy()
-    return resized.reshape(old * old, new * new).T.astype(np.float64)
-
-
 @pytest.mark.parametrize("old, new", [(4, 8), (4, 6), (8, 4), (16, 10)])
 def test_patch_kernel_resampling_is_flexivits_pseudo_inverse(old, new):
     kernel = np.random.default_rng(0).normal(size=(old, old, 3, 5)).astype("float32")
-    resize = _np_resize_matrix(old, new)
+    resize = flexivit_resize_matrix(old, new)
     expected = (np.linalg.pinv(resize.T) @ kernel.reshape(old * old, -1).astype(np.float64)).reshape(new, new, 3, 5)
     resampled = keras_vit.resample_patch_kernel(kernel, (new, new))
     assert resampled.dtype == np.float32
@@ -510,19 +498,9 @@ def test_patch_kernel_resampling_is_flexivits_pseudo_inverse(old, new):
         )
 
 
-def _grow_patches(images, old, new):
-    """Resizes every old x old patch of (B, H, W, C) images to new x new (bilinear, antialiased), patch by patch."""
-    batch, height, width, channels = images.shape
-    resize = _np_resize_matrix(old, new)
-    grid = images.reshape(batch, height // old, old, width // old, old, channels).transpose(0, 1, 3, 2, 4, 5)
-    grown = np.einsum("np,bijpc->bijnc", resize, grid.reshape(batch, height // old, width // old, old * old, channels))
-    grown = grown.reshape(batch, height // old, width // old, new, new, channels).transpose(0, 1, 3, 2, 4, 5)
-    return grown.reshape(batch, height // old * new, width // old * new, channels).astype("float32")
-
-
 def test_a_model_at_another_patch_size_answers_the_same_on_grown_patches(caplog):
     ref, _ = load_reference("vit_tiny_token")
-    grown = _grow_patches(ref["images"].astype(np.float64), 4, 8)
+    grown = grow_patches(ref["images"].astype(np.float64), 4, 8)
     with caplog.at_level("INFO", logger="keras_vit.pretrained.adapt"):
         model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), patch_size=8, image_size=64)
     assert any("Resampled the patch-embedding kernel from 4x4 to 8x8" in r.getMessage() for r in caplog.records)
@@ -537,7 +515,7 @@ def test_interpolate_tool_resamples_the_patch_kernel(tmp_path):
     assert result.returncode == 0, result.stderr
     model = keras_vit.from_official_checkpoint(tmp_path / "p8.npz")
     assert model.get_layer("embedding").patch_size == (8, 8) and model.grid == (8, 8)
-    grown = _grow_patches(ref["images"].astype(np.float64), 4, 8)
+    grown = grow_patches(ref["images"].astype(np.float64), 4, 8)
     np.testing.assert_allclose(model.predict(grown, verbose=0), ref["logits"], atol=1e-4)
 
 

@@ -6,7 +6,9 @@ the pre-Linen numbering (``LayerNorm_0``, ``MultiHeadDotProductAttention_1``,
 ``LayerNorm_2``, ``MlpBlock_3``); files written by the Linen code use
 ``LayerNorm_0``, ``MultiHeadDotProductAttention_0``, ``LayerNorm_1``,
 ``MlpBlock_0``. Both are accepted, as are ``opt/target/`` and ``params/``
-prefixes.
+prefixes and big_vision's layouts: the stacked ``scan`` layout
+(``Transformer/encoderblock/...`` with a leading layer axis) and the image tower of a
+two-tower (SigLIP, LiT) checkpoint (``img/...``).
 
 The layers of a keras_vit model declare their weights' official names within their scope
 (``official_weights()``); ``official_scope`` gives a top-level layer's scope.
@@ -30,6 +32,8 @@ BLOCK_KEY = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)/(.*)$")
 UNIT_KEY = re.compile(r"^block(\d+)/unit(\d+)/")
 POSEMB = "Transformer/posembed_input/pos_embedding"
 _BIG_VISION_POSEMB = "pos_embedding"  # big_vision keeps the table at the top level, without a class-token row
+_SCAN_BLOCK = "Transformer/encoderblock/"  # big_vision's scan layout: every block's arrays stacked on a leading axis
+_IMAGE_TOWER = "img/"  # the image tower of a big_vision two-tower (SigLIP, LiT) checkpoint; txt/, t and b are not
 _LISTED = 5  # names shown per kind in a mismatch message
 
 
@@ -67,13 +71,15 @@ class CheckpointMismatchError(ValueError):
 
 
 def normalize_names(arrays):
-    """Maps checkpoint arrays to the canonical (released, pre-Linen) names and float arrays.
+    """Maps checkpoint arrays to the canonical (released, pre-Linen, one array per block) names and float arrays.
 
-    Strips ``opt/target/`` and ``params/`` prefixes, drops optimizer state
-    (``opt/state/...``), renames Linen block
-    submodules to their pre-Linen names and big_vision's top-level ``pos_embedding`` to the 2020 name,
-    widens bfloat16 bit patterns and
-    flattens GroupNorm parameters stored as (1, 1, 1, C) to (C,). Returns a new dict.
+    In order: strips ``opt/target/`` and ``params/`` prefixes and drops optimizer state (``opt/state/...``);
+    keeps only the image tower of a two-tower checkpoint (``img/...``; the text tower ``txt/...`` and the
+    temperature and bias ``t``, ``b`` are dropped); widens bfloat16 bit patterns; unstacks big_vision's ``scan``
+    layout (``Transformer/encoderblock/X`` shaped (L, ...) -> ``Transformer/encoderblock_{i}/X``); renames Linen
+    block submodules to their pre-Linen names and big_vision's top-level ``pos_embedding`` to the 2020 name;
+    flattens GroupNorm parameters stored as (1, 1, 1, C) to (C,). Returns a new dict; a scan layout whose arrays
+    disagree on the number of layers is a ``ValueError``.
     """
     stripped = {}
     for name, array in arrays.items():
@@ -83,22 +89,48 @@ def normalize_names(arrays):
             if name.startswith(prefix):
                 name = name[len(prefix) :]
                 break
+        stripped[name] = array
+    if any(name.startswith(_IMAGE_TOWER) for name in stripped):
+        stripped = {name.removeprefix(_IMAGE_TOWER): array for name, array in stripped.items()
+                    if name.startswith(_IMAGE_TOWER)}
+    decoded = {}
+    for name, array in _unstack_scan({name: decode_array(array) for name, array in stripped.items()}).items():
         if name == _BIG_VISION_POSEMB:
             name = POSEMB
-        array = decode_array(array)
         if _GROUP_NORM_KEY.search(name) and array.ndim == 4:
             array = array.reshape(-1)
-        stripped[name] = array
+        decoded[name] = array
     linen_blocks = {
-        m[1] for m in map(BLOCK_KEY.match, stripped) if m and m[2] in ("MultiHeadDotProductAttention_0", "MlpBlock_0")
+        m[1] for m in map(BLOCK_KEY.match, decoded) if m and m[2] in ("MultiHeadDotProductAttention_0", "MlpBlock_0")
     }
     normalized = {}
-    for name, array in stripped.items():
+    for name, array in decoded.items():
         match = BLOCK_KEY.match(name)
         if match and match[1] in linen_blocks:
             name = f"{match[1]}/{_LINEN_TO_PRE_LINEN.get(match[2], match[2])}/{match[3]}"
         normalized[name] = array
     return normalized
+
+
+def _unstack_scan(arrays):
+    """big_vision's stacked blocks ``Transformer/encoderblock/X`` (L, ...) as ``Transformer/encoderblock_{i}/X``."""
+    stacked = {name: array for name, array in arrays.items() if name.startswith(_SCAN_BLOCK)}
+    if not stacked:
+        return arrays
+    depths = {int(array.shape[0]) if array.ndim else 0 for array in stacked.values()}
+    if len(depths) != 1 or 0 in depths:
+        raise ValueError(
+            f"The stacked encoder blocks ({_SCAN_BLOCK}...) of this checkpoint disagree on the number of layers "
+            f"(leading axes {sorted(depths)}): the file is damaged or not a big_vision checkpoint."
+        )
+    unstacked = {name: array for name, array in arrays.items() if name not in stacked}
+    for name, array in stacked.items():
+        for i in range(array.shape[0]):
+            block_name = f"Transformer/encoderblock_{i}/{name[len(_SCAN_BLOCK):]}"
+            if block_name in unstacked:
+                raise ValueError(f"The checkpoint holds {block_name} both stacked ({name}) and on its own.")
+            unstacked[block_name] = array[i]
+    return unstacked
 
 
 def mismatch(shapes, arrays):

@@ -1,15 +1,19 @@
 """The registry of official checkpoints: which file serves a model name and a weights family.
 
 ``resolve(model_name, family, image_size)`` picks the entry for an official
-model name and a family (``"imagenet21k"``, ``"augreg_in21k_ft_in1k"``, ...),
-preferring the file whose native resolution equals the requested one. Nothing
-here downloads or builds anything.
+model name and a family (``"imagenet21k"``, ``"augreg_in21k_ft_in1k"``,
+``"siglip2_webli"``, ...), preferring the file whose native resolution equals
+the requested one. ``FAMILY_INFO`` says per family who released the files, where
+their names come from and what input they expect. Nothing here downloads or
+builds anything.
 """
 
 import dataclasses
 import urllib.parse
 
-BUCKET = "https://storage.googleapis.com/vit_models/"
+_STORAGE = "https://storage.googleapis.com/"  # serves gs://BUCKET/PATH as _STORAGE + BUCKET/PATH
+BUCKET = _STORAGE + "vit_models/"
+BIG_VISION_BUCKET = _STORAGE + "big_vision/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,9 +26,9 @@ class PretrainedWeights:
 
     path: str  # under BUCKET, or a full URL
     resolution: int  # native square resolution, px
-    classes: int  # outputs of the stored head (the 2020 imagenet21k heads are zeroed)
-    sha256: str | None = None  # verified after download when known; the bucket publishes none
-    preprocessing: str = "(pixels - 127.5) / 127.5"  # to [-1, 1], for every official checkpoint
+    classes: int | None  # outputs of the stored head (the 2020 imagenet21k heads are zeroed); None: no head
+    sha256: str | None = None  # verified after download when known; the buckets publish none
+    preprocessing: str = "(pixels - 127.5) / 127.5"  # to [-1, 1]; the family's FAMILY_INFO entry says more
     upstream: str | None = None  # a fine-tune's pre-training run (the augreg file stem), when known
 
     @property
@@ -102,12 +106,101 @@ _AUGREG_IN1K = {
 }
 
 
+# big_vision (gs://big_vision): FlexiViT (Beyer et al. 2023), file names from big_vision's
+# configs/proj/flexivit/README.md (and VANITY_NAMES of models/proj/flexi/vit.py). A FlexiViT file holds one
+# patch-embedding kernel and a 7x7 position-embedding grid (posemb_size) for 240 px; it serves every patch size of
+# its width: loading resamples the kernel (FlexiViT's pseudo-inverse resize) and interpolates the grid.
+_FLEXIVIT = {  # width: (file of the recommended ImageNet-1k model, 1200 epochs; keras_vit variants of that width)
+    "S": ("flexivit/flexivit_s_i1k.npz", ("ViT-S_16", "ViT-S_32")),
+    "B": ("flexivit/flexivit_b_i1k.npz", ("ViT-B_8", "ViT-B_16", "ViT-B_32")),
+    "L": ("flexivit/flexivit_l_i1k.npz", ("ViT-L_16", "ViT-L_32")),
+}
+# ImageNet-21k FlexiViT-B, 1000 epochs: "Should be the best available -B model" (the paper used the 300ep file).
+_FLEXIVIT_I21K = "flexivit/flexivit_b_i21k_1000ep.npz"
+# SigLIP image towers (two-tower files; keras_vit reads params/img/ and ignores the text tower): file names from
+# big_vision's configs/proj/image_text/SigLIP_demo.ipynb (gs://big_vision/siglip/). (variant, resolution): file.
+_SIGLIP = {
+    ("ViT-B_16", 224): "siglip/webli_en_b16_224_63724782.npz",
+    ("ViT-B_16", 256): "siglip/webli_en_b16_256_60500360.npz",
+    ("ViT-B_16", 384): "siglip/webli_en_b16_384_68578854.npz",
+    ("ViT-B_16", 512): "siglip/webli_en_b16_512_68580893.npz",
+    ("ViT-L_16", 256): "siglip/webli_en_l16_256_60552751.npz",
+    ("ViT-L_16", 384): "siglip/webli_en_l16_384_63634585.npz",
+}
+_SIGLIP_I18N = {("ViT-B_16", 256): "siglip/webli_i18n_b16_256_66117334.npz"}
+# SigLIP 2 (stacked "scan" layout), file names from big_vision's configs/proj/image_text/README_siglip2.md.
+_SIGLIP2 = {
+    ("ViT-B_32", 256): "siglip2/siglip2_b32_256.npz",
+    ("ViT-B_16", 224): "siglip2/siglip2_b16_224.npz",
+    ("ViT-B_16", 256): "siglip2/siglip2_b16_256.npz",
+    ("ViT-B_16", 384): "siglip2/siglip2_b16_384.npz",
+    ("ViT-B_16", 512): "siglip2/siglip2_b16_512.npz",
+    ("ViT-L_16", 256): "siglip2/siglip2_l16_256.npz",
+    ("ViT-L_16", 384): "siglip2/siglip2_l16_384.npz",
+    ("ViT-L_16", 512): "siglip2/siglip2_l16_512.npz",
+}
+# Left out of the big_vision families (no keras_vit variant, so no constructor and no family resolves to them):
+# SigLIP So400m/14 and So400m/16 (width 1152, depth 27, MLP 4304, 16 heads) and SigLIP 2 g-opt/16 (width 1536,
+# depth 40, MLP 6144). keras_vit builds these geometries from the file: keras_vit.from_official_checkpoint(URL)
+# infers them (untested on the real files). So400m/14 at 384 px has a 27x27 grid: big_vision's VALID patch
+# convolution ignores the last 6 pixels, keras_vit takes 378 x 378 images. The NaFlex files
+# (siglip2_*_naflex.npz) need another patch and position embedding (naflex_vit.py): not supported.
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Who released a family's files, where their names come from, and the input they expect."""
+
+    source: str
+    preprocessing: str
+
+
+# Not verified offline (no network here): that every big_vision file exists under these names and how each is laid
+# out. What the code says: vit.py's names (read like big_vision's fixtures, ../shared/fixtures/big_vision_vit),
+# SigLIP files in the per-block layout, SigLIP 2 files stacked ("scan"), both as two-tower files (params/img/, no
+# image head); FlexiViT files as proj/flexi/vit.py writes them (a class token, a 7x7 table without a class-token
+# row, a patch kernel of the training config's size: 16x16 in i1k_deit3_distill.py, 8x8 in i21k_sup.py).
+_PAPER_INPUT = "(pixels - 127.5) / 127.5"
+_SIGLIP_INPUT = (f"{_PAPER_INPUT} as ViT, after resizing the whole image to R x R (no crop): "
+                 "resize(R)|value_range(-1, 1)")
+FAMILY_INFO = {
+    "imagenet21k": Family("google-research/vision_transformer (gs://vit_models)", _PAPER_INPUT),
+    "imagenet21k+imagenet2012": Family("google-research/vision_transformer (gs://vit_models)", _PAPER_INPUT),
+    "augreg_in21k": Family("AugReg, google-research/vision_transformer README (gs://vit_models/augreg)", _PAPER_INPUT),
+    "augreg_in21k_ft_in1k": Family("AugReg, google-research/vision_transformer README", _PAPER_INPUT),
+    "augreg_in1k": Family("AugReg, google-research/vision_transformer README", _PAPER_INPUT),
+    "sam": Family("google-research/vision_transformer README (gs://vit_models/sam)", _PAPER_INPUT),
+    "flexivit_i1k": Family(
+        "FlexiViT, big_vision configs/proj/flexivit/README.md (gs://big_vision/flexivit)",
+        f"{_PAPER_INPUT}; evaluated at 240 px after resizing to 274 x 274 and a central crop "
+        "(i1k_deit3_distill.py: resize(res//7*8)|central_crop(res)|value_range(-1, 1))",
+    ),
+    "flexivit_i21k": Family(
+        "FlexiViT, big_vision configs/proj/flexivit/README.md (gs://big_vision/flexivit)",
+        f"{_PAPER_INPUT}; evaluated at 240 px after resizing the shorter side to 274 and a central crop "
+        "(i21k_sup.py: resize_small(res//7*8)|central_crop(res)|value_range(-1, 1))",
+    ),
+    "siglip_webli": Family(
+        "SigLIP, big_vision configs/proj/image_text/SigLIP_demo.ipynb (gs://big_vision/siglip)", _SIGLIP_INPUT
+    ),
+    "siglip_webli_i18n": Family(
+        "multilingual SigLIP, big_vision configs/proj/image_text/SigLIP_demo.ipynb (gs://big_vision/siglip)",
+        _SIGLIP_INPUT,
+    ),
+    "siglip2_webli": Family(
+        "SigLIP 2, big_vision configs/proj/image_text/README_siglip2.md (gs://big_vision/siglip2)", _SIGLIP_INPUT
+    ),
+}
+FAMILIES = tuple(FAMILY_INFO)
+
+
 def _build_registry():
     """{(official model name, family): [PretrainedWeights, ...]} from the tables above."""
     registry = {}
 
     def add(model, family, path, resolution, classes, upstream=None):
-        entry = PretrainedWeights(path, resolution, classes, upstream=upstream)
+        entry = PretrainedWeights(path, resolution, classes, preprocessing=FAMILY_INFO[family].preprocessing,
+                                  upstream=upstream)
         registry.setdefault((model, family), []).append(entry)
 
     for model in (
@@ -133,11 +226,18 @@ def _build_registry():
     # full Flax optimizer checkpoint (opt/target parameters plus Adam's two moments under opt/state) would weigh;
     # its arrays could not be inspected here (no network). keras_vit ignores opt/state/ arrays, so if that is
     # what it holds, the file loads by path or URL (weights="https://storage.googleapis.com/vit_models/sam/...").
+    for path, models in _FLEXIVIT.values():
+        for model in models:
+            add(model, "flexivit_i1k", BIG_VISION_BUCKET + path, 240, 1000)
+    for model in ("ViT-B_8", "ViT-B_16", "ViT-B_32"):
+        add(model, "flexivit_i21k", BIG_VISION_BUCKET + _FLEXIVIT_I21K, 240, IN21K_CLASSES)
+    for family, files in (("siglip_webli", _SIGLIP), ("siglip_webli_i18n", _SIGLIP_I18N), ("siglip2_webli", _SIGLIP2)):
+        for (model, resolution), path in files.items():
+            add(model, family, BIG_VISION_BUCKET + path, resolution, None)  # image towers have no head
     return registry
 
 
 REGISTRY = _build_registry()
-FAMILIES = ("imagenet21k", "imagenet21k+imagenet2012", "augreg_in21k", "augreg_in21k_ft_in1k", "augreg_in1k", "sam")
 
 
 def families_for(model_name):
@@ -173,7 +273,7 @@ def differs_from_augreg_in21k(model_name, entry):
 
 
 def weights_table():
-    """The README's weights table (Markdown), generated from the registry: one row per file."""
+    """The README's weights tables (Markdown), generated from the registry: one row per file, then one per family."""
     rows = ["| Model | Family | Resolution | Classes | File | Upstream run |", "|---|---|---|---|---|---|"]
     for (model, family), entries in REGISTRY.items():
         for entry in entries:
@@ -184,7 +284,10 @@ def weights_table():
                     if family == "augreg_in21k_ft_in1k" and differs_from_augreg_in21k(model, entry)
                     else ""
                 )
-            rows.append(
-                f"| {model} | {family} | {entry.resolution} | {entry.classes} | `{entry.path}` | {upstream} |"
-            )
+            classes = "none (image tower)" if entry.classes is None else entry.classes
+            path = "gs://" + entry.path.removeprefix(_STORAGE) if entry.path.startswith(_STORAGE) else entry.path
+            rows.append(f"| {model} | {family} | {entry.resolution} | {classes} | `{path}` | {upstream} |")
+    rows += ["", "| Family | Released by | Input |", "|---|---|---|"]
+    rows += [f"| {family} | {info.source} | {info.preprocessing.replace('|', chr(92) + '|')} |"
+             for family, info in FAMILY_INFO.items()]  # a pipe inside a cell is escaped
     return "\n".join(rows)

@@ -51,18 +51,16 @@ def interpolate_posemb(posemb, target_grid, num_prefix_tokens=1, source_grid=Non
 
 
 def bilinear_resize_matrix(old, new):
-    """(new, old) matrix of 1-D bilinear resizing with half-pixel centres, antialiased when shrinking.
+    """(new, old) matrix of 1-D bilinear resizing with half-pixel centres and no antialiasing.
 
-    The weights of ``jax.image.resize(..., "bilinear")``: output sample i sits
-    at input coordinate ``(i + 0.5) * old / new - 0.5`` and takes a triangle
-    kernel of the input samples, widened by ``old / new`` when shrinking;
-    each row is normalised over the samples inside the input.
+    The weights of ``tf.image.resize(..., "bilinear")`` (TensorFlow 2's default ``antialias=False``), the resize
+    FlexiViT's ``resample_patchemb`` builds its matrix from (big_vision ``models/proj/flexi/vit.py``): output
+    sample i sits at input coordinate ``(i + 0.5) * old / new - 0.5`` and interpolates the two input samples
+    around it (the nearest one at the borders), whether growing or shrinking.
     """
-    scale = new / old
-    kernel_scale = min(scale, 1.0)
-    centres = (np.arange(new) + 0.5) / scale - 0.5
+    centres = (np.arange(new) + 0.5) * (old / new) - 0.5
     distance = np.arange(old)[None, :] - centres[:, None]
-    weights = np.maximum(0.0, 1.0 - np.abs(distance) * kernel_scale)
+    weights = np.maximum(0.0, 1.0 - np.abs(distance))
     return weights / weights.sum(axis=1, keepdims=True)
 
 
@@ -74,7 +72,8 @@ def resample_patch_kernel(kernel, new_size):
     filter w: the kernel whose tokens of resized patches best match the old
     tokens of the original patches, ``<x, w> = <B x, w_new>`` (exactly when
     growing the patch). Beyer et al., "FlexiViT: One Model for All Patch
-    Sizes", 2023, section 3.4.
+    Sizes", 2023, section 3.4; the same matrix as big_vision's
+    ``resample_patchemb``.
     """
     kernel = np.asarray(kernel)
     old, new = tuple(kernel.shape[:2]), tuple(new_size)
