@@ -300,3 +300,16 @@ def _randaugment_layer(num_ops, magnitude, seed):
     return keras.layers.RandAugment(
         value_range=(0, 255), num_ops=num_ops, factor=magnitude / 10.0, seed=seed
     )
+
+
+def require_examples(dataset, name="the evaluation dataset"):
+    """Raises ``ValueError`` naming ``name`` when the finite ``dataset`` yields nothing (an accuracy would be 0/0).
+
+    Reads the cardinality; when it is unknown, takes one element.
+    """
+    cardinality = int(dataset.cardinality())
+    empty = cardinality == 0 or (
+        cardinality == tf.data.UNKNOWN_CARDINALITY and not any(True for _ in dataset.take(1))
+    )
+    if empty:
+        raise ValueError(f"{name} holds no examples: its accuracy would be 0/0. Give one with examples.")
