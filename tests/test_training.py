@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import keras_vit
 from conftest import REPO, graph_ancestors
-from keras_vit.train import checkpointing, distribute, trainer as training
+from keras_vit.train import checkpointing, distribute, optimization, trainer as training
 
 HELPER = Path(__file__).parent / "helpers" / "run_recipe.py"
 
@@ -36,12 +36,12 @@ def official_lr(step, base, total, warmup, decay, linear_end=1e-5):
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
 @pytest.mark.parametrize("warmup", [0, 500])
 def test_schedule_equals_the_official_formula(decay, warmup):
-    schedule = training.WarmupDecay(0.03, 10_000, warmup, decay)
+    schedule = optimization.WarmupDecay(0.03, 10_000, warmup, decay)
     for step in (1, 2, 250, 499, 500, 501, 1000, 5000, 9999, 10_000, 12_000):
         expected = official_lr(step, 0.03, 10_000, warmup, decay)
         assert float(schedule(step - 1)) == pytest.approx(expected, rel=1e-5, abs=1e-9), step
     config = schedule.get_config()
-    assert training.WarmupDecay.from_config(config).get_config() == config
+    assert optimization.WarmupDecay.from_config(config).get_config() == config
 
 
 def _tiny_classifier():
@@ -92,7 +92,7 @@ def test_update_computes_nothing_weight_sized_before_the_gradients_exist():
     # not read them (the decoupled weight decay's variable-sized products) while that call holds the step's
     # activations. Every weight-shaped tensor the update computes must depend on the call.
     model = _tiny_classifier()
-    optimizer = training.make_optimizer("adam", 1e-3, weight_decay=0.1)
+    optimizer = optimization.make_optimizer("adam", 1e-3, weight_decay=0.1)
     trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, jit_compile=True)
     images, labels = _batch()
     graph = tf.function(trainer._replica_step).get_concrete_function(
@@ -210,7 +210,7 @@ def test_mixed_precision_training_steps(policy):
     keras.config.set_dtype_policy(policy)
     try:
         model = _tiny_classifier()
-        optimizer = training.make_optimizer("sgd", 0.1, loss_scale=policy == "mixed_float16")
+        optimizer = optimization.make_optimizer("sgd", 0.1, loss_scale=policy == "mixed_float16")
         trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, grad_clip=1.0, jit_compile=False)
         before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
         images, labels = _batch()

@@ -11,8 +11,9 @@ one-hot labels float32 (B, K))``:
 * pixels to [-1, 1] with ``(x - 127.5) / 127.5``, as the official pipeline.
 
 Training randomness is stateless and keyed by (seed, position in the
-stream), so a pipeline is deterministic for a seed and a resumed run can
-skip the batches already seen and get exactly the same stream.
+stream), and every iterator of a pipeline starts its shuffle from the seed,
+so a pipeline is deterministic for a seed however often it is iterated, and
+a resumed run can skip the batches already seen and get exactly the same stream.
 """
 
 import dataclasses
@@ -270,8 +271,12 @@ def pipeline(
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
     buffer = min(shuffle_buffer, source.num_examples or shuffle_buffer)
-    dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.repeat().enumerate()
+    source_dataset = dataset
+    # A new order every pass. Made inside flat_map, the shuffle starts from its seed in every iterator, so the
+    # stream is a function of the position alone however often it is iterated (model.fit looks at a batch first).
+    dataset = tf.data.Dataset.from_tensors(0).flat_map(
+        lambda _: source_dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ).enumerate()
     if skip_batches:
         dataset = dataset.skip(skip_batches * batch_size)  # before augmentation: positions keep their seeds
 

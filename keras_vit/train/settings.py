@@ -282,13 +282,17 @@ class SettingError(ValueError):
     """A setting (or a relation between settings) is not allowed; the message is one line naming it."""
 
 
+# Names other trainers give some settings.
+OTHER_NAMES = {"learning_rate": "base_lr", "lr": "base_lr", "epochs": "steps", "clipnorm": "grad_clip", "mixup": "mixup_alpha"}
+
+
 class UnknownSettingError(SettingError):
     """A preset or override names a setting the schema does not have; ``name`` and ``suggestion`` say which."""
 
     def __init__(self, name, where):
         self.name = name
         close = difflib.get_close_matches(name, SETTINGS, n=1)
-        self.suggestion = close[0] if close else None
+        self.suggestion = OTHER_NAMES.get(name) or (close[0] if close else None)
         hint = f" Did you mean {self.suggestion!r}?" if self.suggestion else ""
         super().__init__(f"Unknown setting {name!r} {where}.{hint} Settings: {', '.join(sorted(SETTINGS))}.")
 
