@@ -23,6 +23,14 @@ TUNERS = ("bayesian", "hyperband", "random")  # sorted(keras_vit.train.tuning.TU
 TRIAL_METRICS = ("val_accuracy", "train_accuracy", "train_loss")  # keras_vit.train.tuning.TRIAL_METRICS
 
 
+class RetracingNotice(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning: every trial builds a new model and traces its
+    own training functions, which TensorFlow counts as retracing one function; its advice does not apply."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 def parse_space(items, path):
     from keras_vit.train import settings
 
@@ -89,6 +97,7 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="key=value settings of the base recipe")
     args = parser.parse_args(argv)
     _launch.quiet_start()
+    logging.getLogger("tensorflow").addFilter(RetracingNotice())
     from keras_vit.train import building, settings, tuning
 
     defaults = settings.FINETUNE if args.space == "finetune" else settings.PRETRAIN

@@ -279,7 +279,7 @@ def test_a_real_change_to_a_version_1_folder_is_refused_in_one_line(tmp_path):
 
 def test_an_official_npz_without_a_model_setting_gives_the_architecture(tmp_path):
     npz = str(fixture_path("vit_tiny_token", "ckpt"))
-    config = _tiny(tmp_path, f"weights={npz}", "model=null", 'model_overrides={"channels": 1}', "image_size=16", "steps=2", "eval_every=2", "checkpoint_every=2")
+    config = _tiny(tmp_path, f"weights={npz}", "model=null", 'model_overrides={"channels": 1}', "image_size=16", "steps=2", "warmup_steps=1", "eval_every=2", "checkpoint_every=2")
     assert config["model"] is None
     report = runner.run(config)
     expected = keras_vit.from_official_checkpoint(npz, image_size=16, classes=10, channels=1)

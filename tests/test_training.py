@@ -87,6 +87,39 @@ def test_gradient_accumulation_equals_the_full_batch_update():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def _trainer_of(model, **kwargs):
+    return training.Trainer(model, keras.optimizers.SGD(0.5), tf.distribute.get_strategy(), 8, jit_compile=False, **kwargs)
+
+
+def test_integer_labels_train_as_their_one_hot_labels():
+    images, one_hot = _batch()
+    ids = one_hot.argmax(1)
+    results = []
+    for labels in (one_hot, ids.astype("int32"), ids[:, None].astype("int64")):
+        trainer = _trainer_of(_tiny_classifier(), label_smoothing=0.1)
+        data = tf.data.Dataset.from_tensors((images, labels))
+        history = trainer.fit(data.repeat(), 2, eval_dataset=data, eval_every=1).history
+        results.append((history["loss"], history["val_accuracy"], [keras.ops.convert_to_numpy(v) for v in trainer.model.trainable_variables]))
+    for loss, accuracy, weights in results[1:]:
+        assert loss == results[0][0] and accuracy == results[0][1]
+        for a, b in zip(weights, results[0][2]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_an_empty_evaluation_dataset_is_refused_before_the_first_step():
+    images, labels = _batch()
+    trainer = _trainer_of(_tiny_classifier())
+    train = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    for empty in (tf.data.Dataset.from_tensor_slices((images[:0], labels[:0])).batch(4),
+                  tf.data.Dataset.from_tensor_slices((images, labels)).filter(lambda x, y: False).batch(4)):  # cardinality unknown
+        with pytest.raises(ValueError) as raised:
+            trainer.fit(train, 2, eval_dataset=empty)
+        assert "eval_dataset holds no examples" in str(raised.value)
+        assert int(keras.ops.convert_to_numpy(trainer.optimizer.iterations)) == 0
+        with pytest.raises(ValueError):
+            trainer.evaluate(empty)
+
+
 def test_update_computes_nothing_weight_sized_before_the_gradients_exist():
     # Under XLA the gradients come from one call; the graph executor would start the update's parts that do
     # not read them (the decoupled weight decay's variable-sized products) while that call holds the step's
@@ -122,7 +155,8 @@ def test_default_strategy_is_logged(caplog):
         finally:
             logger.removeHandler(caplog.handler)
     assert strategy.num_replicas_in_sync == 1
-    assert "Strategy: _DefaultDistributionStrategy (no TPU, no cluster, at most one GPU), 1 replica(s)." in caplog.text
+    (line,) = {r.getMessage() for r in caplog.records if r.name == "keras_vit.train.distribute"}
+    assert "_DefaultDistributionStrategy" in line and "1 replica" in line
 
 
 def _free_port():
@@ -133,8 +167,10 @@ def _free_port():
 
 def test_unreachable_tpu_fails_fast():
     start = time.monotonic()
-    with pytest.raises(ConnectionError, match=r"TPU at grpc://127.0.0.1:\d+ cannot be reached"):
-        distribute.get_strategy("tpu", tpu=f"grpc://127.0.0.1:{_free_port()}", timeout=2)
+    address = f"grpc://127.0.0.1:{_free_port()}"
+    with pytest.raises(ConnectionError) as raised:
+        distribute.get_strategy("tpu", tpu=address, timeout=2)
+    assert address in str(raised.value) and "\n" not in str(raised.value)
     assert time.monotonic() - start < 10
 
 
@@ -156,6 +192,7 @@ def _checkpoint_weights(folder):
     return checkpointing.read(checkpointing.CheckpointManager(folder).latest_checkpoint, "model")
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_cpu_devices(tmp_path):
     output = _finish(_helper(["--logical-cpus", "2", "strategy=mirrored", f"output_dir={tmp_path}"]))
     assert "replicas=2" in output and "strategy=MirroredStrategy" in output
@@ -164,6 +201,7 @@ def test_mirrored_strategy_over_two_cpu_devices(tmp_path):
     assert keras.models.load_model(tmp_path / "model.keras").output.shape == (None, 10)
 
 
+@pytest.mark.slow
 def test_multi_worker_mirrored_two_processes_end_identical(tmp_path):
     ports = [_free_port(), _free_port()]
     workers = []
@@ -180,6 +218,7 @@ def test_multi_worker_mirrored_two_processes_end_identical(tmp_path):
     assert (tmp_path / "model.keras").exists() and not list((tmp_path / "checkpoints" / "workers").rglob("*.keras"))
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_resumes_and_ends_with_the_uninterrupted_weights(tmp_path):
     settings = ["deterministic=true", "steps=12"]
     reference = tmp_path / "uninterrupted"
