@@ -5,11 +5,13 @@ arguments with this module first (plain Python: ``--help`` answers at once) and 
 ``quiet_start`` then imports TensorFlow with its native start-up notices filtered out of stderr (the oneDNN
 and CPU-instruction notices, and on a machine without CUDA drivers the missing-driver notice and the
 ``cuInit`` error that follows it), which ``TF_CPP_MIN_LOG_LEVEL`` cannot silence because TensorFlow writes
-them before its logging starts. Every other line written during the import is shown as written.
+them before its logging starts. Every other line written during the import is shown as written. On JAX, its
+warning that no TPU library is installed is left out too.
 """
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -22,6 +24,12 @@ START_UP_NOTICES = (
 )
 NO_CUDA_DRIVER = "Could not find cuda drivers on your machine"
 NO_CUDA_ERRORS = ("failed call to cuInit",)
+NO_TPU_NOTICE = "Unable to initialize backend 'tpu'"  # JAX, on every machine without a TPU library
+
+
+class _NoTpuNotice(logging.Filter):
+    def filter(self, record):
+        return NO_TPU_NOTICE not in record.getMessage()
 
 
 def is_start_up_notice(line, without_driver):
@@ -53,6 +61,7 @@ def _native_stderr_filtered():
 def quiet_start():
     """Starts TensorFlow (when the Keras backend or the data pipelines need it) without its start-up notices."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    logging.getLogger("jax._src.xla_bridge").addFilter(_NoTpuNotice())
     with _native_stderr_filtered():
         import tensorflow as tf
 
@@ -80,4 +89,4 @@ def run_recipe(defaults_name, description, argv=None):
     quiet_start()
     from keras_vit.train import command_line
 
-    return command_line.run_recipe(defaults_name, args, parser.error)
+    return command_line.recipe_main(defaults_name, args, parser.error)

@@ -76,7 +76,7 @@ def _command(*argv):
     out, err = [], []
     with contextlib.redirect_stdout(_Writer(out)), contextlib.redirect_stderr(_Writer(err)):
         try:
-            code = command_line.run_recipe("finetune", parser.parse_args(list(argv)), error)
+            code = command_line.recipe_main("finetune", parser.parse_args(list(argv)), error)
         except SystemExit as stop:
             code, message = stop.code
             err.append(message)

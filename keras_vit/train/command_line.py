@@ -14,7 +14,7 @@ from keras_vit.train import run_folder, runner, settings
 RECIPE_DEFAULTS = {"finetune": settings.FINETUNE, "pretrain": settings.PRETRAIN, "pretrain_ssl": settings.PRETRAIN_SSL}
 
 
-def run_recipe(recipe, args, error):
+def recipe_main(recipe, args, error):
     """Runs ``recipe`` (a key of ``RECIPE_DEFAULTS``) with parsed ``args`` (``preset``, ``output_dir``,
     ``print_config``, ``list_settings``, ``overrides``); ``error(message)`` reports a wrong command line
     (argparse's ``parser.error``: exit status 2). Returns the exit status."""
