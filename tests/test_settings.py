@@ -46,8 +46,8 @@ def test_finetune_and_pretrain_defaults_are_the_official_ones():
 
 
 def test_overrides_parse_json_values():
-    config = settings.load_config(settings.FINETUNE, None, ["base_lr=0.003", "randaugment=[2, 15]", "weights=null", "model=S/16", "model_overrides.dropout_rate=0.1"])
-    assert config["base_lr"] == 0.003 and config["randaugment"] == [2, 15] and config["weights"] is None
+    config = settings.load_config(settings.FINETUNE, None, ["base_lr=0.003", "randaugment=[2, 10]", "weights=null", "model=S/16", "model_overrides.dropout_rate=0.1"])
+    assert config["base_lr"] == 0.003 and config["randaugment"] == [2, 10] and config["weights"] is None
     assert config["model"] == "S/16" and config["model_overrides"] == {"dropout_rate": 0.1}
 
 
@@ -95,6 +95,7 @@ def test_unknown_presets_and_malformed_ones_name_what_is_wrong(tmp_path):
         ("flip=yes", "flip", "yes"),
         ("channels=2", "channels", 2),
         ("loop=keras", "loop", "keras"),
+        ("randaugment=[2, 15]", "randaugment", [2, 15]),
         ("lora_rank=-1", "lora_rank", -1),
         ("lora_rank=1.5", "lora_rank", 1.5),
         ('model_overrides={"image_size": 8}', "model_overrides", {"image_size": 8}),

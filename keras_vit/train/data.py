@@ -256,7 +256,7 @@ def pipeline(
     docstring), ``drop_remainder`` so every step has ``batch_size`` images;
     ``skip_batches`` resumes the stream after that many batches. ``training=False``:
     one pass, in order, last batch kept. ``randaugment`` is None or
-    ``(num_ops, magnitude)`` for Keras' ``RandAugment`` (not covered by the
+    ``(num_ops, magnitude)`` (magnitude 0 to 10) for Keras' ``RandAugment`` (not covered by the
     determinism guarantee). ``crop_area`` (min, max fraction of the image; None:
     no crop) and ``flip`` tune the augmentation for data such as digits, where
     small crops and mirror images destroy the label. ``batch_size`` is the global batch; a
@@ -302,6 +302,8 @@ def pipeline(
 def _randaugment_layer(num_ops, magnitude, seed):
     import keras
 
+    if not 0 <= magnitude <= 10:
+        raise ValueError(f"randaugment magnitude {magnitude} is not in [0, 10]: Keras' RandAugment factor is magnitude / 10.")
     return keras.layers.RandAugment(
         value_range=(0, 255), num_ops=num_ops, factor=magnitude / 10.0, seed=seed
     )

@@ -97,8 +97,8 @@ CROP_AREA = Rule(
     "null or a list [min, max] with 0 < min <= max <= 1, e.g. [0.05, 1.0]",
 )
 RANDAUGMENT = Rule(
-    lambda v: v is None or (isinstance(v, list) and len(v) == 2 and _integer(v[0]) and v[0] >= 0 and _number(v[1]) and v[1] >= 0),
-    "null or a list [num_ops, magnitude], e.g. [2, 15]",
+    lambda v: v is None or (isinstance(v, list) and len(v) == 2 and _integer(v[0]) and v[0] >= 0 and _number(v[1]) and 0 <= v[1] <= 10),
+    "null or a list [num_ops, magnitude] with magnitude in [0, 10] (Keras' RandAugment factor is magnitude / 10), e.g. [2, 10]",
 )
 CLASS_NAMES = optional(Rule(lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v), "a list of class folder names"))
 JIT = Rule(lambda v: v == "auto" or isinstance(v, bool), "'auto', true or false")
@@ -150,7 +150,7 @@ class Data:
 @dataclasses.dataclass
 class Augmentation:
     mixup_alpha: float = setting(0.0, number(0), "mixup's Beta(alpha, alpha) (0: off)")
-    randaugment: list | None = setting(None, RANDAUGMENT, "[num_ops, magnitude] of Keras' RandAugment (null: off)")
+    randaugment: list | None = setting(None, RANDAUGMENT, "[num_ops, magnitude 0-10] of Keras' RandAugment (null: off)")
     crop_area: list | None = setting([0.05, 1.0], CROP_AREA, "inception crop area range (null: no crop)")
     flip: bool = setting(True, BOOLEAN, "random horizontal flips")
 
