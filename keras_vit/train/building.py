@@ -16,8 +16,11 @@ import os
 from typing import Callable
 
 import keras
+import tensorflow as tf
 
-from keras_vit.train import data, distribute, settings
+import keras_vit
+from keras_vit import ssl
+from keras_vit.train import data, distribute, settings, trainer
 from keras_vit.train.fit_loop import FitLoop
 from keras_vit.train.optimization import WarmupDecay, make_optimizer
 
@@ -76,8 +79,6 @@ def default_precision(backend, strategy=None):
 
 def _deterministic_ops(backend):
     if backend == "tensorflow":
-        import tensorflow as tf
-
         tf.config.experimental.enable_op_determinism()
     elif backend == "torch":
         import torch
@@ -132,8 +133,6 @@ def build_model(config, num_classes, environment):
     file's (``keras_vit.from_official_checkpoint``); otherwise ``keras_vit.create_model(model)``. The only
     place a run creates its model.
     """
-    import keras_vit
-
     arguments = dict(
         image_size=config["image_size"],
         classes=num_classes,
@@ -160,8 +159,6 @@ def build_loop(config, environment, model):
     For ``task="masked_patch_prediction"`` the trained model is a ``keras_vit.ssl.MaskedPatchPrediction``
     around ``model`` (an encoder without head); ``loop.model.encoder`` is what the run saves.
     """
-    from keras_vit import ssl
-
     self_supervised = config["task"] == "masked_patch_prediction"
     with environment.scope():
         if self_supervised:
@@ -182,8 +179,6 @@ def build_loop(config, environment, model):
         )
     jit_compile = config["jit_compile"]
     if environment.backend == "tensorflow":
-        from keras_vit.train import trainer
-
         if jit_compile == "auto":
             jit_compile = trainer.default_jit_compile(environment.strategy, model)
         if environment.loop == "trainer":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import keras
 
+from keras_vit import plotting
 from keras_vit.train import callbacks as run_callbacks
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,6 @@ def build_report(config, environment, loop, top1, rows, wall_seconds):
 
 def plot_history(rows, path):
     """The training curves as a PNG (``keras_vit.plotting``); without matplotlib a warning and no file."""
-    from keras_vit import plotting
-
     try:
         return plotting.plot_training_curves(rows, path)
     except ImportError as error:
