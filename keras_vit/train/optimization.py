@@ -14,6 +14,7 @@ from keras import ops
 from keras_vit.layers import PACKAGE
 
 DECAYS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -80,5 +81,5 @@ def make_optimizer(name, learning_rate, momentum=0.9, beta_1=0.9, beta_2=0.999, 
             learning_rate, beta_1=beta_1, beta_2=beta_2, weight_decay=weight_decay, **ema
         ) if weight_decay else keras.optimizers.Adam(learning_rate, beta_1=beta_1, beta_2=beta_2, **ema)
     else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}.")
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")
     return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scale else optimizer

@@ -15,8 +15,7 @@ naming the key, the value and what is allowed, e.g.
 Run folders store the training settings with ``SCHEMA_VERSION``. ``upgrade``
 brings settings stored by an older version to this one: a setting introduced
 later takes its default, which behaves as the older code did, so such a folder
-resumes. This module is plain Python (no Keras), so a command line can read it
-before TensorFlow starts.
+resumes.
 
 Versions: 1, the settings of keras_vit 0.1.0 as first released (run folders
 store no version); 2 adds ``loop`` and ``lora_rank``.
@@ -30,12 +29,12 @@ from numbers import Real
 from pathlib import Path
 from typing import Callable
 
+from keras_vit.train.distribute import KINDS as STRATEGIES
+from keras_vit.train.optimization import DECAYS, OPTIMIZERS
+
 SCHEMA_VERSION = 2
 TASKS = ("classify", "masked_patch_prediction")
-DECAYS = ("cosine", "linear", "constant")
-OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 LOOPS = ("auto", "trainer", "fit")
 DEFAULT_MODEL = "B/16"
 # Presets are package data: found in an installed wheel as in a checkout.
