@@ -177,7 +177,9 @@ def build_loop(config, environment, model):
             loss_scale=environment.precision == "mixed_float16",
             global_clipnorm=config["grad_clip"] if environment.loop == "fit" else None,
         )
-    jit_compile = config["jit_compile"]
+    # XLA on TensorFlow and JAX; on PyTorch Keras' jit_compile is torch.compile, which recompiles Keras' training
+    # step again and again (Keras 3.15): that loop runs eagerly.
+    jit_compile = config["jit_compile"] if environment.backend != "torch" else False
     if environment.backend == "tensorflow":
         if jit_compile == "auto":
             jit_compile = trainer.default_jit_compile(environment.strategy, model)
@@ -233,7 +235,7 @@ def prepare_data(config, channels=None):
         folder["classes"] = train_source.class_names
     eval_source = source(config["eval_split"])
     if eval_source.num_examples == 0:
-        raise ValueError(
+        raise settings.SettingError(
             f"eval_split={config['eval_split']!r} of dataset={config['dataset']!r} holds no examples: "
             "give an evaluation split with examples."
         )

@@ -9,7 +9,8 @@ multiple of ``checkpoint_every``, and at the last step), and a re-run resumes
 from the newest: weights, optimizer state and the position in the data stream,
 so ``fit`` ends where an uninterrupted run ends. The last interval may be
 shorter (training stops at ``steps``); ``steps_per_execution`` is cut to a
-divisor of the interval and of ``steps`` so that no chunk runs past either.
+divisor of the interval and of ``steps`` so that no chunk runs past either
+(and to 1 on PyTorch, where Keras runs one step per call).
 
 Differences from ``Trainer``: one device (no ``tf.distribute`` strategy with
 several replicas, no gradient accumulation); gradients are clipped by the
@@ -28,6 +29,11 @@ import keras
 from keras_vit.train.callbacks import check_finite_loss
 from keras_vit.train.checkpointing import CheckpointManager
 from keras_vit.train.data import require_examples
+
+
+def _per_call(steps):
+    """Steps one compiled call may run: ``steps``, or 1 on PyTorch (Keras' torch loop runs one step per call)."""
+    return 1 if keras.backend.backend() == "torch" else steps
 
 
 def _step(model):
@@ -121,7 +127,7 @@ class FitLoop:
         self._scope = scope or contextlib.nullcontext
         self._compile = dict(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
         with self._scope():
-            model.compile(steps_per_execution=steps_per_execution, **self._compile)
+            model.compile(steps_per_execution=_per_call(steps_per_execution), **self._compile)
             optimizer.build(model.trainable_variables)  # restored into before the first step
 
     @property
@@ -131,7 +137,7 @@ class FitLoop:
 
     def _compiled_for(self, interval, steps):
         """Compiles again when ``steps_per_execution`` must shrink to divide the interval and ``steps``."""
-        chunk = math.gcd(self.steps_per_execution, interval, steps)
+        chunk = _per_call(math.gcd(self.steps_per_execution, interval, steps))
         if chunk != self.model.steps_per_execution:
             with self._scope():
                 self.model.compile(steps_per_execution=chunk, **self._compile)

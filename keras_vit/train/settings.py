@@ -181,7 +181,7 @@ class Execution:
         since=2,
     )
     precision: str = setting("auto", choice(PRECISIONS), "auto: bf16 on TPU and bf16-capable CPUs, fp16 on GPU, else float32")
-    jit_compile: str | bool = setting("auto", JIT, "XLA: auto (where it pays), true or false")
+    jit_compile: str | bool = setting("auto", JIT, "XLA on TensorFlow and JAX: auto (where it pays), true or false; PyTorch runs eagerly")
     steps_per_execution: int = setting(1, integer(1), "steps run in one compiled call")
     strategy: str = setting("auto", choice(STRATEGIES), "tf.distribute strategy (TensorFlow); auto: TPU, TF_CONFIG cluster, several GPUs, else default")
     tpu: str | None = setting(None, optional(TEXT), "TPU name, grpc:// address or local (default $TPU_NAME)")
