@@ -16,7 +16,7 @@ checkout = Path(sys.argv[1]).resolve()
 assert not Path.cwd().resolve().is_relative_to(checkout), "run this from a folder outside the checkout"
 
 import keras_vit  # noqa: E402
-from keras_vit.train import runner  # noqa: E402
+from keras_vit.train import settings  # noqa: E402
 
 site = Path(sysconfig.get_paths()["purelib"]).resolve()
 where = Path(keras_vit.__file__).resolve()
@@ -24,7 +24,7 @@ assert where.is_relative_to(site), f"keras_vit was imported from {where}, not fr
 print(f"keras_vit {keras_vit.__version__} from {where.parent}")
 
 RECIPES = (("pretrain_ssl", "pretrain_ssl.py"), ("pretrain", "pretrain.py"), ("finetune", "finetune.py"))
-presets = sorted(p.stem for p in runner.PRESETS_DIR.glob("*.json"))
+presets = settings.preset_names()
 assert len(presets) >= 13, presets
 for name in presets:
     recipe = next(script for prefix, script in RECIPES if name.startswith(prefix))

@@ -63,7 +63,7 @@ def build_keras_vit(spec, workload, batch, precision, xla, options):
     import tensorflow as tf
 
     import keras_vit
-    from keras_vit.train import distribute, trainer as training
+    from keras_vit.train import distribute, optimization, trainer as training
 
     options = dict(options)
     loop = options.pop("loop", "trainer")
@@ -72,7 +72,7 @@ def build_keras_vit(spec, workload, batch, precision, xla, options):
     images, labels = _tf_batch(spec, batch)
     if workload == "inference":
         return _tf_forward(model, images, xla)
-    optimizer = training.make_optimizer("adam", 1e-3, weight_decay=1e-4)
+    optimizer = optimization.make_optimizer("adam", 1e-3, weight_decay=1e-4)
     if loop == "fit":  # what a Keras user runs: compile, then train_on_batch (one fit step)
         model.compile(
             optimizer=optimizer,

@@ -1,4 +1,5 @@
-"""PNG figures laid out like the seed's Figures 6 and 7 (needs matplotlib: ``pip install keras3-vit[plots]``)."""
+"""PNG figures (need matplotlib: ``pip install keras3-vit[plots]``): the seed's Figures 6 and 7, training curves and
+a search's trials. Without matplotlib each function raises an ``ImportError`` that says what to install."""
 
 import numpy as np
 
@@ -78,6 +79,34 @@ def plot_attention_overlays(images, heat_maps, path):
         axes[1, i].axis("off")
     axes[0, 0].set_title("input", fontsize=8, loc="left")
     axes[1, 0].set_title("attention rollout", fontsize=8, loc="left")
+    return _save(figure, path)
+
+
+def plot_training_curves(history, path):
+    """Training loss and train/eval top-1 against the step, from rows ``{"step", "loss", "accuracy", "val_accuracy"}``."""
+    plt = _pyplot()
+    steps = [r["step"] for r in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(steps, [r["loss"] for r in history])
+    left.set(xlabel="step", ylabel="training loss")
+    right.plot(steps, [r["accuracy"] for r in history], label="train")
+    evaluated = [r for r in history if r.get("val_accuracy") is not None]
+    right.plot([r["step"] for r in evaluated], [r["val_accuracy"] for r in evaluated], "o-", label="eval")
+    right.set(xlabel="step", ylabel="top-1", ylim=(0, 1))
+    right.legend()
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_trials(rows, objective, path):
+    """A search's ``objective`` per trial (rows with ``trial`` and the objective; trials without it are left out)."""
+    plt = _pyplot()
+    done = [row for row in rows if row.get(objective) is not None]
+    figure, axis = plt.subplots(figsize=(5, 3))
+    axis.plot(range(len(done)), [row[objective] for row in done], "o-")
+    axis.set(xlabel="trial", ylabel=objective, title="Search")
+    axis.set_xticks(range(len(done)), [row["trial"] for row in done], rotation=90, fontsize=6)
+    figure.tight_layout()
     return _save(figure, path)
 
 

@@ -33,6 +33,13 @@ def mean_colour_targets(images, patch_size, bits=BITS):
     return ops.cast(ops.reshape(ops.sum(levels * weights, axis=-1), (-1, (height // ph) * (width // pw))), "int32")
 
 
+def scored_positions(corrupted):
+    """(B, T) float weights of the positions that count: the corrupted ones of each image; every position of an
+    image with none corrupted (evaluation, where nothing is corrupted)."""
+    corrupted = ops.cast(corrupted, "float32")
+    return ops.where(ops.sum(corrupted, axis=1, keepdims=True) > 0, corrupted, ops.ones_like(corrupted))
+
+
 def masked_loss_and_accuracy(logits, targets, weights):
     """Cross-entropy and hit rate of (B, T, K) logits against (B, T) targets, averaged per image over ``weights`` (B, T)."""
     per_patch = keras.losses.sparse_categorical_crossentropy(targets, ops.cast(logits, "float32"), from_logits=True)
@@ -50,8 +57,13 @@ class MaskedPatchPrediction(keras.Model):
     corrupted and fed to its ``encoder_model``; the patch tokens after
     ``encoder_norm`` go to a Dense(K) prediction head. Without
     ``training`` nothing is corrupted. ``loss_and_accuracy`` gives the
-    per-image loss over corrupted positions only. Save ``encoder`` after
-    pre-training; it loads into a classifier through ``weights=``.
+    per-image loss over corrupted positions only (the ``loss_fn`` of
+    ``keras_vit.train.trainer.Trainer``). For Keras' own loop, on every
+    backend, the model computes its loss itself: ``model.compile(optimizer)``
+    (no ``loss``) then ``model.fit(images or (images, ignored labels))``;
+    ``compute_loss`` is the mean of the per-image losses and the metric
+    ``accuracy`` the mean per-image hit rate on the positions that count. Save
+    ``encoder`` after pre-training; it loads into a classifier through ``weights=``.
     """
 
     def __init__(self, encoder, corrupt_rate=0.5, mask_rate=0.8, random_rate=0.1, seed=None, **kwargs):
@@ -75,6 +87,7 @@ class MaskedPatchPrediction(keras.Model):
         self.head = keras.layers.Dense(self.num_classes, kernel_initializer="zeros", name="mpp_head")
         self.head.build((None, None, hidden_size))  # all variables exist before the optimizer is built
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
 
     def corruption(self, batch, tokens):
         """Per-position codes (B, T): 0 untouched, 1 [mask], 2 random other patch, 3 corrupted but kept."""
@@ -113,8 +126,26 @@ class MaskedPatchPrediction(keras.Model):
         In evaluation (``training=False``, nothing corrupted) every patch counts.
         """
         logits, targets, corrupted = self(images, training=training)
-        weights = ops.cast(corrupted, "float32") if training else ops.ones(ops.shape(targets), "float32")
-        return masked_loss_and_accuracy(logits, targets, weights)
+        return masked_loss_and_accuracy(logits, targets, scored_positions(corrupted))
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras' loss hook (``model.fit``): the mean per-image loss of ``y_pred`` = ``self(x)``, plus ``self.losses``.
+
+        ``y`` (class labels of the images, if the data has them) is not used.
+        """
+        logits, targets, corrupted = y_pred
+        loss, _ = masked_loss_and_accuracy(logits, targets, scored_positions(corrupted))
+        total = ops.mean(loss)
+        if self.losses:
+            total = total + ops.sum(ops.stack(self.losses))
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Keras' metrics hook: ``loss`` and ``accuracy`` (mean per-image hit rate on the positions that count)."""
+        logits, targets, corrupted = y_pred
+        _, accuracy = masked_loss_and_accuracy(logits, targets, scored_positions(corrupted))
+        self.accuracy_tracker.update_state(accuracy)
+        return self.get_metrics_result()
 
     def get_config(self):
         config = super().get_config()

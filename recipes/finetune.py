@@ -3,14 +3,14 @@
 
     python recipes/finetune.py --preset finetune_cifar10 --output-dir runs/cifar10 model=B/16 base_lr=0.003
 
-Re-running the same command resumes from the last checkpoint. Settings: keras_vit/train/runner.py (COMMON).
+Re-running the same command resumes from the last checkpoint. Settings: --list-settings (docs/SETTINGS.md).
 """
 
 import logging
 import sys
 
-from keras_vit.train.runner import FINETUNE, main
+import _launch
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    sys.exit(main(FINETUNE, __doc__.splitlines()[0]))
+    sys.exit(_launch.run_recipe("finetune", __doc__.splitlines()[0]))

@@ -8,6 +8,7 @@
    runs/main/report.json (+ training curves and the Figure 7 panels in runs/main/figures with matplotlib).
 
     python recipes/main_job.py [--output-dir runs/main] [--seed 0] [--quick]
+    KERAS_BACKEND=jax python recipes/main_job.py      # the same on JAX (or torch): Keras' fit loop
 
 Each stage resumes from its checkpoints when re-run; re-running a finished job changes nothing. --quick runs a few
 steps (a smoke test). The run is deterministic on one machine: the same command gives the same report.json accuracies.
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from keras_vit.train import runner
+import _launch
 
 
 def write_analysis(root, pretrain, finetune):
@@ -50,7 +51,9 @@ def write_analysis(root, pretrain, finetune):
 
 
 def machine():
-    """The CPU model, core count and software versions, for the report (numbers depend on them)."""
+    """The CPU model, core count, Keras backend and software versions, for the report (numbers depend on them)."""
+    import importlib.metadata
+
     import keras
     import tensorflow as tf
 
@@ -70,7 +73,9 @@ def machine():
         "python": platform.python_version(),
         "keras_vit": keras_vit.__version__,
         "keras": keras.__version__,
+        "backend": keras.backend.backend(),
         "tensorflow": tf.__version__,
+        **{name: importlib.metadata.version(name) for name in ("jax", "torch") if keras.backend.backend() == name},
     }
 
 
@@ -80,16 +85,19 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation (default 0)")
     parser.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
     args = parser.parse_args(argv)
+    _launch.quiet_start()
+    from keras_vit.train import runner, settings
+
     root = Path(args.output_dir or ("runs/main_quick" if args.quick else "runs/main"))
     quick = ["steps=20", "warmup_steps=5", "eval_every=10", "checkpoint_every=10", "log_every=10"] if args.quick else []
     quick.append(f"seed={args.seed}")
     started = time.perf_counter()
     pretrain = runner.run(
-        runner.load_config(runner.PRETRAIN, "pretrain_digits", quick + [f"output_dir={root / 'pretrain'}"])
+        settings.load_config(settings.PRETRAIN, "pretrain_digits", quick + [f"output_dir={root / 'pretrain'}"])
     )
     finetune = runner.run(
-        runner.load_config(
-            runner.FINETUNE,
+        settings.load_config(
+            settings.FINETUNE,
             "finetune_digits",
             quick + [f"output_dir={root / 'finetune'}", f"weights={root / 'pretrain' / 'model.keras'}"],
         )

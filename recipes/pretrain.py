@@ -3,14 +3,14 @@
 
     python recipes/pretrain.py --preset pretrain_imagenet2012 --output-dir runs/pretrain model=B/16
 
-Re-running the same command resumes from the last checkpoint. Settings: keras_vit/train/runner.py (COMMON).
+Re-running the same command resumes from the last checkpoint. Settings: --list-settings (docs/SETTINGS.md).
 """
 
 import logging
 import sys
 
-from keras_vit.train.runner import PRETRAIN, main
+import _launch
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    sys.exit(main(PRETRAIN, __doc__.splitlines()[0]))
+    sys.exit(_launch.run_recipe("pretrain", __doc__.splitlines()[0]))

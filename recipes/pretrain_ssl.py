@@ -5,7 +5,7 @@
     python recipes/finetune.py --output-dir runs/ssl_ft weights=runs/ssl/model.keras ...
     python recipes/pretrain_ssl.py --digits-demo       # SSL + fine-tuning vs from scratch, offline, report.json
 
-Re-running the same command resumes from the last checkpoint. Settings: keras_vit/train/runner.py (COMMON).
+Re-running the same command resumes from the last checkpoint. Settings: --list-settings (docs/SETTINGS.md).
 """
 
 import argparse
@@ -14,17 +14,21 @@ import logging
 import sys
 from pathlib import Path
 
-from keras_vit.train import runner
+import _launch
 
 
 def digits_demo(root, quick=False):
     """SSL pre-training on digits, fine-tuning from it, and fine-tuning from scratch for the same steps."""
+    from keras_vit.train import runner, settings
+
     short = ["steps=10", "warmup_steps=2", "eval_every=5", "checkpoint_every=5", "log_every=5"] if quick else []
-    ssl = runner.run(runner.load_config(runner.PRETRAIN_SSL, "pretrain_ssl_digits", short + [f"output_dir={root / 'pretrain'}"]))
-    finetuned = runner.run(runner.load_config(
-        runner.FINETUNE, "finetune_ssl_digits", short + [f"output_dir={root / 'finetune'}", f"weights={root / 'pretrain' / 'model.keras'}"]))
-    scratch = runner.run(runner.load_config(
-        runner.FINETUNE, "finetune_ssl_digits", short + [f"output_dir={root / 'scratch'}", "weights=null"]))
+
+    def stage(defaults, preset, *overrides):
+        return runner.run(settings.load_config(defaults, preset, short + list(overrides)))
+
+    ssl = stage(settings.PRETRAIN_SSL, "pretrain_ssl_digits", f"output_dir={root / 'pretrain'}")
+    finetuned = stage(settings.FINETUNE, "finetune_ssl_digits", f"output_dir={root / 'finetune'}", f"weights={root / 'pretrain' / 'model.keras'}")
+    scratch = stage(settings.FINETUNE, "finetune_ssl_digits", f"output_dir={root / 'scratch'}", "weights=null")
     report = {
         "task": "digits 16x16: masked patch prediction pre-training, then fine-tuning; vs the same fine-tuning from scratch",
         "ssl_pretrain": {"steps": ssl["steps"], "mean_colour_accuracy": ssl["top1"]},
@@ -45,8 +49,9 @@ if __name__ == "__main__":
     parser.add_argument("--output-dir", default="runs/ssl")
     known, rest = parser.parse_known_args()
     if known.digits_demo:
+        _launch.quiet_start()
         digits_demo(Path(known.output_dir), known.quick)
         sys.exit(0)
     if known.quick:
         parser.error("--quick goes with --digits-demo")
-    sys.exit(runner.main(runner.PRETRAIN_SSL, __doc__.splitlines()[0], rest + ["--output-dir", known.output_dir]))
+    sys.exit(_launch.run_recipe("pretrain_ssl", __doc__.splitlines()[0], rest + ["--output-dir", known.output_dir]))

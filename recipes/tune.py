@@ -16,20 +16,36 @@ import logging
 import sys
 from pathlib import Path
 
-from keras_vit.train import runner, tuning
+import _launch
+
+SPACES = ("finetune", "architecture")  # keras_vit.train.tuning.SPACES (a test keeps them equal)
+TUNERS = ("bayesian", "hyperband", "random")  # sorted(keras_vit.train.tuning.TUNERS)
+TRIAL_METRICS = ("val_accuracy", "train_accuracy", "train_loss")  # keras_vit.train.tuning.TRIAL_METRICS
+
+
+class RetracingNotice(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning: every trial builds a new model and traces its
+    own training functions, which TensorFlow counts as retracing one function; its advice does not apply."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
 
 
 def parse_space(items, path):
+    from keras_vit.train import settings
+
     space = json.loads(Path(path).read_text()) if path else {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --set-space takes name=JSON, got {item!r}")
-        space[name] = runner.parse_value(value)
+        space[name] = settings.parse_value(value)
     return space
 
 
 def write_results(tuner, hypermodel, folder, objective):
+    from keras_vit.train import tuning
+
     rows = tuning.trial_table(tuner)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with open(folder / "trials.csv", "w", newline="") as file:
@@ -55,29 +71,20 @@ def _cell(value):
 
 
 def _plot(rows, objective, path):
-    try:
-        import matplotlib
+    from keras_vit import plotting
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        plotting.plot_trials(rows, objective, path)
     except ImportError:
-        return
-    done = [row for row in rows if row.get(objective) is not None]
-    figure, axis = plt.subplots(figsize=(5, 3))
-    axis.plot(range(len(done)), [row[objective] for row in done], "o-")
-    axis.set(xlabel="trial", ylabel=objective, title="Search")
-    axis.set_xticks(range(len(done)), [row["trial"] for row in done], rotation=90, fontsize=6)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+        pass  # no matplotlib: the table is in trials.csv and trials.md
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", choices=tuning.SPACES, default="finetune")
+    parser.add_argument("--space", choices=SPACES, default="finetune")
     parser.add_argument("--preset", help="base recipe preset (a name in keras_vit/train/presets/ or a JSON file)")
-    parser.add_argument("--tuner", choices=sorted(tuning.TUNERS), default="random")
-    parser.add_argument("--objective", default="val_accuracy", help=f"one of {', '.join(tuning.TRIAL_METRICS)}")
+    parser.add_argument("--tuner", choices=TUNERS, default="random")
+    parser.add_argument("--objective", default="val_accuracy", choices=TRIAL_METRICS)
     parser.add_argument("--max-trials", type=int, default=10)
     parser.add_argument("--max-time", type=float, help="seconds; no trial starts after that")
     parser.add_argument("--max-epochs", type=int, default=4, help="Hyperband: most epochs of a trial")
@@ -89,16 +96,18 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="start the search afresh")
     parser.add_argument("overrides", nargs="*", help="key=value settings of the base recipe")
     args = parser.parse_args(argv)
-    if args.objective not in tuning.TRIAL_METRICS:
-        parser.error(f"--objective must be one of {tuning.TRIAL_METRICS}")
-    defaults = runner.FINETUNE if args.space == "finetune" else runner.PRETRAIN
+    _launch.quiet_start()
+    logging.getLogger("tensorflow").addFilter(RetracingNotice())
+    from keras_vit.train import building, settings, tuning
+
+    defaults = settings.FINETUNE if args.space == "finetune" else settings.PRETRAIN
     try:
-        config = runner.load_config(defaults, args.preset, args.overrides)
-    except ValueError as error:
+        config = settings.load_config(defaults, args.preset, args.overrides)
+        environment = building.setup(config)
+    except settings.SettingError as error:
         parser.error(str(error))
-    strategy, precision = runner.setup(config)
     hypermodel = tuning.ViTHyperModel(
-        config, args.space, parse_space(args.set_space, args.space_config), strategy, precision,
+        config, args.space, parse_space(args.set_space, args.space_config), environment,
         steps_per_epoch=args.steps_per_epoch if args.tuner == "hyperband" else None, time_budget_s=args.max_time,
     )
     tuner = tuning.make_tuner(

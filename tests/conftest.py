@@ -1,4 +1,9 @@
-"""Shared test helpers: the official golden fixtures and a NumPy reference of the ViT forward pass."""
+"""Shared test helpers: the official golden fixtures, a tiny recipe configuration and a NumPy reference of the ViT
+forward pass.
+
+Tiers: tests marked ``slow`` (a subprocess or an end-to-end run: minutes) are left out of the README's command
+``python -m pytest -q -m "not slow"``; ``python -m pytest -q -m slow`` runs them (CI runs both).
+"""
 
 import json
 import os
@@ -26,6 +31,26 @@ def _reference(path):
     with np.load(path, allow_pickle=False) as ref:
         arrays = {k: ref[k] for k in ref.files}
     return arrays, json.loads(str(arrays.pop("config_json")))
+
+
+# A recipe configuration that trains in seconds: 8 steps of a one-block ViT on the 8x8 digits.
+TINY_RUN = [
+    "model=Ti/16",
+    'model_overrides={"patch_size": 2, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32, "channels": 1, "dropout_rate": 0.1}',
+    "dataset=digits",
+    "image_size=8",
+    "batch_size=32",
+    "steps=8",
+    "warmup_steps=2",
+    "base_lr=0.01",
+    "crop_area=[0.6, 1.0]",
+    "flip=false",
+    "precision=float32",
+    "eval_every=4",
+    "checkpoint_every=4",
+    "log_every=4",
+    "weights=null",
+]
 
 
 def fixture_path(name, kind):

@@ -134,6 +134,7 @@ def test_embedding_filter_components_are_the_principal_axes():
     np.testing.assert_allclose(variance, eigenvalues[:5] / eigenvalues.sum(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_visualize_tool_writes_the_figures(tmp_path):
     result = subprocess.run(
         [sys.executable, "tools/visualize.py", str(fixture_path("vit_tiny_token", "ckpt")), "--out", str(tmp_path)],

@@ -20,6 +20,7 @@ def test_forward_flops_match_the_published_counts(name, gflops):
     assert throughput.forward_flops(spec) / 1e9 == pytest.approx(gflops, rel=0.005)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_inference_and_remat_training_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     command = [
@@ -52,6 +53,7 @@ def test_xla_auto_is_on_for_float32_and_off_for_bfloat16():
         throughput.xla_settings("maybe", "float32")
 
 
+@pytest.mark.slow
 def test_saved_tensors_lists_what_the_backward_pass_keeps(tmp_path):
     # Ti/16 at 32 px, batch 2: 4 tokens + class token; per block the GELU input and output are kept
     # (Dense_0's BiasAdd and GELU's Mul, (B*T, M) = (10, 768)), the attention probabilities are not.

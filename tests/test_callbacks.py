@@ -21,6 +21,7 @@ CHECKS = ("check_protocol", "check_tensorboard_and_csv_logger", "check_early_sto
           "check_swap_ema_weights", "check_keras_tuner_callbacks")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, cpus", [("default", 0), ("mirrored", 2)])
 def test_stock_keras_and_keras_tuner_callbacks(tmp_path, strategy, cpus):
     """TensorBoard, CSVLogger, EarlyStopping, TerminateOnNaN, SwapEMAWeights and keras-tuner's own callbacks."""
@@ -56,8 +57,9 @@ def test_progress_logger_writes_a_line_per_interval(caplog):
     # chunks end at steps 3, 6, 9: each crosses a multiple of 2; then the epoch line
     assert [line.split(":")[0] for line in lines] == ["step 3", "step 6", "step 9", "epoch 1"]
     assert f"loss {history['loss'][0]:.4g}" in lines[-1]
-    with pytest.raises(ValueError, match="every_n_steps must be at least 1"):
+    with pytest.raises(ValueError) as raised:
         callbacks.ProgressLogger(0)
+    assert "every_n_steps" in str(raised.value) and "0" in str(raised.value)
 
 
 def test_fewshot_callback_counts_optimizer_steps():

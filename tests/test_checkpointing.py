@@ -86,8 +86,9 @@ def test_last_n_kept_written_atomically_listed_like_tf_checkpoint_manager(tmp_pa
     with pytest.raises(OSError, match="disk full"):
         manager.save(model, optimizer, 11, 11)
     assert manager.latest_checkpoint == tmp_path / "ckpt-10" and not (tmp_path / "ckpt-11").exists()
-    with pytest.raises(ValueError, match="max_to_keep must be at least 1"):
+    with pytest.raises(ValueError) as raised:
         checkpointing.CheckpointManager(tmp_path, max_to_keep=0)
+    assert "max_to_keep" in str(raised.value)
 
 
 def test_variables_load_by_name_whatever_their_order_in_the_file(tmp_path):
@@ -110,14 +111,17 @@ def test_renamed_or_reshaped_variables_are_refused_naming_them(tmp_path):
     checkpointing.CheckpointManager(tmp_path).save(model, optimizer, 2, 2)
     other, other_optimizer = _trained(seed=1, steps=1, classifier="gap")  # no class token: a variable less
     before = _values(other.variables)
-    with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"missing from it: none; stored variables this model does not have: \['cls/cls'\]"):
+    with pytest.raises(checkpointing.IncompatibleCheckpointError) as raised:
         checkpointing.CheckpointManager(tmp_path).restore(other, other_optimizer)
+    assert "'cls/cls'" in str(raised.value) and str(tmp_path / "ckpt-2") in str(raised.value)
     assert all(np.array_equal(a, b) for a, b in zip(before, _values(other.variables)))  # nothing was loaded
     wider, wider_optimizer = _trained(seed=1, steps=1, classes=5)
-    with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"other shapes: head/kernel \(8, 3\) != \(8, 5\)"):
+    with pytest.raises(checkpointing.IncompatibleCheckpointError) as raised:
         checkpointing.CheckpointManager(tmp_path).restore(wider, wider_optimizer)
-    with pytest.raises(checkpointing.IncompatibleCheckpointError, match="written by another configuration"):
+    assert "head/kernel (8, 3) != (8, 5)" in str(raised.value)
+    with pytest.raises(checkpointing.IncompatibleCheckpointError) as raised:
         checkpointing.CheckpointManager(tmp_path).restore(model, optimizer, run_id="other")
+    assert "other" in str(raised.value) and str(tmp_path / "ckpt-2") in str(raised.value)
 
 
 def test_a_corrupted_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):

@@ -42,6 +42,17 @@ def test_train_pipeline_shapes_range_and_determinism():
         np.testing.assert_array_equal(b, d)
 
 
+def test_a_train_pipeline_gives_the_same_stream_every_time_it_is_iterated():
+    # model.fit iterates a dataset once to look at a batch, then again to train: both must see the same stream,
+    # past the end of the first pass over the data (45 batches of 32 > 1,437 examples).
+    dataset = data.pipeline(data.digits("train"), 8, 32, True, seed=5)
+    looked_at = _take(dataset, 1)
+    trained_on = _take(dataset, 50)
+    np.testing.assert_array_equal(looked_at[0][0], trained_on[0][0])
+    np.testing.assert_array_equal(trained_on[46][0], _take(data.pipeline(data.digits("train"), 8, 32, True, seed=5, skip_batches=46), 1)[0][0])
+    assert not np.array_equal(trained_on[0][0], trained_on[45][0])
+
+
 def test_eval_pipeline_is_a_plain_resize_keeping_the_last_batch():
     images = np.arange(2 * 4 * 4 * 3, dtype="uint8").reshape(2, 4, 4, 3) * 2
     source = data.from_arrays(np.concatenate([images] * 3), [0, 1] * 3, num_classes=2)
@@ -109,16 +120,17 @@ def _image_folder(root, splits, size=(10, 12), mode="RGB"):
 
 
 def test_splits_share_the_train_class_list_and_a_missing_class_is_a_warning(tmp_path, caplog):
-    from keras_vit.train import runner
+    from keras_vit.train import building, settings
 
     _image_folder(tmp_path, {"train": {"ant": 2, "bee": 2, "cat": 2}, "test": {"ant": 1, "cat": 2}})
-    config = runner.load_config(
-        runner.FINETUNE, None, [f"dataset=folder:{tmp_path}", "image_size=8", "batch_size=8", "channels=3"]
+    config = settings.load_config(
+        settings.FINETUNE, None, [f"dataset=folder:{tmp_path}", "image_size=8", "batch_size=8", "channels=3"]
     )
     with caplog.at_level(logging.WARNING, logger="keras_vit"):
         logging.getLogger("keras_vit").addHandler(caplog.handler)
         try:
-            train, _, eval_dataset = runner.prepare_data(config)
+            prepared = building.prepare_data(config, channels=3)
+            train, eval_dataset = prepared.train, prepared.eval_dataset
         finally:
             logging.getLogger("keras_vit").removeHandler(caplog.handler)
     assert train.class_names == ["ant", "bee", "cat"] and train.num_classes == 3

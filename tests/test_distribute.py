@@ -27,19 +27,19 @@ def _lone_worker_config():
 
 
 @pytest.mark.parametrize(
-    "tf_config, message",
+    "tf_config, named",
     [
-        ("{cluster: worker}", "TF_CONFIG is not valid JSON"),
-        ('{"cluster": {"worker": "127.0.0.1:1"}}', "TF_CONFIG must hold a cluster of lists of 'host:port' addresses"),
-        ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}}', "TF_CONFIG needs this process's task"),
-        ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 2}}',
-         "TF_CONFIG task index 2 is outside its cluster's 2 'worker' address"),
+        ("{cluster: worker}", "JSON"),
+        ('{"cluster": {"worker": "127.0.0.1:1"}}', "host:port"),
+        ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}}', "task"),
+        ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 2}}', "index 2"),
     ],
 )
-def test_malformed_tf_config_names_tf_config(monkeypatch, tf_config, message):
+def test_malformed_tf_config_names_tf_config(monkeypatch, tf_config, named):
     monkeypatch.setenv("TF_CONFIG", tf_config)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as raised:
         distribute.cluster_task()
+    assert "TF_CONFIG" in str(raised.value) and named in str(raised.value) and "\n" not in str(raised.value)
 
 
 def _lone_worker(timeout, env_extra=None):
@@ -58,14 +58,18 @@ def _lone_worker(timeout, env_extra=None):
     return process, tf_config["cluster"]["worker"][1]
 
 
+@pytest.mark.slow
 def test_a_lone_worker_gives_up_after_the_timeout_naming_the_missing_peer():
     process, peer = _lone_worker(3)
     output, _ = process.communicate(timeout=50)
     assert process.returncode == 1
-    assert f"Waiting for the cluster (0 s of 3 s): no answer yet from {peer}." in output
-    assert f"ConnectionError: The cluster of TF_CONFIG did not come up within 3 s: no answer from {peer}." in output
+    waiting = [line for line in output.splitlines() if "Waiting for the cluster" in line]
+    assert waiting and peer in waiting[0]
+    (error,) = [line for line in output.splitlines() if line.startswith("ConnectionError:")]
+    assert "TF_CONFIG" in error and peer in error and "3 s" in error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_stop_a_waiting_worker(stop):
     process, _ = _lone_worker(600)
@@ -82,6 +86,7 @@ def test_ctrl_c_and_sigterm_stop_a_waiting_worker(stop):
     assert ("KeyboardInterrupt" in output) == (stop == signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_two_workers_find_each_other():
     """Each task listens on its address while it waits, so two waiting tasks see each other (no deadlock)."""
     ports = [_free_port(), _free_port()]

@@ -148,6 +148,7 @@ def test_existing_path_refused_and_failed_export_leaves_nothing(tmp_path, fixtur
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.onnx"]
 
 
+@pytest.mark.slow
 def test_export_tool(tmp_path):
     command = [sys.executable, "tools/export.py", str(fixture_path("vit_tiny_token", "ckpt")), str(tmp_path / "vit.tflite"),
                "--format", "tflite", "--quantization", "int8"]
@@ -159,6 +160,7 @@ def test_export_tool(tmp_path):
     assert again.returncode == 1 and "exists" in again.stderr
 
 
+@pytest.mark.slow
 def test_keras_file_saved_under_tensorflow_gives_the_same_outputs_under_jax(tmp_path, fixture_model):
     pytest.importorskip("jax", reason="the JAX backend is the optional extra [jax]: pip install -e \".[jax]\"")
     model, ref = fixture_model
@@ -186,6 +188,7 @@ def _tiny_model(policy="float32"):
     return model
 
 
+@pytest.mark.slow
 def test_output_that_is_the_input_is_refused_even_with_force(tmp_path):
     victim = tmp_path / "victim.keras"
     _tiny_model().save(victim)
@@ -201,6 +204,7 @@ def test_output_that_is_the_input_is_refused_even_with_force(tmp_path):
     assert victim.read_bytes() == original and sorted(p.name for p in tmp_path.iterdir()) == ["victim.keras"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_model_exports_as_float32(tmp_path, policy):
     mixed = _tiny_model(policy)

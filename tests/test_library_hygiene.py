@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import REPO
 
 PACKAGE = REPO / "keras_vit"
@@ -67,7 +69,7 @@ def test_the_library_never_prints_and_logs_through_module_loggers():
 
 
 def test_no_process_wide_setters_in_the_library():
-    """No socket default timeout; the dtype policy only where it is restored at once: runner.dtype_policy (the
+    """No socket default timeout; the dtype policy only where it is restored at once: building.dtype_policy (the
     model a run builds) and export.float32_model (a float32 copy of a mixed-precision VisionTransformer, whose
     builder takes its layers' dtype from the policy)."""
     setters = [
@@ -75,11 +77,12 @@ def test_no_process_wide_setters_in_the_library():
         for path in SOURCES
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("setdefaulttimeout", "set_dtype_policy")
-        and not (path.name in ("runner.py", "export.py") and node.func.attr == "set_dtype_policy")
+        and not (path.name in ("building.py", "export.py") and node.func.attr == "set_dtype_policy")
     ]
     assert not setters, setters
 
 
+@pytest.mark.slow
 def test_the_model_library_does_not_import_the_training_application():
     names = sorted(
         ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
@@ -120,6 +123,7 @@ STATE = """
 """
 
 
+@pytest.mark.slow
 def test_import_and_library_calls_leave_global_state_as_they_found_it(tmp_path):
     output = _run(STATE + """
     import keras, keras_tuner, numpy as np, tensorflow as tf  # third-party imports: their own business
@@ -128,7 +132,7 @@ def test_import_and_library_calls_leave_global_state_as_they_found_it(tmp_path):
     before = snapshot()
     import keras_vit
     from keras_vit.pretrained import download
-    from keras_vit.train import runner, trainer as training
+    from keras_vit.train import runner, settings, trainer as training
     same(before, snapshot(), "import")
 
     model = keras_vit.create_model("Ti/16", image_size=32, classes=3, num_layers=1)
@@ -149,7 +153,7 @@ def test_import_and_library_calls_leave_global_state_as_they_found_it(tmp_path):
     trainer.fit(tf.data.Dataset.from_tensors((images, labels)).repeat(), 3, eval_every=1)
     same(before, snapshot(), "Trainer.fit")
 
-    config = runner.load_config(runner.FINETUNE, None, [
+    config = settings.load_config(settings.FINETUNE, None, [
         "model=Ti/16", 'model_overrides={"patch_size": 4, "hidden_size": 8, "num_layers": 1, "num_heads": 2, "mlp_dim": 16, "channels": 1}',
         "image_size=8", "batch_size=16", "steps=2", "warmup_steps=1", "precision=float32", "eval_every=2",
         "checkpoint_every=2", "log_every=1", "weights=null", "cache=false", f"output_dir={Path(sys.argv[1]) / 'run'}"])

@@ -43,6 +43,7 @@ def test_keras_file_reloads_in_safe_mode(tmp_path):
     assert as_json(keras.models.load_model(tmp_path / "options.keras")) == as_json(options)
 
 
+@pytest.mark.slow
 def test_keras_file_reloads_in_a_fresh_process(tmp_path):
     model, ref = _fixture_model("vit_tiny_gap")
     model.save(tmp_path / "vit.keras")

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import keras_vit
 from conftest import REPO, graph_ancestors
-from keras_vit.train import checkpointing, distribute, trainer as training
+from keras_vit.train import checkpointing, distribute, optimization, trainer as training
 
 HELPER = Path(__file__).parent / "helpers" / "run_recipe.py"
 
@@ -36,12 +36,12 @@ def official_lr(step, base, total, warmup, decay, linear_end=1e-5):
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
 @pytest.mark.parametrize("warmup", [0, 500])
 def test_schedule_equals_the_official_formula(decay, warmup):
-    schedule = training.WarmupDecay(0.03, 10_000, warmup, decay)
+    schedule = optimization.WarmupDecay(0.03, 10_000, warmup, decay)
     for step in (1, 2, 250, 499, 500, 501, 1000, 5000, 9999, 10_000, 12_000):
         expected = official_lr(step, 0.03, 10_000, warmup, decay)
         assert float(schedule(step - 1)) == pytest.approx(expected, rel=1e-5, abs=1e-9), step
     config = schedule.get_config()
-    assert training.WarmupDecay.from_config(config).get_config() == config
+    assert optimization.WarmupDecay.from_config(config).get_config() == config
 
 
 def _tiny_classifier():
@@ -87,12 +87,45 @@ def test_gradient_accumulation_equals_the_full_batch_update():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def _trainer_of(model, **kwargs):
+    return training.Trainer(model, keras.optimizers.SGD(0.5), tf.distribute.get_strategy(), 8, jit_compile=False, **kwargs)
+
+
+def test_integer_labels_train_as_their_one_hot_labels():
+    images, one_hot = _batch()
+    ids = one_hot.argmax(1)
+    results = []
+    for labels in (one_hot, ids.astype("int32"), ids[:, None].astype("int64")):
+        trainer = _trainer_of(_tiny_classifier(), label_smoothing=0.1)
+        data = tf.data.Dataset.from_tensors((images, labels))
+        history = trainer.fit(data.repeat(), 2, eval_dataset=data, eval_every=1).history
+        results.append((history["loss"], history["val_accuracy"], [keras.ops.convert_to_numpy(v) for v in trainer.model.trainable_variables]))
+    for loss, accuracy, weights in results[1:]:
+        assert loss == results[0][0] and accuracy == results[0][1]
+        for a, b in zip(weights, results[0][2]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_an_empty_evaluation_dataset_is_refused_before_the_first_step():
+    images, labels = _batch()
+    trainer = _trainer_of(_tiny_classifier())
+    train = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    for empty in (tf.data.Dataset.from_tensor_slices((images[:0], labels[:0])).batch(4),
+                  tf.data.Dataset.from_tensor_slices((images, labels)).filter(lambda x, y: False).batch(4)):  # cardinality unknown
+        with pytest.raises(ValueError) as raised:
+            trainer.fit(train, 2, eval_dataset=empty)
+        assert "eval_dataset holds no examples" in str(raised.value)
+        assert int(keras.ops.convert_to_numpy(trainer.optimizer.iterations)) == 0
+        with pytest.raises(ValueError):
+            trainer.evaluate(empty)
+
+
 def test_update_computes_nothing_weight_sized_before_the_gradients_exist():
     # Under XLA the gradients come from one call; the graph executor would start the update's parts that do
     # not read them (the decoupled weight decay's variable-sized products) while that call holds the step's
     # activations. Every weight-shaped tensor the update computes must depend on the call.
     model = _tiny_classifier()
-    optimizer = training.make_optimizer("adam", 1e-3, weight_decay=0.1)
+    optimizer = optimization.make_optimizer("adam", 1e-3, weight_decay=0.1)
     trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, jit_compile=True)
     images, labels = _batch()
     graph = tf.function(trainer._replica_step).get_concrete_function(
@@ -122,7 +155,8 @@ def test_default_strategy_is_logged(caplog):
         finally:
             logger.removeHandler(caplog.handler)
     assert strategy.num_replicas_in_sync == 1
-    assert "Strategy: _DefaultDistributionStrategy (no TPU, no cluster, at most one GPU), 1 replica(s)." in caplog.text
+    (line,) = {r.getMessage() for r in caplog.records if r.name == "keras_vit.train.distribute"}
+    assert "_DefaultDistributionStrategy" in line and "1 replica" in line
 
 
 def _free_port():
@@ -133,8 +167,10 @@ def _free_port():
 
 def test_unreachable_tpu_fails_fast():
     start = time.monotonic()
-    with pytest.raises(ConnectionError, match=r"TPU at grpc://127.0.0.1:\d+ cannot be reached"):
-        distribute.get_strategy("tpu", tpu=f"grpc://127.0.0.1:{_free_port()}", timeout=2)
+    address = f"grpc://127.0.0.1:{_free_port()}"
+    with pytest.raises(ConnectionError) as raised:
+        distribute.get_strategy("tpu", tpu=address, timeout=2)
+    assert address in str(raised.value) and "\n" not in str(raised.value)
     assert time.monotonic() - start < 10
 
 
@@ -156,6 +192,7 @@ def _checkpoint_weights(folder):
     return checkpointing.read(checkpointing.CheckpointManager(folder).latest_checkpoint, "model")
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_cpu_devices(tmp_path):
     output = _finish(_helper(["--logical-cpus", "2", "strategy=mirrored", f"output_dir={tmp_path}"]))
     assert "replicas=2" in output and "strategy=MirroredStrategy" in output
@@ -164,6 +201,7 @@ def test_mirrored_strategy_over_two_cpu_devices(tmp_path):
     assert keras.models.load_model(tmp_path / "model.keras").output.shape == (None, 10)
 
 
+@pytest.mark.slow
 def test_multi_worker_mirrored_two_processes_end_identical(tmp_path):
     ports = [_free_port(), _free_port()]
     workers = []
@@ -180,6 +218,7 @@ def test_multi_worker_mirrored_two_processes_end_identical(tmp_path):
     assert (tmp_path / "model.keras").exists() and not list((tmp_path / "checkpoints" / "workers").rglob("*.keras"))
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_resumes_and_ends_with_the_uninterrupted_weights(tmp_path):
     settings = ["deterministic=true", "steps=12"]
     reference = tmp_path / "uninterrupted"
@@ -210,7 +249,7 @@ def test_mixed_precision_training_steps(policy):
     keras.config.set_dtype_policy(policy)
     try:
         model = _tiny_classifier()
-        optimizer = training.make_optimizer("sgd", 0.1, loss_scale=policy == "mixed_float16")
+        optimizer = optimization.make_optimizer("sgd", 0.1, loss_scale=policy == "mixed_float16")
         trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, grad_clip=1.0, jit_compile=False)
         before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
         images, labels = _batch()

@@ -307,6 +307,7 @@ def _run(tool, *args):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["vit.keras", "vit.weights.h5"])
 def test_convert_tool(tmp_path, output):
     ref, _ = load_reference("vit_tiny_repr")
@@ -329,6 +330,7 @@ def test_convert_tool(tmp_path, output):
     assert target.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_convert_tool_bad_input_writes_nothing(tmp_path):
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(fixture_path("vit_tiny_token", "ckpt").read_bytes()[:5000])
@@ -338,6 +340,7 @@ def test_convert_tool_bad_input_writes_nothing(tmp_path):
     assert "--image-size" in _run("convert_jax_checkpoint.py", "--help").stdout
 
 
+@pytest.mark.slow
 def test_interpolate_tool_on_every_format(tmp_path, posemb48):
     source = fixture_path("vit_tiny_token", "ckpt")
     assert _run("interpolate_posemb.py", source, tmp_path / "48.npz", "--image-size", 48).returncode == 0
@@ -390,6 +393,7 @@ def test_decode_predictions_takes_the_class_names_of_another_head():
         keras_vit.decode_predictions(scores, class_names=["ant", "bee"])
 
 
+@pytest.mark.slow
 def test_interpolate_tool_keeps_names_and_storage_types(tmp_path):
     arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
     np.savez(tmp_path / "bf16.npz", **{f"params/{k}": v.astype(ml_dtypes.bfloat16) for k, v in arrays.items()})
@@ -431,6 +435,7 @@ def test_keras_and_weights_h5_files_as_weights(tmp_path):
     np.testing.assert_allclose(same.predict(ref["images"], verbose=0), ref["logits"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_console_scripts_are_installed():
     for script in ("keras-vit-convert", "keras-vit-interpolate-posemb"):
         result = subprocess.run([script, "--help"], capture_output=True, text=True)
@@ -509,6 +514,7 @@ def test_a_model_at_another_patch_size_answers_the_same_on_grown_patches(caplog)
     np.testing.assert_allclose(resized.predict(grown, verbose=0), ref["logits"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_interpolate_tool_resamples_the_patch_kernel(tmp_path):
     ref, _ = load_reference("vit_tiny_token")
     result = _run("interpolate_posemb.py", fixture_path("vit_tiny_token", "ckpt"), tmp_path / "p8.npz", "--image-size", 64, "--patch-size", 8)
@@ -608,6 +614,7 @@ def test_a_corrupt_array_is_named(tmp_path):
     assert "embedding" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_keras_file_is_not_taken_for_an_npz(tmp_path):
     model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"))
     model.save(tmp_path / "vit.keras")

@@ -11,8 +11,9 @@ one-hot labels float32 (B, K))``:
 * pixels to [-1, 1] with ``(x - 127.5) / 127.5``, as the official pipeline.
 
 Training randomness is stateless and keyed by (seed, position in the
-stream), so a pipeline is deterministic for a seed and a resumed run can
-skip the batches already seen and get exactly the same stream.
+stream), and every iterator of a pipeline starts its shuffle from the seed,
+so a pipeline is deterministic for a seed however often it is iterated, and
+a resumed run can skip the batches already seen and get exactly the same stream.
 """
 
 import dataclasses
@@ -354,7 +355,7 @@ def pipeline(
     docstring), ``drop_remainder`` so every step has ``batch_size`` images;
     ``skip_batches`` resumes the stream after that many batches. ``training=False``:
     one pass, in order, last batch kept. ``randaugment`` is None or
-    ``(num_ops, magnitude)`` for Keras' ``RandAugment`` (not covered by the
+    ``(num_ops, magnitude)`` (magnitude 0 to 10) for Keras' ``RandAugment`` (not covered by the
     determinism guarantee). ``crop_area`` (min, max fraction of the image; None:
     no crop) and ``flip`` tune the augmentation for data such as digits, where
     small crops and mirror images destroy the label. ``batch_size`` is the global batch; a
@@ -369,8 +370,12 @@ def pipeline(
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
     buffer = min(shuffle_buffer, source.num_examples or shuffle_buffer)
-    dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.repeat().enumerate()
+    source_dataset = dataset
+    # A new order every pass. Made inside flat_map, the shuffle starts from its seed in every iterator, so the
+    # stream is a function of the position alone however often it is iterated (model.fit looks at a batch first).
+    dataset = tf.data.Dataset.from_tensors(0).flat_map(
+        lambda _: source_dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ).enumerate()
     if skip_batches:
         dataset = dataset.skip(skip_batches * batch_size)  # before augmentation: positions keep their seeds
 
@@ -396,6 +401,21 @@ def pipeline(
 def _randaugment_layer(num_ops, magnitude, seed):
     import keras
 
+    if not 0 <= magnitude <= 10:
+        raise ValueError(f"randaugment magnitude {magnitude} is not in [0, 10]: Keras' RandAugment factor is magnitude / 10.")
     return keras.layers.RandAugment(
         value_range=(0, 255), num_ops=num_ops, factor=magnitude / 10.0, seed=seed
     )
+
+
+def require_examples(dataset, name="the evaluation dataset"):
+    """Raises ``ValueError`` naming ``name`` when the finite ``dataset`` yields nothing (an accuracy would be 0/0).
+
+    Reads the cardinality; when it is unknown, takes one element.
+    """
+    cardinality = int(dataset.cardinality())
+    empty = cardinality == 0 or (
+        cardinality == tf.data.UNKNOWN_CARDINALITY and not any(True for _ in dataset.take(1))
+    )
+    if empty:
+        raise ValueError(f"{name} holds no examples: its accuracy would be 0/0. Give one with examples.")

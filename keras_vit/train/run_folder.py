@@ -8,15 +8,20 @@ folder and the first run's pid. Locks need ``fcntl`` (Linux, macOS).
 
 ``check_settings(folder, settings)`` compares the settings a run is started
 with to those stored in ``folder/settings.json`` by the run that wrote the
-checkpoints, and names every difference.
+checkpoints (upgraded from the schema version that stored them), and names
+every difference. ``settings.json`` holds the schema version, the run id the
+checkpoints carry, and the training settings.
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import socket
 from pathlib import Path
+
+from keras_vit.train import settings as settings_schema
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
@@ -74,16 +79,34 @@ def lock(folder):
 
 
 def stored_settings(folder):
-    """The settings stored in ``folder/settings.json`` (dict), or None."""
+    """``(schema_version, run_id, settings)`` stored in ``folder/settings.json``, or None.
+
+    Folders written before settings had a schema version (version 1) hold the bare settings and no run id.
+    """
     path = Path(folder) / SETTINGS_NAME
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if "schema_version" not in record:
+        return 1, None, record
+    return record["schema_version"], record["run_id"], record["settings"]
 
 
-def store_settings(folder, settings):
+def run_id(settings):
+    """A short hash of the training settings (paths to local files resolved): a new run's id."""
+    canonical = settings_schema.canonical(settings)
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def store_settings(folder, settings, run=None):
+    """Writes ``folder/settings.json`` (schema version, run id, settings); returns the run id (``run`` or a new one)."""
+    run = run or run_id(settings)
     Path(folder).mkdir(parents=True, exist_ok=True)
     temporary = Path(folder) / f".{SETTINGS_NAME}.tmp"
-    temporary.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str))
+    record = {"schema_version": settings_schema.SCHEMA_VERSION, "run_id": run, "settings": settings}
+    temporary.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     os.replace(temporary, Path(folder) / SETTINGS_NAME)
+    return run
 
 
 def differences(stored, settings):
@@ -100,13 +123,22 @@ def differences(stored, settings):
 
 
 def check_settings(folder, settings):
-    """Raises ``ValueError`` naming the differing settings when ``folder`` holds checkpoints of other settings."""
+    """Refuses (``SettingsMismatchError`` naming every difference) when ``folder`` holds other training settings.
+
+    Settings stored by an older schema version are upgraded first (``keras_vit.train.settings.upgrade``: a
+    setting added since takes its default), and paths to local files are compared resolved. Returns the
+    folder's run id (None for a folder of schema version 1, whose checkpoints hold it) or None without settings.
+    """
     stored = stored_settings(folder)
     if stored is None:
-        return
-    changed = differences(stored, settings)
+        return None
+    version, run, old = stored
+    changed = differences(
+        settings_schema.canonical(settings_schema.upgrade(old, version)), settings_schema.canonical(settings)
+    )
     if changed:
         raise SettingsMismatchError(
             f"{folder} holds checkpoints of another configuration ({'; '.join(changed)}): use a new output_dir, "
             "restore those settings to resume, or delete the folder's checkpoints to start over."
         )
+    return run

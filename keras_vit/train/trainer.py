@@ -1,4 +1,4 @@
-"""Training: the official learning-rate schedule, optimizers, and a ``tf.distribute`` training loop.
+"""Training with a ``tf.distribute`` loop of our own (``loop="trainer"``, TensorFlow only).
 
 ``Trainer`` runs the same code on the default strategy, ``MirroredStrategy``,
 ``MultiWorkerMirroredStrategy`` and ``TPUStrategy``. It does not use
@@ -30,77 +30,10 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_vit.layers import PACKAGE
+from keras_vit.train.callbacks import check_finite_loss
 from keras_vit.train.checkpointing import CheckpointManager
+from keras_vit.train.data import require_examples
 from keras_vit.train.distribute import is_chief
-
-DECAYS = ("cosine", "linear", "constant")
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """The official ViT learning-rate schedule (vit_jax ``create_learning_rate_schedule``).
-
-    At official step ``s`` (counted from 1): ``progress = clip((s - warmup) /
-    (total - warmup), 0, 1)``; cosine: ``base * 0.5 * (1 + cos(pi * progress))``;
-    linear: ``end + (base - end) * (1 - progress)``; constant: ``base``; then
-    the warmup multiplies: ``lr * min(1, s / warmup)``. Keras calls a schedule
-    with the optimizer's 0-based iteration count, so ``__call__(i)`` returns
-    the rate of official step ``i + 1``.
-    """
-
-    def __init__(self, base_lr, total_steps, warmup_steps=0, decay="cosine", linear_end=1e-5):
-        if decay not in DECAYS:
-            raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}.")
-        if total_steps <= warmup_steps and decay != "constant":
-            raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}).")
-        self.base_lr = base_lr
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_steps
-        self.decay = decay
-        self.linear_end = linear_end
-
-    def __call__(self, iteration):
-        step = ops.cast(iteration, "float32") + 1.0
-        decay_steps = float(max(self.total_steps - self.warmup_steps, 1))
-        progress = ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
-        if self.decay == "cosine":
-            lr = self.base_lr * 0.5 * (1.0 + ops.cos(math.pi * progress))
-        elif self.decay == "linear":
-            lr = self.linear_end + (self.base_lr - self.linear_end) * (1.0 - progress)
-        else:
-            lr = self.base_lr * ops.ones_like(progress)
-        if self.warmup_steps:
-            lr = lr * ops.minimum(1.0, step / self.warmup_steps)
-        return lr
-
-    def get_config(self):
-        return dict(
-            base_lr=self.base_lr,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            decay=self.decay,
-            linear_end=self.linear_end,
-        )
-
-
-def make_optimizer(name, learning_rate, momentum=0.9, beta_1=0.9, beta_2=0.999, weight_decay=0.0, ema_decay=None, loss_scale=False):
-    """``"sgd"`` (momentum, the official fine-tuning) or ``"adam"`` (decoupled weight decay, the pre-training).
-
-    Gradient clipping is done by ``Trainer`` on the summed gradient, not here.
-    ``ema_decay`` keeps a Polyak average of the weights (Keras ``use_ema``);
-    ``loss_scale=True`` wraps the optimizer for float16 training.
-    """
-    ema = dict(use_ema=ema_decay is not None, ema_momentum=ema_decay or 0.99)
-    if name == "sgd":
-        optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum, weight_decay=weight_decay or None, **ema)
-    elif name == "adam":
-        optimizer = keras.optimizers.AdamW(
-            learning_rate, beta_1=beta_1, beta_2=beta_2, weight_decay=weight_decay, **ema
-        ) if weight_decay else keras.optimizers.Adam(learning_rate, beta_1=beta_1, beta_2=beta_2, **ema)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}.")
-    return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scale else optimizer
 
 
 def default_jit_compile(strategy, model):
@@ -117,7 +50,8 @@ class Trainer:
     """Trains a model on any ``tf.distribute`` strategy: by default a classifier with soft-label cross-entropy.
 
     Build ``model`` and ``optimizer`` under ``strategy.scope()``. Batches are
-    ``(images, one-hot labels)`` of ``global_batch_size``. ``loss_fn(images,
+    ``(images, labels)`` of ``global_batch_size``: one-hot (or soft, e.g. mixed-up)
+    labels (B, K), or integer class ids (B,) or (B, 1). ``loss_fn(images,
     labels, training) -> (per-example loss (B,), per-example accuracy (B,))``
     replaces the classification objective (e.g. ``MaskedPatchPrediction.loss_and_accuracy``,
     which ignores the labels). See the module docstring for what each step does.
@@ -165,6 +99,8 @@ class Trainer:
 
     def _classification(self, images, labels, training=True):
         logits = ops.cast(self.model(images, training=training), "float32")
+        if labels.dtype.is_integer:  # class ids (B,) or (B, 1)
+            labels = tf.one_hot(tf.reshape(labels, [-1]), tf.shape(logits)[-1])
         per_example = keras.losses.categorical_crossentropy(
             labels, logits, from_logits=True, label_smoothing=self.label_smoothing
         )
@@ -270,8 +206,10 @@ class Trainer:
             batch_hits, batch_count = self._eval_step(images, labels)
             hits += float(batch_hits)
             count += float(batch_count)
-            callbacks.on_test_batch_end(batch, {"accuracy": hits / max(count, 1.0)})
-        logs = {"accuracy": hits / max(count, 1.0)}
+            callbacks.on_test_batch_end(batch, {"accuracy": hits / count})
+        if not count:
+            raise ValueError("The evaluation dataset holds no examples: its accuracy would be 0/0. Give one with examples.")
+        logs = {"accuracy": hits / count}
         callbacks.on_test_end(logs)
         return logs["accuracy"]
 
@@ -283,12 +221,13 @@ class Trainer:
             dataset: a repeated dataset of (images, one-hot labels) global batches, or a callable
                 ``skip_batches -> dataset`` so that a resumed run continues the same stream.
             steps: the step to train to (counted from the first run, not from the resumed step).
-            eval_dataset: a finite dataset evaluated at the end of every epoch (``val_accuracy``).
+            eval_dataset: a finite dataset evaluated at the end of every epoch (``val_accuracy``); an empty one
+                is refused (``ValueError``) before the first step.
             eval_every: steps per epoch: one epoch is one evaluation interval; default: all ``steps``.
             callbacks: ``keras.callbacks.Callback`` instances, driven as ``model.fit`` drives them:
                 train, epoch, batch and test begin/end with logs. ``batch`` is the global step index of
                 the last step of each ``steps_per_execution`` chunk (the step is ``batch + 1``). Batch
-                logs: ``loss``, ``accuracy``, ``grad_norm``; epoch logs add ``learning_rate`` (of the next
+                logs: ``loss``, ``accuracy``, ``grad_norm``, ``step``; epoch logs add ``learning_rate`` (of the next
                 step, as Keras reports it), ``images_per_second``, ``step`` and ``val_accuracy``.
                 ``model.stop_training = True`` ends training after the current chunk. With EMA a
                 ``SwapEMAWeights`` is added (unless given) so evaluations use the averaged weights.
@@ -301,6 +240,8 @@ class Trainer:
         ``TerminateOnNaN``) stopped training on it. At the end, as ``model.fit`` does, the optimizer's
         ``finalize_variable_values`` writes the EMA averages into the model (no-op without EMA).
         """
+        if eval_dataset is not None:
+            require_examples(eval_dataset, "eval_dataset")
         manager = self._checkpoint_manager(checkpoint_dir, keep_checkpoints)
         state = None
         if manager:
@@ -341,12 +282,9 @@ class Trainer:
             step += chunk
             loss_sum, correct = loss_sum + chunk_loss, correct + chunk_correct
             examples = chunk * self.global_batch_size
-            batch_logs = {"loss": chunk_loss / examples, "accuracy": chunk_correct / examples, "grad_norm": norm}
+            batch_logs = {"loss": chunk_loss / examples, "accuracy": chunk_correct / examples, "grad_norm": norm, "step": step}
             callbacks.on_train_batch_end(step - 1, batch_logs)
-            if not math.isfinite(batch_logs["loss"]) and not self.model.stop_training:
-                raise FloatingPointError(
-                    f"The training loss became {batch_logs['loss']} at step {step}; lower the learning rate."
-                )
+            check_finite_loss(batch_logs["loss"], step, self.model)
             if manager and checkpoint_every and step % checkpoint_every == 0 and step < end:
                 manager.save(self.model, self.optimizer, step, step, run_id)
         examples = max(step - first, 1) * self.global_batch_size

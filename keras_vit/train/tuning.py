@@ -1,15 +1,18 @@
 """Hyperparameter search with keras-tuner over the seed's fine-tuning grid and over ViT shapes.
 
 ``ViTHyperModel`` maps keras-tuner hyperparameters onto a recipe configuration
-(``keras_vit.train.runner``) and trains each trial with the same data pipelines,
-strategy and ``Trainer`` as the recipes, through ``Trainer.fit`` with keras-tuner's
+(``keras_vit.train.settings``) and trains each trial with the same data pipelines,
+environment and training loop as the recipes (``keras_vit.train.building``:
+``Trainer`` on TensorFlow, Keras' fit loop on JAX and PyTorch), with keras-tuner's
 own callbacks (a trial is one epoch: its evaluation gives ``val_accuracy``); the
 objective is the held-out top-1 (``val_accuracy``) or any number the trial reports
 (``TRIAL_METRICS``). A diverging trial (non-finite loss) fails. Two search spaces:
 
 * ``"finetune"``: from pretrained weights: learning rate (the seed's grid
   {0.001, 0.003, 0.01, 0.03}), steps, resolution, dropout, classifier head
-  (token / gap where the checkpoint allows), EMA on/off;
+  (token / gap where the checkpoint allows; a model whose architecture comes
+  from its weights file keeps the file's head unless ``classifier`` is in the
+  space overrides), EMA on/off;
 * ``"architecture"``: from scratch: depth, width, heads (only divisors of the
   width, through conditional scopes), MLP ratio, patch size (only divisors of
   the image size), dropout, stochastic depth, weight decay, learning rate.
@@ -26,6 +29,7 @@ import time
 import keras_tuner
 
 from keras_vit import configs
+from keras_vit.train import building
 
 FINETUNE_LEARNING_RATES = [0.001, 0.003, 0.01, 0.03]
 SPACES = ("finetune", "architecture")
@@ -39,27 +43,32 @@ def _divisors(value, candidates):
 class ViTHyperModel(keras_tuner.HyperModel):
     """A keras-tuner ``HyperModel`` whose trials are recipe runs of ``base_config`` with tuned settings.
 
-    ``strategy``: the ``tf.distribute`` strategy (give the tuner the same one
-    as ``distribution_strategy``). ``steps_per_epoch``: Hyperband's epochs are
+    ``environment``: the run's ``building.Environment`` (``building.setup(base_config)``; its
+    ``tf.distribute`` strategy, if any, is the tuner's ``distribution_strategy``; None: set up from
+    ``base_config`` when the first trial is built). ``steps_per_epoch``: Hyperband's epochs are
     this many steps; other tuners train ``config["steps"]`` steps (or the tuned ``steps``).
     ``time_budget_s``: no trial starts after this many seconds (``keras_tuner.errors.FatalError``).
     """
 
-    def __init__(self, base_config, space="finetune", space_overrides=None, strategy=None, precision="float32",
-                 steps_per_epoch=None, time_budget_s=None):
+    def __init__(self, base_config, space="finetune", space_overrides=None, environment=None, steps_per_epoch=None,
+                 time_budget_s=None):
         super().__init__(name=f"vit_{space}")
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}.")
         self.base_config = copy.deepcopy(base_config)
         self.space = space
         self.space_overrides = dict(space_overrides or {})
-        self.strategy = strategy
-        self.precision = precision
+        self.environment = environment
         self.steps_per_epoch = steps_per_epoch
         self.deadline = time.monotonic() + time_budget_s if time_budget_s else None
-        self._sources = {}
-        self._trainer = None  # the Trainer of the model the last build() returned
+        self._prepared = {}  # data per image size and channels (trials may tune the resolution)
+        self._loop = self._data = None  # the training loop and data of the model the last build() returned
         self._space_only = False
+
+    @property
+    def strategy(self):
+        """The ``tf.distribute`` strategy the trials train under (None off TensorFlow)."""
+        return self.environment.strategy if self.environment is not None else None
 
     # --- the search space ----------------------------------------------------------------------------------------
 
@@ -93,8 +102,9 @@ class ViTHyperModel(keras_tuner.HyperModel):
             config["steps"] = self._value(hp, "steps", "choice", [config["steps"]])
             config["image_size"] = self._value(hp, "image_size", "choice", [config["image_size"]])
             overrides["dropout_rate"] = self._value(hp, "dropout_rate", "choice", [0.0, 0.1])
-            named = configs.model_config(config["model"])["classifier"]  # e.g. "S/32-gap" keeps its gap head
-            overrides["classifier"] = self._value(hp, "classifier", "choice", [overrides.get("classifier", named)])
+            if config["model"] is not None or "classifier" in self.space_overrides:
+                named = configs.model_config(config["model"])["classifier"] if config["model"] else None
+                overrides["classifier"] = self._value(hp, "classifier", "choice", [overrides.get("classifier", named)])
             config["ema_decay"] = 0.9999 if self._value(hp, "ema", "bool", False) else None
         else:
             image_size = config["image_size"]
@@ -143,42 +153,33 @@ class ViTHyperModel(keras_tuner.HyperModel):
             self._space_only = False
 
     def build(self, hp):
-        """The trial's model, built with its ``Trainer`` (kept for ``fit``) by the recipe runner."""
-        from keras_vit.train import runner
-
+        """The trial's model, built with its training loop and data (kept for ``fit``) as the recipes build them."""
         if self._space_only:
             self.config_for(hp)
             return None
         if self.deadline and time.monotonic() > self.deadline:
             raise keras_tuner.errors.FatalError("The search's time budget is spent.")
         config = self.config_for(hp)
-        self._trainer = runner.build_trainer(config, self.strategy, self.precision, self._data(config)[0].num_classes)
-        return self._trainer.model
-
-    def _data(self, config):
-        """Pipelines per image size (trials may tune the resolution)."""
-        from keras_vit.train import runner
-
-        size = config["image_size"]
-        key = size if isinstance(size, int) else tuple(size)
-        if key not in self._sources:
-            self._sources[key] = runner.prepare_data(config)
-        return self._sources[key]
+        if self.environment is None:
+            self.environment = building.setup(config)
+        self._loop, self._data = building.assemble(config, self.environment, self._prepared)
+        return self._loop.model
 
     def fit(self, hp, model, *args, epochs=None, initial_epoch=0, callbacks=(), **kwargs):
         """Trains a trial; Hyperband's ``epochs`` are ``steps_per_epoch`` steps, a promoted trial continues
         from its parent's weights (loaded by keras-tuner) for the remaining epochs."""
         config = self.config_for(hp)
-        _, train_dataset, eval_dataset = self._data(config)
         steps = config["steps"]
         if epochs is not None and self.steps_per_epoch:
             steps = (epochs - initial_epoch) * self.steps_per_epoch
-        if self._trainer is None or self._trainer.model is not model:
+        if self._loop is None or self._loop.model is not model:
             raise ValueError("ViTHyperModel.fit trains the model its last build() returned.")
         started = time.perf_counter()
         try:
             # One epoch: the evaluation at its end gives keras-tuner's callbacks (e.g. SaveBestEpoch) val_accuracy.
-            history = self._trainer.fit(train_dataset, steps, eval_dataset=eval_dataset, callbacks=callbacks)
+            history = self._loop.fit(
+                self._data.train_dataset, steps, eval_dataset=self._data.eval_dataset, callbacks=list(callbacks)
+            )
         except FloatingPointError as error:
             raise keras_tuner.errors.FailedTrialError(f"The training loss diverged: {error}") from None
         last = {name: values[-1] for name, values in history.history.items()}
@@ -210,7 +211,7 @@ def make_tuner(kind, hypermodel, objective="val_accuracy", max_trials=10, max_ep
         project_name=project_name,
         seed=seed,
         overwrite=overwrite,
-        distribution_strategy=hypermodel.strategy,
+        distribution_strategy=hypermodel.strategy,  # None off TensorFlow
         max_consecutive_failed_trials=max(max_trials, 3),
     )
     with hypermodel.space_only():

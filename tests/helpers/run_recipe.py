@@ -1,6 +1,6 @@
 """Runs the recipe runner in a fresh process, as a test subprocess: ``run_recipe.py [--logical-cpus N] [--pause-after-checkpoint S] key=value ...``.
 
-The defaults are a tiny digits configuration. ``--logical-cpus`` splits the CPU into N devices before
+The defaults are conftest's tiny digits configuration (``TINY_RUN``). ``--logical-cpus`` splits the CPU into N devices before
 TensorFlow starts (for MirroredStrategy); ``--pause-after-checkpoint`` sleeps after the first checkpoint so a
 test can kill the process there.
 """
@@ -9,24 +9,10 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
-TINY = [
-    "model=Ti/16",
-    'model_overrides={"patch_size": 2, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32, "channels": 1, "dropout_rate": 0.1}',
-    "dataset=digits",
-    "image_size=8",
-    "batch_size=32",
-    "steps=8",
-    "warmup_steps=2",
-    "base_lr=0.01",
-    "crop_area=[0.6, 1.0]",
-    "flip=false",
-    "precision=float32",
-    "eval_every=4",
-    "checkpoint_every=4",
-    "log_every=4",
-    "weights=null",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import TINY_RUN  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--logical-cpus", type=int, default=0)
@@ -39,7 +25,7 @@ if args.logical_cpus:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus)
 
-from keras_vit.train import checkpointing, runner  # noqa: E402
+from keras_vit.train import checkpointing, runner, settings  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
 if args.pause_after_checkpoint:
@@ -53,7 +39,7 @@ if args.pause_after_checkpoint:
 
     checkpointing.CheckpointManager.save = save_then_pause
 
-config = runner.load_config(runner.FINETUNE, None, TINY + overrides)
+config = settings.load_config(settings.FINETUNE, None, TINY_RUN + overrides)
 report = runner.run(config)
 print(f"replicas={report['replicas']} top1={report['top1']:.4f} strategy={report['strategy']}", flush=True)
 sys.exit(0)

@@ -1,0 +1,123 @@
+"""What a run reports: its callbacks (progress lines, TensorBoard, ``history.csv``), ``report.json``, the plot, the model.
+
+The report's history is the run's ``keras.callbacks.History`` (one row per
+evaluation interval), after the rows a resumed run kept from before its
+checkpoint (read back from ``history.csv``, which ``CSVLogger`` appends to).
+"""
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+import keras
+
+from keras_vit import plotting
+from keras_vit.train import callbacks as run_callbacks
+
+log = logging.getLogger(__name__)
+HISTORY_CSV = "history.csv"
+
+
+def _number(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None  # CSVLogger writes "NA" for a value an epoch did not log
+
+
+def read_rows(path):
+    """The rows of a ``history.csv`` as dicts of floats (None for empty or "NA" cells, ``step`` an int); [] without it."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        rows = [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(file)]
+    for row in rows:
+        row.pop("epoch", None)  # the History's rows are keyed by step alone
+        row["step"] = int(row["step"])
+    return rows
+
+
+def _keep_rows_until(path, step):
+    """Drops the rows of ``path`` after ``step`` (all of them without a checkpoint, ``step`` None)."""
+    path = Path(path)
+    if not path.exists() or not path.read_text().strip():
+        return
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        fields, kept = reader.fieldnames, [row for row in reader if step and float(row["step"]) <= step]
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", newline="") as file:
+        writer = csv.DictWriter(file, fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(temporary, path)
+
+
+def make_callbacks(config, output_dir, resumed_step, chief=True):
+    """``(callbacks, earlier_rows)``: a progress line every ``log_every`` steps; on the chief stock
+    ``TensorBoard`` (``output_dir/logs``) and ``CSVLogger`` (``output_dir/history.csv``), one entry per
+    evaluation interval. Rows of ``history.csv`` after ``resumed_step`` (the checkpoint this process resumes
+    from; None: none) are dropped first; those kept are ``earlier_rows``."""
+    progress = [run_callbacks.ProgressLogger(config["log_every"])] if config["log_every"] else []
+    if not chief:
+        return progress, []
+    history = Path(output_dir) / HISTORY_CSV
+    _keep_rows_until(history, resumed_step)
+    return progress + [
+        # epoch summaries only: TensorBoard counts batch summaries from 0 again when a run resumes
+        keras.callbacks.TensorBoard(str(Path(output_dir) / "logs")),
+        keras.callbacks.CSVLogger(str(history), append=True),
+    ], read_rows(history)
+
+
+def history_rows(history):
+    """One dict per epoch (evaluation interval) of a ``keras.callbacks.History``, values as Python numbers."""
+    columns = history.history
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    for row in rows:
+        row.update({k: float(v) for k, v in row.items() if k != "step"})
+        row["step"] = int(row["step"])
+    return rows
+
+
+def build_report(config, environment, loop, top1, rows, wall_seconds):
+    """The report dict of a finished run (written to ``report.json``)."""
+    model = getattr(loop.model, "encoder", loop.model)
+    strategy = environment.strategy
+    return {
+        "top1": top1,  # masked_patch_prediction: accuracy of the mean-colour classes of all patches
+        "steps": config["steps"],
+        "images_per_second": rows[-1]["images_per_second"] if rows else None,
+        "wall_seconds": wall_seconds,
+        "backend": environment.backend,
+        "loop": environment.loop,
+        "strategy": type(strategy).__name__ if strategy is not None else None,
+        "replicas": environment.replicas,
+        "precision": environment.precision,
+        "parameters": model.count_params(),
+        "config": config,
+        "history": rows,
+    }
+
+
+def plot_history(rows, path):
+    """The training curves as a PNG (``keras_vit.plotting``); without matplotlib a warning and no file."""
+    try:
+        return plotting.plot_training_curves(rows, path)
+    except ImportError as error:
+        log.warning("No training plot: %s", error)
+        return None
+
+
+def write_outputs(output_dir, model, report):
+    """Writes ``model.keras`` (atomically), ``report.json`` and ``training.png`` into ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save(output_dir / ".model.tmp.keras")  # after fit the model holds the EMA weights (with EMA)
+    os.replace(output_dir / ".model.tmp.keras", output_dir / "model.keras")
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    plot_history(report["history"], output_dir / "training.png")
+    log.info("top-1 %.4f after %d steps; wrote %s and report.json", report["top1"], report["steps"], output_dir / "model.keras")
