@@ -20,6 +20,7 @@ before; the features API needs a ``VisionTransformer``: convert such a file once
 """
 
 import copy
+import re
 import weakref
 
 import h5py
@@ -552,6 +553,17 @@ class VisionTransformer(keras.Model):
 BUILDER_ARGUMENTS = tuple(
     name for name in VisionTransformer.__init__.__code__.co_varnames[1 : VisionTransformer.__init__.__code__.co_argcount]
 )
+
+
+_LEGACY_PROJECTION = re.compile(r"^(.*/MultiHeadDotProductAttention_\d+)/(query|key|value|out)_(kernel|bias)$")
+
+
+def current_variable_path(path):
+    """Today's ``variable.path`` for one written by keras_vit <= 0.1.0 at 410d757, whose attention layers held their
+    projections as variables (``.../MultiHeadDotProductAttention_1/query_kernel`` is now
+    ``.../MultiHeadDotProductAttention_1/query/kernel``); other paths unchanged. For readers of stored paths, such as
+    the training checkpoints."""
+    return _LEGACY_PROJECTION.sub(r"\1/\2/\3", path)
 
 
 def official_weights(model):

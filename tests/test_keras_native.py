@@ -266,3 +266,17 @@ def test_dequantized_copy_holds_the_effective_weights_of_a_quantized_model(mode)
             assert np.abs(value - before).max() <= step * np.abs(before).max() * 0.51 + 1e-6, variable.path
         else:
             np.testing.assert_array_equal(value, before)
+
+
+def test_a_training_checkpoint_written_at_410d757_restores_with_identical_outputs():
+    from keras_vit.train import checkpointing
+
+    outputs = np.load(LEGACY / "outputs.npz")
+    model = keras.models.load_model(LEGACY / "token_dropout.keras")  # the architecture; its weights get replaced
+    optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.05)
+    optimizer.build(model.trainable_variables)
+    state = checkpointing.CheckpointManager(LEGACY / "ckpt").restore(model, optimizer, run_id="legacy")
+    assert state["step"] == 2
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"], training=False)),
+                               outputs["ckpt_logits"], atol=1e-5)
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 2

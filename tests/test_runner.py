@@ -197,10 +197,11 @@ def test_the_report_names_the_classes_of_the_outputs(finished_folder_run):
 
     import keras_vit
 
-    config, report, _ = finished_folder_run
+    config, report, _, _ = finished_folder_run
     stored = json.loads((Path(config["output_dir"]) / "report.json").read_text())
     assert report["class_names"] == stored["class_names"] == ["ant", "bee", "cat"]  # the train split's folders
     model = keras.models.load_model(f"{config['output_dir']}/model.keras")
+    assert model.class_names == stored["class_names"]  # stored with the model too
     scores = model.predict(np.zeros((1, 8, 8, 1), "float32"), verbose=0)
     (best, name, _), = keras_vit.decode_predictions(scores, top=1, class_names=stored["class_names"])[0]
     assert name == stored["class_names"][int(scores[0].argmax())] and best == int(scores[0].argmax())
@@ -314,11 +315,25 @@ def test_an_empty_evaluation_split_is_refused_before_anything_trains(tmp_path, m
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_lora_rank_waits_for_the_model_library():
-    config = settings.load_config(settings.FINETUNE, None, TINY_RUN + ["lora_rank=4"])
+def test_lora_rank_fine_tunes_the_query_and_value_factors_and_the_head(tmp_path):
+    config = settings.load_config(settings.FINETUNE, None, TINY_RUN + ["lora_rank=2", f"output_dir={tmp_path / 'run'}"])
     environment = building.Environment("tensorflow", "trainer", None, "float32")
-    with pytest.raises(NotImplementedError, match="enable_lora"):
-        building.build_model(config, 10, environment)
+    model = building.build_model(config, 10, environment)
+    trainable = {v.path.split("/", 1)[-1] for v in model.trainable_variables}
+    assert trainable == {"MultiHeadDotProductAttention_1/query/lora_kernel_a", "MultiHeadDotProductAttention_1/query/lora_kernel_b",
+                         "MultiHeadDotProductAttention_1/value/lora_kernel_a", "MultiHeadDotProductAttention_1/value/lora_kernel_b",
+                         "kernel", "bias"}  # the head's kernel and bias
+    report = runner.run(config)
+    assert report["trainable_parameters"] == sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert report["trainable_parameters"] < report["parameters"] / 2
+
+
+def test_precision_is_the_models_own_and_the_global_policy_stays(tmp_path):
+    config = settings.load_config(settings.FINETUNE, None, TINY_RUN + ["precision=mixed_bfloat16"])
+    environment = building.Environment("tensorflow", "trainer", None, "mixed_bfloat16")
+    model = building.build_model(config, 10, environment)
+    assert keras.config.dtype_policy().name == "float32"
+    assert model.get_config()["dtype"] == "mixed_bfloat16" and model.get_layer("encoderblock_0").compute_dtype == "bfloat16"
 
 
 # --- the main job --------------------------------------------------------------------------------------------

@@ -110,37 +110,30 @@ def setup(config):
     return Environment(backend, loop, strategy, precision)
 
 
-@contextlib.contextmanager
-def dtype_policy(name):
-    """Keras' global dtype policy is ``name`` inside the context and what it was after (layers keep theirs)."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 def architecture_from_file(config):
     """Whether the model's architecture is its weights file's: ``model`` unset, ``weights`` a .keras or .npz file."""
     return config["model"] is None and settings.architecture_file(config["weights"])
 
 
-def build_model(config, num_classes, environment):
+def build_model(config, num_classes, environment, class_names=None):
     """The model ``config`` describes, with its weights, in ``environment``'s scope and precision.
 
     With ``model`` unset and a ``.keras`` or official ``.npz`` file as ``weights``, the architecture is the
     file's (``keras_vit.from_official_checkpoint``); otherwise ``keras_vit.create_model(model)``. The only
-    place a run creates its model.
+    place a run creates its model. The precision is the model's own dtype policy (stored in its ``.keras``
+    file); ``class_names`` (an image folder's) are stored with it; ``lora_rank`` > 0 leaves only LoRA factors
+    of the attention's query and value projections and the head trainable.
     """
     arguments = dict(
         image_size=config["image_size"],
         classes=num_classes,
         include_top=config["task"] != "masked_patch_prediction",
+        dtype=environment.precision,
         **config["model_overrides"],
     )
-    # The precision policy applies to this model only: the global policy is restored after the build.
-    with environment.scope(), dtype_policy(environment.precision):
+    if class_names is not None and arguments["include_top"]:
+        arguments["class_names"] = class_names
+    with environment.scope():
         if architecture_from_file(config):
             log.info("Architecture from %s (no model setting given).", config["weights"])
             model = keras_vit.from_official_checkpoint(config["weights"], **arguments)
@@ -149,7 +142,7 @@ def build_model(config, num_classes, environment):
                 config["model"] or settings.DEFAULT_MODEL, weights=config["weights"], **arguments
             )
         if config["lora_rank"]:
-            raise NotImplementedError("lora_rank needs VisionTransformer.enable_lora")  # LoRA: the one call site
+            model.enable_lora(config["lora_rank"])
     return model
 
 
@@ -260,9 +253,9 @@ def prepare_data(config, channels=None):
     return Prepared(train_source, eval_source, train_dataset, eval_dataset)
 
 
-def _folder_class_count(config):
+def _folder_class_names(config):
     folder = os.path.join(config["dataset"][len("folder:"):], config["train_split"])
-    return len(config["classes"] or data.folder_classes(folder))
+    return list(config["classes"] or data.folder_classes(folder))
 
 
 def assemble(config, environment, prepared=None):
@@ -275,12 +268,13 @@ def assemble(config, environment, prepared=None):
     model = None
     channels = config["channels"] or config["model_overrides"].get("channels")
     if config["dataset"].startswith("folder:") and channels is None and architecture_from_file(config):
-        model = build_model(config, _folder_class_count(config), environment)
+        names = _folder_class_names(config)
+        model = build_model(config, len(names), environment, names)
         channels = model.input_shape[-1]
     key = (json.dumps(config["image_size"]), channels)
     cache = prepared if prepared is not None else {}
     if key not in cache:
         cache[key] = prepare_data(config, channels)
     found = cache[key]
-    model = model or build_model(config, found.num_classes, environment)
+    model = model or build_model(config, found.num_classes, environment, found.train.class_names)
     return build_loop(config, environment, model), found

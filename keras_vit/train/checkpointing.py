@@ -34,6 +34,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_vit.models import current_variable_path
+
 log = logging.getLogger(__name__)
 PARTS = ("model", "optimizer")
 PREFIX = "ckpt-"
@@ -89,9 +91,12 @@ def _sha256(path):
 
 
 def read(path, part="model"):
-    """``{key: array}`` (keys: see ``model_variables``, ``optimizer_variables``) of ``model.npz`` or ``optimizer.npz`` in the checkpoint folder ``path``."""
+    """``{key: array}`` (keys: see ``model_variables``, ``optimizer_variables``) of ``model.npz`` or ``optimizer.npz`` in the checkpoint folder ``path``.
+
+    Keys written by an earlier keras_vit are read under today's variable paths (``current_variable_path``).
+    """
     with np.load(Path(path) / f"{part}.npz", allow_pickle=False) as arrays:
-        return {name: arrays[name] for name in arrays.files}
+        return {current_variable_path(name): arrays[name] for name in arrays.files}
 
 
 def read_state(path):
@@ -187,6 +192,7 @@ class CheckpointManager:
                     "use a new output folder, or delete the old checkpoints to start over."
                 )
             targets = dict(zip(PARTS, (model_variables(model), optimizer_variables(optimizer))))
+            _keep_own_seed_states_if_others(path, stored["model"], targets["model"])
             for part in PARTS:
                 _check_fits(path, part, stored[part], targets[part])
             for part in PARTS:
@@ -195,6 +201,22 @@ class CheckpointManager:
             log.info("Restored step %d from %s.", state["step"], path)
             return state
         return None
+
+
+def _keep_own_seed_states_if_others(path, arrays, variables):
+    """A checkpoint whose model has other random-number generators (an earlier keras_vit drew its dropout masks
+    from other layers) restores everything else; the model keeps its own seed states (logged: the masks after the
+    resumption are not those of an uninterrupted run)."""
+    stored = {name for name in arrays if name.startswith("seed_generator_state/")}
+    own = {name for name in variables if name.startswith("seed_generator_state/")}
+    if stored == own:
+        return
+    for name in stored:
+        del arrays[name]
+    for name in own:
+        arrays[name] = keras.ops.convert_to_numpy(variables[name])
+    log.warning("%s holds %d random-number generator states, this model %d: its own are kept (the dropout masks "
+                "after resuming differ from an uninterrupted run's).", path, len(stored), len(own))
 
 
 def _check_fits(path, part, arrays, variables):

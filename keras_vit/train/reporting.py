@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from keras_vit import plotting
 from keras_vit.train import callbacks as run_callbacks
@@ -83,8 +84,8 @@ def history_rows(history):
     return rows
 
 
-def build_report(config, environment, loop, top1, rows, wall_seconds):
-    """The report dict of a finished run (written to ``report.json``)."""
+def build_report(config, environment, loop, top1, rows, wall_seconds, class_names=None):
+    """The report dict of a finished run (written to ``report.json``); ``class_names``: output index -> name."""
     model = getattr(loop.model, "encoder", loop.model)
     strategy = environment.strategy
     return {
@@ -98,6 +99,8 @@ def build_report(config, environment, loop, top1, rows, wall_seconds):
         "replicas": environment.replicas,
         "precision": environment.precision,
         "parameters": model.count_params(),
+        "trainable_parameters": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
+        "class_names": class_names,  # keras_vit.decode_predictions(scores, class_names=report["class_names"])
         "config": config,
         "history": rows,
     }

@@ -112,7 +112,8 @@ def _train(config, folder, run_id):
     )
     top1 = loop.evaluate(prepared.eval_dataset)
     rows = earlier + reporting.history_rows(history)
-    report = reporting.build_report(config, environment, loop, top1, rows, time.perf_counter() - started)
+    report = reporting.build_report(config, environment, loop, top1, rows, time.perf_counter() - started,
+                                    prepared.train.class_names)
     if environment.chief:
         reporting.write_outputs(output_dir, getattr(loop.model, "encoder", loop.model), report)
     return report
