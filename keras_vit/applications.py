@@ -179,8 +179,10 @@ def resize_model(model, image_size, patch_size=None):
 
     Rebuilds from the model's configuration at ``image_size`` and loads the weights through the loading
     pipeline: position embeddings interpolated the official way, the patch kernel resampled (FlexiViT) when
-    ``patch_size`` is given. A plain functional model from an older keras_vit ``.keras`` file is accepted (its
-    configuration is read off its weights). ``model`` is unchanged.
+    ``patch_size`` is given. ``image_size=(None, None)`` (or one open side) gives the same model for any image
+    size: its position embeddings keep their grid and are resampled at each call. A plain functional model
+    from an older keras_vit ``.keras`` file is accepted (its configuration is read off its weights). ``model``
+    is unchanged.
     """
     source = loading.model_source(model, f"model {model.name}")
     if isinstance(model, VisionTransformer):
@@ -189,7 +191,11 @@ def resize_model(model, image_size, patch_size=None):
     else:  # a keras_vit model saved before VisionTransformer existed
         config = infer_config(source.arrays)
         config.update(include_top=config["classes"] is not None, classes=config["classes"] or 1000, name=model.name)
-    config["image_size"] = config["native_image_size"] = to_pair(image_size, "image size")
+    native = config.get("native_image_size") or config["image_size"]
+    if isinstance(image_size, (tuple, list)) and None in image_size:
+        config["image_size"], config["native_image_size"] = tuple(image_size), native
+    else:
+        config["image_size"] = config["native_image_size"] = to_pair(image_size, "image size")
     config["variant"] = None
     if patch_size is not None:
         config["patch_size"] = to_pair(patch_size, "patch size")

@@ -4,8 +4,9 @@
 1. pre-train a small ViT on the 8x8 digits at their native resolution (Adam, weight decay, warmup, linear decay);
 2. fine-tune it at 2x the resolution (16x16), position embeddings interpolated the official way
    (Adam, warmup + cosine decay);
-3. evaluate on the held-out test split, measure few-shot accuracy of the pre-trained features, and write
-   runs/main/report.json (+ training curves and the Figure 7 panels in runs/main/figures with matplotlib).
+3. evaluate on the held-out test split (also at 12x12 and 24x24: one model of any image size), measure few-shot
+   accuracy of the pre-trained features, and write runs/main/report.json (+ training curves and the Figure 7
+   panels in runs/main/figures with matplotlib).
 
     python recipes/main_job.py [--output-dir runs/main] [--seed 0] [--quick]
     KERAS_BACKEND=jax python recipes/main_job.py      # the same on JAX (or torch): Keras' fit loop
@@ -113,6 +114,8 @@ def main(argv=None):
         "pretrain": {"resolution": 8, "top1": pretrain["top1"], "steps": pretrain["steps"], "wall_seconds": pretrain["wall_seconds"]},
         "finetune": {"resolution": 16, "top1": finetune["top1"], "steps": finetune["steps"], "wall_seconds": finetune["wall_seconds"]},
         "test_accuracy": finetune["top1"],
+        # the fine-tuned model as one model of any size, on the test digits resized to 12x12, 16x16 and 24x24
+        "test_accuracy_by_image_size": finetune.get("top1_by_image_size"),
         "wall_seconds": time.perf_counter() - started,
         "model": str(root / "finetune" / "model.keras"),
         **figures,

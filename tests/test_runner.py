@@ -382,3 +382,16 @@ def test_main_job_quick_runs_on_the_jax_and_torch_backends(tmp_path, backend):
         assert (stage_report["backend"], stage_report["loop"], stage_report["strategy"]) == (backend, "fit", None)
         assert [row["step"] for row in stage_report["history"]] == [10, 20]
         assert all(np.isfinite(row["loss"]) for row in stage_report["history"])
+
+
+def test_eval_image_sizes_evaluate_the_trained_model_as_one_model_of_any_size(tmp_path):
+    config = settings.load_config(settings.FINETUNE, None, TINY_RUN + [f"output_dir={tmp_path / 'run'}",
+                                                                        "eval_image_sizes=[8, 12, [8, 16]]"])
+    report = runner.run(config)
+    by_size = report["top1_by_image_size"]
+    assert set(by_size) == {"8x8", "12x12", "8x16"}
+    assert by_size["8x8"] == pytest.approx(report["top1"], abs=1e-9)  # the trained size: the run's own top-1
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["top1_by_image_size"] == by_size
+    with pytest.raises(settings.SettingError) as refused:
+        settings.load_config(settings.PRETRAIN_SSL, None, ["eval_image_sizes=[8]", "dataset=digits", "image_size=8"])
+    assert "eval_image_sizes" in str(refused.value)

@@ -14,7 +14,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import keras_vit
 from keras_vit import plotting
+from keras_vit.train import data
 from keras_vit.train import callbacks as run_callbacks
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,22 @@ def history_rows(history):
         row.update({k: float(v) for k, v in row.items() if k != "step"})
         row["step"] = int(row["step"])
     return rows
+
+
+def top1_by_image_size(model, source, sizes, batch_size):
+    """``{"HxW": test top-1}`` of ``model`` on ``source`` (a ``data.Source``) resized to each of ``sizes``: the same
+    weights as one model of any image size (``keras_vit.resize_model(model, (None, None))``)."""
+    any_size = keras_vit.resize_model(model, (None, None))
+    accuracies = {}
+    for size in sizes:
+        height, width = (size, size) if isinstance(size, int) else size
+        hits = count = 0
+        for images, labels in data.pipeline(source, [height, width], batch_size, False).as_numpy_iterator():
+            predicted = np.asarray(any_size.predict_on_batch(images)).argmax(-1)
+            hits += int((predicted == labels.argmax(-1)).sum())
+            count += len(labels)
+        accuracies[f"{height}x{width}"] = hits / count
+    return accuracies
 
 
 def build_report(config, environment, loop, top1, rows, wall_seconds, class_names=None):

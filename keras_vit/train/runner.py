@@ -114,6 +114,10 @@ def _train(config, folder, run_id):
     rows = earlier + reporting.history_rows(history)
     report = reporting.build_report(config, environment, loop, top1, rows, time.perf_counter() - started,
                                     prepared.train.class_names)
+    if config["eval_image_sizes"]:
+        report["top1_by_image_size"] = reporting.top1_by_image_size(
+            loop.model, prepared.eval, config["eval_image_sizes"], config["batch_size"]
+        )
     if environment.chief:
         reporting.write_outputs(output_dir, getattr(loop.model, "encoder", loop.model), report)
     return report

@@ -18,7 +18,7 @@ later takes its default, which behaves as the older code did, so such a folder
 resumes.
 
 Versions: 1, the settings of keras_vit 0.1.0 as first released (run folders
-store no version); 2 adds ``loop`` and ``lora_rank``.
+store no version); 2 adds ``loop`` and ``lora_rank``; 3 adds ``eval_image_sizes``.
 """
 
 import dataclasses
@@ -32,7 +32,7 @@ from typing import Callable
 from keras_vit.train.distribute import KINDS as STRATEGIES
 from keras_vit.train.optimization import DECAYS, OPTIMIZERS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TASKS = ("classify", "masked_patch_prediction")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LOOPS = ("auto", "trainer", "fit")
@@ -100,6 +100,8 @@ RANDAUGMENT = Rule(
     "null or a list [num_ops, magnitude] with magnitude in [0, 10] (Keras' RandAugment factor is magnitude / 10), e.g. [2, 10]",
 )
 CLASS_NAMES = optional(Rule(lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v), "a list of class folder names"))
+IMAGE_SIZES = optional(Rule(lambda v: isinstance(v, list) and v and all(IMAGE_SIZE.check(x) for x in v),
+                            "a list of image sizes (integers or [height, width])"))
 JIT = Rule(lambda v: v == "auto" or isinstance(v, bool), "'auto', true or false")
 
 
@@ -196,6 +198,10 @@ class Outputs:
     checkpoint_every: int | None = setting(500, optional(integer(0)), "steps between checkpoints (0 or null: at the end)", reporting=True)
     log_every: int = setting(50, integer(1), "steps between progress lines", reporting=True)
     cluster_timeout: float = setting(300, number(0, open_min=True), "seconds a multi-worker task waits for the others of TF_CONFIG", reporting=True)
+    eval_image_sizes: list | None = setting(
+        None, IMAGE_SIZES, "also evaluate the trained model at these image sizes (one model of any size; report.json top1_by_image_size)",
+        reporting=True, since=3,
+    )
 
 
 SECTIONS = (Task, Model, Data, Augmentation, Optimization, Execution, Outputs)
@@ -374,6 +380,8 @@ def _relations(config, backend):
     for key in ("classes", "channels"):
         if config.get(key) is not None and not config["dataset"].startswith("folder:"):
             yield f"{key}={config[key]!r} is not allowed with dataset={config['dataset']!r}: it is for image folders (dataset='folder:PATH')."
+    if config.get("eval_image_sizes") and config["task"] != "classify":
+        yield f"eval_image_sizes={config['eval_image_sizes']!r} is not allowed with task={config['task']!r}: it evaluates classifiers."
     clashing = sorted({"image_size", "classes", "include_top", "weights"} & set(config["model_overrides"]))
     if clashing:
         yield f"model_overrides={config['model_overrides']!r} is not allowed: set {clashing} as top-level settings."
