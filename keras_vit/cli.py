@@ -146,7 +146,7 @@ def _interpolate_npz(source, target, image_size, patch_size, architecture):
     from keras_vit.layers import to_pair
     from keras_vit.pretrained import adapt, config, names, npz
 
-    arrays = npz.read_npz(source, progress=True)
+    arrays = npz.read_npz(source, progress=sys.stdout.isatty())  # Keras' bar writes ANSI escapes to any stream
     found = config.infer_config(arrays)
     if found["image_size"] is None:
         raise SystemExit(f"error: {source} has a rectangular grid; interpolate the .keras model instead.")

@@ -45,8 +45,10 @@ def test_fewshot_from_a_model_uses_the_pre_logits():
     model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_repr", "ckpt"))
     features, labels = evaluation.extract_features(evaluation.feature_model(model), (ref["images"], np.arange(4) % 2))
     np.testing.assert_allclose(features, ref["pre_logits"], atol=1e-5)
-    results = evaluation.fewshot(model, (ref["images"], np.arange(4) % 2), (ref["images"], np.arange(4) % 2), shots=(1,), seeds=2)
-    assert 0 <= results[1]["mean"] <= 1
+    data = (ref["images"], np.arange(4) % 2)
+    results = evaluation.fewshot(model, data, data, shots=(1,), seeds=2)
+    on_features = evaluation.fewshot(None, (ref["pre_logits"], data[1]), (ref["pre_logits"], data[1]), shots=(1,), seeds=2)
+    assert results[1]["mean"] == pytest.approx(on_features[1]["mean"])  # the model's pre-logits, nothing else
 
 
 # --- attention ------------------------------------------------------------------------------------------------------
