@@ -140,6 +140,7 @@ def test_xla_compiles_once_per_size():
         np.testing.assert_allclose(generic(_images(size)).numpy(), _numpy(model(_images(size))), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="exports run on TensorFlow")
 @pytest.mark.parametrize("format", ["saved_model", "tflite", "onnx"])
 def test_exports_keep_the_open_sides(format, tmp_path):

@@ -107,6 +107,7 @@ def test_serve_pixels_converts_grey_and_rgb_to_the_models_channels(tmp_path):
             served.signatures["serve_pixels"](pixels=tf.zeros((1, 8, 8, 2), tf.uint8))
 
 
+@pytest.mark.slow
 def test_tflite_runs_on_litert_and_says_what_it_takes(tmp_path, fixture_model, recwarn):
     ai_edge_litert = pytest.importorskip("ai_edge_litert.interpreter", reason="LiteRT: pip install ai-edge-litert")
     model, ref = fixture_model

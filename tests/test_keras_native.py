@@ -75,6 +75,7 @@ def test_quantize_reaches_the_hybrid_and_map_head_projections():
     assert len(_quantized_layers(map_model)) == 6 + 6 + 1  # block, MAP head (4 projections, its MLP), head
 
 
+@pytest.mark.slow
 def test_quantized_model_saves_and_reloads_in_a_fresh_process_with_identical_outputs(tmp_path):
     model = _random_model()
     model.quantize("int8")
@@ -94,6 +95,7 @@ def test_quantized_model_saves_and_reloads_in_a_fresh_process_with_identical_out
     )
 
 
+@pytest.mark.slow
 @tensorflow_only
 def test_quantized_model_exports_with_keras_and_the_project_exporter(tmp_path):
     import tensorflow as tf
@@ -179,6 +181,7 @@ def test_dtype_argument_reaches_every_layer_and_the_config():
     assert keras.backend.standardize_dtype(model(_images(size=32)).dtype) == "float32"
 
 
+@pytest.mark.slow
 def test_mixed_precision_model_reloads_mixed_in_a_fresh_float32_process(tmp_path):
     model = _random_model(dtype="mixed_bfloat16")
     images = _images()
