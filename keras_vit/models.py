@@ -185,10 +185,6 @@ class VisionTransformer(keras.Model):
             resnet_layers=resnet_layers, resnet_width_factor=resnet_width_factor,
             native_image_size=native_image_size, dynamic_padding=dynamic_padding,
         )
-        for rate_name, rate in (("dropout_rate", dropout_rate), ("attention_dropout_rate", attention_dropout_rate),
-                                ("stochastic_depth_rate", stochastic_depth_rate)):
-            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
-                raise ValueError(f"{rate_name} must be in [0, 1) (the probability of dropping), got {rate!r}.")
         found_variant = configs.variant_of(arch)
         if variant is not None and variant != found_variant:
             raise ValueError(

@@ -49,7 +49,7 @@ class TransformerBlock(keras.layers.Layer):
             raise ValueError(f"gelu must be one of {GELU_FORMS}, got {gelu!r}.")
         for name, rate in (("dropout_rate", dropout_rate), ("attention_dropout_rate", attention_dropout_rate),
                            ("stochastic_depth_rate", stochastic_depth_rate)):
-            if not 0.0 <= rate < 1.0:
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be in [0, 1) (the probability of dropping), got {rate!r}.")
         self.num_heads = num_heads
         self.mlp_dim = mlp_dim
