@@ -183,15 +183,30 @@ def attention_weights(q, k):
     return ops.softmax(ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), compute_dtype(q)), axis=-1)
 
 
+# Backends whose softmax kernel takes half-precision logits and computes in float32 inside (TensorFlow: oneDNN's
+# softmax on CPUs; float accumulation on GPUs and in XLA): there the attention core's softmax runs on the
+# half-precision logits as they are, without casting the (B, N, Tq, Tk) tensor to float32 and back (the same
+# probabilities; benchmarks/RESULTS.md, "bfloat16 softmax").
+HALF_SOFTMAX_BACKENDS = ("tensorflow",)
+
+
+def _probabilities(q, k):
+    """``softmax(q k^T)`` in q's dtype, computed in float32 for half-precision q: (B, N, Tq, Tk)."""
+    logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+    if keras.backend.backend() in HALF_SOFTMAX_BACKENDS:
+        return ops.softmax(logits, axis=-1)
+    return ops.cast(ops.softmax(ops.cast(logits, compute_dtype(q)), axis=-1), q.dtype)
+
+
 def attention(q, k, v):
     """``softmax(q k^T) v`` per head: q (B, N, Tq, dh), k and v (B, N, Tk, dh) -> (B, N, Tq, dh).
 
     ``q`` is already scaled by 1/sqrt(dh). The softmax runs in float32 for half-precision inputs (its
-    probabilities are cast to q's dtype for the product with v). The gradient keeps q, k and v and recomputes
-    the (B, N, Tq, Tk) probabilities.
+    probabilities are in q's dtype for the product with v; ``_probabilities``). The gradient keeps q, k and v and
+    recomputes the (B, N, Tq, Tk) probabilities in float32.
     """
     if not lean_gradients():
-        return ops.matmul(ops.cast(attention_weights(q, k), q.dtype), v)
+        return ops.matmul(_probabilities(q, k), v)
 
     @ops.custom_gradient
     def attend(q, k, v):
@@ -209,7 +224,7 @@ def attention(q, k, v):
             d_k = ops.matmul(ops.transpose(d_logits, (0, 1, 3, 2)), q_)
             return d_q, d_k, d_v
 
-        return ops.matmul(ops.cast(attention_weights(q, k), q.dtype), v), grad
+        return ops.matmul(_probabilities(q, k), v), grad
 
     return attend(q, k, v)
 
