@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Which attention core is faster on each Keras backend: keras_vit's lean path or ``keras.ops.dot_product_attention``.
+"""Which attention core is faster on each Keras backend: keras_vit's lean path or the backend's fused kernel.
 
     python benchmarks/attention_paths.py                              # tensorflow, jax, torch (those installed)
     python benchmarks/attention_paths.py --backends torch --runs 20
 
 For each backend (its own process, ``KERAS_BACKEND``), shape (batch, heads, tokens, head size) and precision,
 times the attention core alone, forward (inference) and forward + backward (training), both ways, interleaved step
-by step; prints the median milliseconds and the ratio. ``keras_vit._speed.FUSED_ATTENTION_BACKENDS`` lists the
-backends where the fused op is used, chosen from this table (benchmarks/RESULTS.md).
+by step; prints the median milliseconds and the ratio. The fused kernel is ``keras_vit._speed.fused_attention_core``
+(``keras.ops.dot_product_attention``; on PyTorch ``scaled_dot_product_attention`` on q, k, v as they are).
+``keras_vit._speed.FUSED_ATTENTION_BACKENDS`` lists the backends where it is used, chosen from this table
+(benchmarks/RESULTS.md).
 """
 
 import argparse
@@ -36,9 +38,8 @@ def lean(q, k, v):
     return _speed.attention(q * keras.ops.cast(scale, q.dtype), k, v)
 
 
-def fused(q, k, v):  # dot_product_attention takes (B, T, N, H)
-    t = lambda x: keras.ops.transpose(x, (0, 2, 1, 3))  # noqa: E731
-    return t(keras.ops.dot_product_attention(t(q), t(k), t(v), scale=scale))
+def fused(q, k, v):  # the backend's fused kernel (keras.ops.dot_product_attention; on PyTorch its SDPA on the views)
+    return _speed.fused_attention_core(q * keras.ops.cast(scale, q.dtype), k, v)
 
 
 def compile_pair(function):
@@ -102,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--precisions", default="float32,bfloat16")
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args(argv)
-    print("| backend | shape (B, N, T, dh) | precision | mode | lean ms | dot_product_attention ms | lean / fused |")
+    print("| backend | shape (B, N, T, dh) | precision | mode | lean ms | fused kernel ms | lean / fused |")
     print("|---|---|---|---|---|---|---|")
     for backend in args.backends.split(","):
         for label, shape in SHAPES.items():

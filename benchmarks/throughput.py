@@ -20,7 +20,9 @@ the faster setting for keras-hub too). keras_vit trains through ``Trainer``
 and, with ``--loops trainer,fit``, through plain ``model.compile`` +
 ``train_on_batch`` as well. Peers are optional (``pip install timm keras-hub``); a peer that
 is not installed is reported and skipped. ``--baseline PATH`` adds the keras_vit of another checkout (e.g. a
-``git worktree`` of the commit before a change) as the peer ``keras_vit@base``, run the same way.
+``git worktree`` of the commit before a change) as the peer ``keras_vit@base`` (and ``keras_vit-torch@base``, ...
+for keras_vit on the other backends among the peers), run the same way. ``keras_vit-torch`` / ``keras_vit-jax``:
+the same keras_vit model on Keras' torch / JAX backend (``predict_on_batch``; ``compile`` + ``train_on_batch``).
 """
 
 import argparse
@@ -35,6 +37,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "throughput_worker.py")
 TF_FRAMEWORKS = ("keras_vit", "keras_vit@base", "keras-hub", "matmul")
+# keras_vit on Keras' other backends (the same model code; each in a worker with KERAS_BACKEND set)
+KERAS_BACKENDS = {"keras_vit": "tensorflow", "keras-hub": "tensorflow", "matmul": "tensorflow",
+                  "keras_vit-torch": "torch", "keras_vit-jax": "jax"}
 BASELINE = "keras_vit@base"
 DEFAULT_CELLS = ("inference Ti/16 32", "inference B/16 8", "train Ti/16 32")
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -67,6 +72,18 @@ def forward_flops(spec):
     return embedding + spec["num_layers"] * (projections + attention) + 2 * d * spec["classes"]
 
 
+def worker_environment(framework, path=None):
+    """The environment of a worker process: quiet TensorFlow, the Keras backend of ``keras_vit-torch`` /
+    ``keras_vit-jax``, and ``path`` (another checkout's keras_vit) first on the Python path."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    backend = KERAS_BACKENDS.get(framework.split("@")[0])
+    if backend:
+        env["KERAS_BACKEND"] = backend
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(path), env.get("PYTHONPATH")]))
+    return env
+
+
 class Worker:
     """One running ``throughput_worker.py`` process."""
 
@@ -77,9 +94,7 @@ class Worker:
             "--batch", str(batch), "--precision", precision, "--xla", str(int(xla)),
             "--options", json.dumps(options), "--warmup", str(warmup),
         ]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        if path:  # another checkout's keras_vit comes first on the path
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(path), env.get("PYTHONPATH")]))
+        env = worker_environment(framework, path)
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -185,7 +200,9 @@ def main(argv=None):
     parser.add_argument("--xla", default="on,off",
                         help="XLA settings for the TensorFlow frameworks: on, off, both, or auto (on for float32 only)")
     parser.add_argument("--loops", default="trainer", help="keras_vit training loops: trainer, fit or both")
-    parser.add_argument("--peers", default="", help="comma-separated: timm, keras-hub")
+    parser.add_argument("--peers", default="",
+                        help="comma-separated: timm, keras-hub, and keras_vit-torch, keras_vit-jax (keras_vit on Keras' "
+                             "torch / JAX backend)")
     parser.add_argument("--baseline", metavar="CHECKOUT", help="also run the keras_vit of this checkout (keras_vit@base)")
     parser.add_argument("--python", action="append", default=[], metavar="FRAMEWORK=PATH",
                         help="interpreter for a framework (default: this one)")
@@ -210,23 +227,25 @@ def main(argv=None):
             print()
         return
 
-    pythons = {"keras_vit": sys.executable, BASELINE: sys.executable, "keras-hub": sys.executable, "timm": sys.executable,
-               "matmul": sys.executable}
+    pythons = {framework: sys.executable
+               for framework in ("keras_vit", BASELINE, "keras-hub", "timm", "matmul", "keras_vit-torch", "keras_vit-jax")}
     for item in args.python:
         framework, _, path = item.partition("=")
         if framework not in pythons or not path:
             raise SystemExit(f"--python {item!r}: expected FRAMEWORK=PATH with FRAMEWORK in {sorted(pythons)}.")
         pythons[framework] = path
     peers = [p for p in args.peers.split(",") if p]
-    modules = {"timm": "timm", "keras-hub": "keras_hub"}
+    modules = {"timm": "timm", "keras-hub": "keras_hub", "keras_vit-torch": "torch", "keras_vit-jax": "jax"}
     for peer in list(peers):
         if peer not in modules:
             raise SystemExit(f"Unknown peer {peer!r}: choose from {sorted(modules)}.")
         if not installed(pythons[peer], modules[peer]):
             print(f"Peer {peer} is not installed for {pythons[peer]}: skipped (pip install {peer}).", file=sys.stderr)
             peers.remove(peer)
-    if args.baseline:
-        peers.insert(0, BASELINE)
+    if args.baseline:  # the other checkout's keras_vit on TensorFlow, and on each other backend asked for
+        peers[:0] = [BASELINE] + [f"{peer}@base" for peer in peers if peer in KERAS_BACKENDS and peer != "keras-hub"]
+        for peer in peers:
+            pythons.setdefault(peer, pythons[peer.split("@")[0]])
     loops = args.loops.split(",")
     if not set(loops) <= {"trainer", "fit"}:
         raise SystemExit(f"--loops {args.loops!r}: choose from trainer, fit.")
@@ -256,7 +275,7 @@ def main(argv=None):
             print(f"{label}: {len(variants)} workers", file=sys.stderr, flush=True)
             workers = [
                 Worker(f"{framework} xla={xla} {options}", pythons[framework], framework, spec, workload, batch,
-                       precision, xla, options, args.warmup, path=args.baseline if framework == BASELINE else None)
+                       precision, xla, options, args.warmup, path=args.baseline if framework.endswith("@base") else None)
                 for framework, xla, options in variants
             ]
             by_worker = dict(zip(workers, variants))
@@ -320,32 +339,34 @@ def report(rows, peaks, runs, warmup, matmul_size):
         )
     summary = [
         "",
-        "| workload | model | batch | precision | keras_vit | images/s | best peer | speed | peak RSS MB | timm RSS MB "
-        "| memory |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | model | batch | precision | keras_vit | images/s | best peer | speed | vs timm | peak RSS MB "
+        "| timm RSS MB | memory |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cells = {}
     for r in rows:
         cells.setdefault((r["workload"], r["model"], r["batch"], r["precision"]), []).append(r)
     for (workload, model, batch, precision), group in cells.items():
-        theirs = [r for r in group if r["framework"] != "keras_vit"]
+        theirs = [r for r in group if not r["framework"].startswith("keras_vit")]
         if not theirs:
             continue
         peer = max(theirs, key=lambda r: r["images_per_s"])
         timm = next((r for r in theirs if r["framework"] == "timm"), None)
         ours = {}
-        for r in group:  # the fastest keras_vit row of each (loop, remat, any size)
-            key = (r.get("loop"), r["remat"], r.get("any_size"))
-            if r["framework"] == "keras_vit" and (key not in ours or r["images_per_s"] > ours[key]["images_per_s"]):
+        for r in group:  # the fastest row of each keras_vit (checkout, backend) and (loop, remat, any size)
+            key = (r["framework"], r.get("loop"), r["remat"], r.get("any_size"))
+            if r["framework"].startswith("keras_vit") and (key not in ours or r["images_per_s"] > ours[key]["images_per_s"]):
                 ours[key] = r
         for r in ours.values():
-            setting = ", ".join(p for p in (r.get("loop"), _xla(r, "XLA"), "remat" if r["remat"] else "",
+            framework = "" if r["framework"] == "keras_vit" else r["framework"]
+            setting = ", ".join(p for p in (framework, r.get("loop"), _xla(r, "XLA"), "remat" if r["remat"] else "",
                                             "any size" if r.get("any_size") else "") if p)
             memory = f"{timm['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / timm['peak_rss_mb']:.2f}x" if timm else "- | -"
+            versus_timm = f"{r['images_per_s'] / timm['images_per_s']:.2f}x" if timm else "-"
             summary.append(
                 f"| {workload} | {model} | {batch} | {precision} | {setting} | {r['images_per_s']:.2f} | "
                 f"{peer['images_per_s']:.2f} ({peer['framework']}{', ' + _xla(peer, 'XLA') if peer['xla'] is not None else ''}) | "
-                f"{r['images_per_s'] / peer['images_per_s']:.2f}x | {r['peak_rss_mb']:.0f} | {memory} |"
+                f"{r['images_per_s'] / peer['images_per_s']:.2f}x | {versus_timm} | {r['peak_rss_mb']:.0f} | {memory} |"
             )
     if len(summary) > 3:
         lines += summary

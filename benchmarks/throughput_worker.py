@@ -114,6 +114,25 @@ def build_keras_hub(spec, workload, batch, precision, xla, options):
     return lambda: model.train_on_batch(images, classes)
 
 
+def build_keras_vit_backend(spec, workload, batch, precision, xla, options):
+    """keras_vit on the backend of ``KERAS_BACKEND`` (torch or JAX; ``throughput.py`` sets it): inference
+    ``predict_on_batch``, training ``model.compile`` + ``train_on_batch`` (Keras' own loop; on JAX XLA-compiled)."""
+    import keras
+
+    import keras_vit
+
+    model = keras_vit.vision_transformer(**{**spec, **options}, dtype=precision)
+    images, labels = _tf_batch(spec, batch)
+    if workload == "inference":
+        return lambda: model.predict_on_batch(images)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        metrics=[],
+    )
+    return lambda: model.train_on_batch(images, labels)
+
+
 # --- PyTorch (timm) ---------------------------------------------------------------------------------------------
 
 
@@ -176,7 +195,8 @@ def build_matmul(spec, workload, batch, precision, xla, options):
     return lambda: product(a, b).numpy()
 
 
-BUILDERS = {"keras_vit": build_keras_vit, "keras-hub": build_keras_hub, "timm": build_timm, "matmul": build_matmul}
+BUILDERS = {"keras_vit": build_keras_vit, "keras-hub": build_keras_hub, "timm": build_timm, "matmul": build_matmul,
+            "keras_vit-torch": build_keras_vit_backend, "keras_vit-jax": build_keras_vit_backend}
 
 
 def main():

@@ -12,6 +12,9 @@ what the backward pass keeps, or how fast a random mask is drawn, differs:
 * ``keep_mask`` draws a dropout mask from a seed tensor (stateless), on TensorFlow with Philox and 16 bits per
   entry: TF's default algorithm is lowered by XLA on CPU to a generator about 100x slower.
 * ``fused_attention`` says where ``keras.ops.dot_product_attention`` is the faster core (PyTorch).
+* ``native_gradients`` says where the backend's own GELU and LayerNorm kernels are already lean (PyTorch: they
+  keep their input and per-row statistics and run one fused backward kernel), so the custom gradients are not used.
+* ``dense`` is a product plus bias, one fused kernel where keras.ops has none (PyTorch's ``addmm``).
 * ``remat`` recomputes a function in the backward pass; the random masks inside it are drawn from a seed passed in
   as an argument, so the recomputation replays the same masks.
 
@@ -95,10 +98,21 @@ def _gelu_derivative(x, form):
     return 0.5 * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0)))) + x * ops.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
 
 
+# Backends whose own GELU (``keras.ops.gelu``) and LayerNorm kernels keep only their input (and the per-row mean and
+# 1/std) for the backward pass and compute that pass in one fused kernel: the custom gradients below would add work
+# and save no memory there (PyTorch; benchmarks/RESULTS.md, "keras_vit on the torch backend").
+NATIVE_GRADIENT_BACKENDS = ("torch",)
+
+
+def native_gradients():
+    """Whether this backend's own GELU and LayerNorm gradients are used (they are lean already)."""
+    return keras.backend.backend() in NATIVE_GRADIENT_BACKENDS
+
+
 def gelu(x, form="tanh"):
     """GELU, ``"tanh"`` (the official approximation) or ``"erf"`` (exact): any shape; the gradient keeps only ``x``."""
     x = ops.convert_to_tensor(x)
-    if not lean_gradients():
+    if not lean_gradients() or native_gradients():
         return _plain_gelu(x, form)
 
     @ops.custom_gradient
@@ -119,8 +133,21 @@ def layer_norm(x, gamma, beta, epsilon):
     """LayerNorm over the last axis, as ``keras.ops.layer_normalization``: (..., D) -> (..., D), x's dtype.
 
     Statistics in at least float32; ``gamma`` and ``beta`` are (D,). The gradient keeps ``x`` (and ``gamma``) and
-    recomputes the statistics.
+    recomputes the statistics. On ``NATIVE_GRADIENT_BACKENDS`` the backend's fused kernel normalizes a
+    half-precision ``x`` as it is (PyTorch's ``layer_norm`` takes bfloat16 input with float32 ``gamma`` and
+    ``beta``, computes the statistics in float32 and rounds once: the same numbers as casting ``x`` to float32
+    first, without the two casts).
     """
+    if native_gradients():
+        import torch
+
+        x = ops.convert_to_tensor(x)
+        gamma, beta = ops.convert_to_tensor(gamma), ops.convert_to_tensor(beta)
+        if x.dtype == torch.float64 or gamma.dtype != beta.dtype:
+            return ops.layer_normalization(x, gamma, beta, axis=-1, epsilon=epsilon)
+        if x.dtype != gamma.dtype and gamma.dtype != torch.float32:
+            gamma, beta = gamma.float(), beta.float()
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), gamma, beta, epsilon)
     if not lean_gradients():
         return ops.layer_normalization(x, gamma, beta, axis=-1, epsilon=epsilon)
 
@@ -156,15 +183,30 @@ def attention_weights(q, k):
     return ops.softmax(ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), compute_dtype(q)), axis=-1)
 
 
+# Backends whose softmax kernel takes half-precision logits and computes in float32 inside (TensorFlow: oneDNN's
+# softmax on CPUs; float accumulation on GPUs and in XLA): there the attention core's softmax runs on the
+# half-precision logits as they are, without casting the (B, N, Tq, Tk) tensor to float32 and back (the same
+# probabilities; benchmarks/RESULTS.md, "bfloat16 softmax").
+HALF_SOFTMAX_BACKENDS = ("tensorflow",)
+
+
+def _probabilities(q, k):
+    """``softmax(q k^T)`` in q's dtype, computed in float32 for half-precision q: (B, N, Tq, Tk)."""
+    logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+    if keras.backend.backend() in HALF_SOFTMAX_BACKENDS:
+        return ops.softmax(logits, axis=-1)
+    return ops.cast(ops.softmax(ops.cast(logits, compute_dtype(q)), axis=-1), q.dtype)
+
+
 def attention(q, k, v):
     """``softmax(q k^T) v`` per head: q (B, N, Tq, dh), k and v (B, N, Tk, dh) -> (B, N, Tq, dh).
 
     ``q`` is already scaled by 1/sqrt(dh). The softmax runs in float32 for half-precision inputs (its
-    probabilities are cast to q's dtype for the product with v). The gradient keeps q, k and v and recomputes
-    the (B, N, Tq, Tk) probabilities.
+    probabilities are in q's dtype for the product with v; ``_probabilities``). The gradient keeps q, k and v and
+    recomputes the (B, N, Tq, Tk) probabilities in float32.
     """
     if not lean_gradients():
-        return ops.matmul(ops.cast(attention_weights(q, k), q.dtype), v)
+        return ops.matmul(_probabilities(q, k), v)
 
     @ops.custom_gradient
     def attend(q, k, v):
@@ -182,20 +224,58 @@ def attention(q, k, v):
             d_k = ops.matmul(ops.transpose(d_logits, (0, 1, 3, 2)), q_)
             return d_q, d_k, d_v
 
-        return ops.matmul(ops.cast(attention_weights(q, k), q.dtype), v), grad
+        return ops.matmul(_probabilities(q, k), v), grad
 
     return attend(q, k, v)
 
 
-# Backends where ``keras.ops.dot_product_attention`` (a fused kernel: PyTorch's scaled_dot_product_attention) is
-# faster than ``attention`` for inference and training; on TensorFlow and JAX it is slower on CPUs
-# (``benchmarks/attention_paths.py``, benchmarks/RESULTS.md).
+# Backends where the backend's fused attention kernel (PyTorch's scaled_dot_product_attention, which reads q, k and v
+# as strided views) is faster than ``attention`` for inference and training; on TensorFlow and JAX
+# ``keras.ops.dot_product_attention`` is slower on CPUs (``benchmarks/attention_paths.py``, benchmarks/RESULTS.md).
 FUSED_ATTENTION_BACKENDS = ("torch",)
 
 
 def fused_attention():
-    """Whether the attention core runs through ``keras.ops.dot_product_attention`` on this backend."""
+    """Whether the attention core runs through the backend's fused kernel (``fused_attention_core``) here."""
     return keras.backend.backend() in FUSED_ATTENTION_BACKENDS
+
+
+def fused_attention_core(q, k, v):
+    """``softmax(q k^T) v`` by the backend's fused kernel: q (B, N, Tq, dh) already scaled, k and v (B, N, Tk, dh)
+    -> (B, N, Tq, dh).
+
+    On PyTorch ``scaled_dot_product_attention`` on the tensors as they are (views of one q/k/v product need no
+    copy; ``keras.ops.dot_product_attention`` makes each contiguous on CPUs), elsewhere
+    ``keras.ops.dot_product_attention``.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        q, k, v = (ops.convert_to_tensor(t) for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+    heads_last = lambda t: ops.transpose(t, (0, 2, 1, 3))  # noqa: E731  (B, N, T, dh) <-> (B, T, N, dh)
+    return heads_last(ops.dot_product_attention(heads_last(q), heads_last(k), heads_last(v), scale=1.0))
+
+
+# Backends where a product plus bias has a fused kernel that ``keras.ops`` does not reach (PyTorch's ``addmm``; on
+# TensorFlow the graph optimizer already fuses ``matmul`` + ``add``, on JAX XLA does).
+FUSED_BIAS_BACKENDS = ("torch",)
+
+
+def fused_bias():
+    """Whether ``dense`` is one fused kernel on this backend (where it is worth calling instead of a Dense layer)."""
+    return keras.backend.backend() in FUSED_BIAS_BACKENDS
+
+
+def dense(x, kernel, bias):
+    """``x @ kernel + bias``: x (N, K), kernel (K, F), bias (F,) -> (N, F), one kernel on ``FUSED_BIAS_BACKENDS``."""
+    if fused_bias():
+        import torch
+
+        x, kernel, bias = (ops.convert_to_tensor(t) for t in (x, kernel, bias))
+        if x.dtype == kernel.dtype == bias.dtype:
+            return torch.addmm(bias, x, kernel)
+    return ops.matmul(x, kernel) + bias
 
 
 def keep_mask(shape, rate, seed, salt, dtype):

@@ -276,6 +276,22 @@ def test_bfloat16_cpu_detection_and_default_precision(tmp_path, monkeypatch, fla
     assert distribute.default_precision(tf.distribute.get_strategy()) == expected
 
 
+@pytest.mark.parametrize("backend", ["tensorflow", "torch", "jax"])
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_on_a_cpu_follows_the_measured_rule_per_backend(monkeypatch, backend, native):
+    # bfloat16 only where the CPU has native bfloat16 products and the backend reaches them (oneDNN: TensorFlow,
+    # PyTorch); JAX's XLA computes bfloat16 products on CPUs in float32, slower than float32 (benchmarks/RESULTS.md).
+    from keras_vit.train import building
+
+    monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda: native)
+    monkeypatch.setattr(building, "_accelerator", lambda name: "cpu")
+    expected = "mixed_bfloat16" if native and backend != "jax" else "float32"
+    assert building.default_precision(backend, tf.distribute.get_strategy()) == expected
+    monkeypatch.setattr(building, "_accelerator", lambda name: "gpu")
+    if backend != "tensorflow":  # TensorFlow asks its own device list (the test above)
+        assert building.default_precision(backend) == "mixed_float16"
+
+
 @pytest.mark.parametrize("policy, xla", [("float32", True), ("mixed_bfloat16", False)])
 def test_default_xla_setting_on_cpu(policy, xla):
     # bfloat16 products under XLA on CPUs run in float32 and lose to oneDNN's (benchmarks/RESULTS.md).

@@ -64,7 +64,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     While no projection is quantized or LoRA-enabled, self-attention computes q, k and v in one
     (B*T, D) x (D, 3D) product with the scale folded into the query kernel, and the output projection as one
     (B*T, D) x (D, D) product (same parameters, faster on CPUs). Without weights to return or attention
-    dropout, the core is ``keras.ops.dot_product_attention`` where that is faster (PyTorch), else one whose
+    dropout, the core is the backend's fused attention kernel where that is faster (PyTorch), else one whose
     gradient keeps q, k and v instead of the (B, N, T, S) probabilities (``keras_vit._speed``).
     """
 
@@ -119,9 +119,8 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         return all(getattr(self, name).quantization_mode is None and not getattr(self, name).lora_enabled
                    for name in _PROJECTIONS)
 
-    def _fused_qkv(self, x, scale, heads_first):
-        """q (scaled), k, v of x (B, T, D) from one (B*T, D) x (D, 3D) product: (B, N, T, dh) each with
-        ``heads_first``, else (B, T, N, dh)."""
+    def _fused_qkv(self, x, scale):
+        """q (scaled), k, v (B, N, T, dh) of x (B, T, D) from one (B*T, D) x (D, 3D) product."""
         batch, tokens, hidden = ops.shape(x)[0], ops.shape(x)[1], x.shape[-1]
         kernel = ops.concatenate(
             [ops.reshape(self.query.kernel * scale, (hidden, hidden)),
@@ -135,28 +134,24 @@ class MultiHeadSelfAttention(keras.layers.Layer):
              ops.reshape(self.value.bias, (hidden,))],
             axis=0,
         )
-        qkv = ops.matmul(ops.reshape(x, (-1, hidden)), kernel) + bias  # (B*T, 3D)
+        qkv = _speed.dense(ops.reshape(x, (-1, hidden)), kernel, bias)  # (B*T, 3D)
         qkv = ops.reshape(qkv, (batch, tokens, 3, self.num_heads, self.head_dim))
-        if heads_first:  # one transpose for the three; unstacking has a cheap gradient
-            return ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0)
-        return ops.unstack(qkv, 3, axis=2)
+        # one transpose for the three (a view on PyTorch); unstacking has a cheap gradient
+        return ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0)
 
     def call(self, x, key_value=None, training=None, return_attention_scores=False, dropout_seed=None):
         fused = self._fused()
         scale = 1.0 / math.sqrt(self.head_dim)
         dropout = bool(training) and bool(self.dropout_rate)
-        # dot_product_attention takes (B, T, N, dh); the other cores (B, N, T, dh), heads beside the batch
-        heads_first = return_attention_scores or dropout or not _speed.fused_attention()
         if key_value is None and fused:
-            q, k, v = self._fused_qkv(x, scale, heads_first)
+            q, k, v = self._fused_qkv(x, scale)
         else:
             source = x if key_value is None else key_value
             q = self.query(x) * ops.cast(scale, x.dtype)
             k, v = self.key(source), self.value(source)
-            if heads_first:
-                q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
-        if not heads_first:
-            context = ops.dot_product_attention(q, k, v, scale=1.0)  # (B, T, N, dh); q is already scaled
+            q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))  # (B, N, T, dh), heads beside the batch
+        if not (return_attention_scores or dropout) and _speed.fused_attention():
+            context = _speed.fused_attention_core(q, k, v)  # q is already scaled
         else:
             if return_attention_scores or dropout:
                 weights = _speed.attention_weights(q, k)  # (B, N, T, S)
@@ -169,11 +164,12 @@ class MultiHeadSelfAttention(keras.layers.Layer):
                 context = ops.matmul(probabilities, v)
             else:  # the same ops, with a gradient that keeps q, k, v instead of the probabilities
                 context = _speed.attention(q, k, v)
-            context = ops.transpose(context, (0, 2, 1, 3))  # (B, T, N, dh)
+        context = ops.transpose(context, (0, 2, 1, 3))  # (B, T, N, dh)
         if fused:
             hidden = self.out.kernel.shape[-1]
-            out = ops.matmul(ops.reshape(context, (-1, hidden)), ops.reshape(self.out.kernel, (hidden, hidden)))
-            out = ops.reshape(out + self.out.bias, (ops.shape(x)[0], ops.shape(x)[1], hidden))
+            out = _speed.dense(ops.reshape(context, (-1, hidden)), ops.reshape(self.out.kernel, (hidden, hidden)),
+                               self.out.bias)
+            out = ops.reshape(out, (ops.shape(x)[0], ops.shape(x)[1], hidden))
         else:
             out = self.out(context)
         return (out, weights) if return_attention_scores else out

@@ -97,6 +97,14 @@ class Dropout(keras.layers.Dropout):
         return inputs * _speed.keep_mask(shape, self.rate, self.seed_generator.next(), 0, inputs.dtype)
 
 
+def project(layer, rows):
+    """``layer(rows)`` for a ``Dense`` layer on (N, K) rows; a plain one (no quantization, no LoRA) as one fused
+    product + bias where the backend has that kernel and keras.ops does not reach it (``_speed.dense``)."""
+    if _speed.fused_bias() and layer.quantization_mode is None and not layer.lora_enabled and layer.bias is not None:
+        return _speed.dense(rows, layer.kernel, layer.bias)
+    return layer(rows)
+
+
 def mlp(x, dense_in, dense_out, form, dropout=None):
     """The official MlpBlock on any (..., D): ``dense_out(dropout(gelu(dense_in(x))))`` with the hidden (..., M).
 
@@ -104,10 +112,10 @@ def mlp(x, dense_in, dense_out, form, dropout=None):
     ``dropout`` (a function of the hidden tensor) applies the training-time dropout, if any.
     """
     shape = ops.shape(x)
-    y = gelu(dense_in(ops.reshape(x, (-1, x.shape[-1]))), form)
+    y = gelu(project(dense_in, ops.reshape(x, (-1, x.shape[-1]))), form)
     if dropout is not None:
         y = dropout(y)
-    y = dense_out(y)
+    y = project(dense_out, y)
     return ops.reshape(y, (*shape[:-1], y.shape[-1]))
 
 

@@ -64,9 +64,19 @@ def _accelerator(backend):
     return "cpu"
 
 
+# Backends that reach a CPU's native bfloat16 products (AMX, AVX-512 BF16) through oneDNN, where mixed_bfloat16
+# trains and infers faster than float32 on such CPUs. JAX's XLA computes bfloat16 products on CPUs in float32 and
+# is slower in mixed_bfloat16 than in float32 (benchmarks/RESULTS.md, "precision=auto").
+CPU_BFLOAT16_BACKENDS = ("tensorflow", "torch")
+
+
 def default_precision(backend, strategy=None):
-    """The fastest policy here (benchmarks/RESULTS.md): bfloat16 on TPUs and bfloat16-capable CPUs, float16 on
-    GPUs, else float32; on TensorFlow as ``keras_vit.train.distribute.default_precision`` for ``strategy``."""
+    """What ``precision=auto`` picks: the policy measured fastest on these devices (benchmarks/RESULTS.md).
+
+    bfloat16 on TPUs, float16 on GPUs; on a CPU mixed_bfloat16 where the CPU multiplies bfloat16 natively
+    (``distribute.cpu_has_bfloat16``) and the backend is one of ``CPU_BFLOAT16_BACKENDS``, else float32. On
+    TensorFlow as ``keras_vit.train.distribute.default_precision`` for ``strategy``.
+    """
     if backend == "tensorflow":
         return distribute.default_precision(strategy)
     device = _accelerator(backend)
@@ -74,7 +84,8 @@ def default_precision(backend, strategy=None):
         return "mixed_bfloat16"
     if device == "gpu":
         return "mixed_float16"
-    return "mixed_bfloat16" if distribute.cpu_has_bfloat16() else "float32"
+    native = backend in CPU_BFLOAT16_BACKENDS and distribute.cpu_has_bfloat16()
+    return "mixed_bfloat16" if native else "float32"
 
 
 def _deterministic_ops(backend):
