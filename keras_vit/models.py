@@ -476,8 +476,8 @@ class VisionTransformer(keras.Model):
             out["attention"] = [
                 AttentionWeights(block, name=f"{block.name}_attention")(block.input) for block in self._blocks()
             ]
-            if arch.pooling == "map":
-                pool = self.get_layer("pool")
+            pool = self.get_layer("pool") if arch.pooling is not None else None
+            if hasattr(pool, "attention_weights"):  # a pooling that attends (MAPHead)
                 out["pooling_attention"] = AttentionWeights(pool, name="pool_attention")(pool.input)
         return out
 

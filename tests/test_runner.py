@@ -328,6 +328,16 @@ def test_lora_rank_fine_tunes_the_query_and_value_factors_and_the_head(tmp_path)
     assert report["trainable_parameters"] < report["parameters"] / 2
 
 
+def test_a_mistyped_model_override_is_refused_naming_the_setting_it_meant(tmp_path):
+    config = settings.load_config(settings.FINETUNE, None, TINY_RUN + ['model_overrides={"hiden_size": 8, "dropout_rat": 0.5}'])
+    environment = building.Environment("tensorflow", "trainer", None, "float32")
+    with pytest.raises(TypeError) as raised:
+        building.build_model(config, 10, environment)
+    message = str(raised.value)
+    assert "'hiden_size' (did you mean 'hidden_size'?)" in message
+    assert "'dropout_rat' (did you mean 'dropout_rate'?)" in message
+
+
 def test_precision_is_the_models_own_and_the_global_policy_stays(tmp_path):
     config = settings.load_config(settings.FINETUNE, None, TINY_RUN + ["precision=mixed_bfloat16"])
     environment = building.Environment("tensorflow", "trainer", None, "mixed_bfloat16")
