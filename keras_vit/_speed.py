@@ -82,9 +82,18 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
 
 
+# PyTorch's CPU kernel of the tanh form is about 5x slower than its exact (erf) one in bfloat16. The two forms differ
+# by at most 4.7e-4 anywhere (largest at x = 2.7, where bfloat16's own rounding step is 0.0156), so on PyTorch CPUs
+# the tanh form of a bfloat16 tensor is computed by the exact kernel, at its speed (benchmarks/RESULTS.md, "CPU speed
+# with AMX"). float32 and float16 keep the tanh form exactly.
+def _exact_kernel_for_tanh(x):
+    return (keras.backend.backend() == "torch" and keras.backend.standardize_dtype(x.dtype) == "bfloat16"
+            and x.device.type == "cpu")
+
+
 def _plain_gelu(x, form):
     if form == "tanh":
-        return ops.gelu(x, approximate=True)
+        return ops.gelu(x, approximate=not _exact_kernel_for_tanh(x))
     # Written with erf so that it exports to ONNX (TensorFlow's own exact-GELU op does not).
     return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
 

@@ -233,6 +233,21 @@ def test_lean_gelu_gradient_is_the_closed_form_derivative(form):
     np.testing.assert_allclose(actual, expected, atol={"float32": 1e-5, "float64": 1e-12}[dtype])
 
 
+def test_bfloat16_gelu_is_the_tanh_form_within_its_rounding_and_the_forms_distance():
+    # On PyTorch CPUs the tanh form of bfloat16 input runs on the exact (erf) kernel: within 4.7e-4 of the tanh form.
+    x = keras.ops.cast(np.linspace(-8.0, 8.0, 4001), "bfloat16")
+    values = keras.ops.convert_to_numpy(keras.ops.cast(x, "float64"))
+    c = np.sqrt(2.0 / np.pi)
+    expected = 0.5 * values * (1.0 + np.tanh(c * (values + 0.044715 * values**3)))
+    actual = keras.ops.convert_to_numpy(keras.ops.cast(_speed.gelu(x, "tanh"), "float64"))
+    step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(expected), 2.0**-126))) - 7)  # bfloat16's spacing there
+    # TensorFlow and JAX compute the tanh form in bfloat16 steps (1 + tanh(z) loses the tail: up to ~0.007 off);
+    # PyTorch's exact kernel rounds once
+    tail = 4.8e-4 if BACKEND == "torch" else 8e-3
+    assert np.all(np.abs(actual - expected) <= step + tail)
+    assert not np.allclose(actual, np.maximum(values, 0.0), atol=1e-2)  # GELU, not ReLU
+
+
 @pytest.mark.parametrize("name", sorted(LEAN_AND_PLAIN))
 def test_lean_gradient_in_bfloat16_is_the_float32_gradient_rounded(name):
     # Half-precision inputs: the gradient is computed in float32 from the bfloat16 values and rounded once.
