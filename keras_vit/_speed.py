@@ -109,7 +109,7 @@ def _gelu_derivative(x, form):
 
 # Backends whose own GELU (``keras.ops.gelu``) and LayerNorm kernels keep only their input (and the per-row mean and
 # 1/std) for the backward pass and compute that pass in one fused kernel: the custom gradients below would add work
-# and save no memory there (PyTorch; benchmarks/RESULTS.md, "keras_vit on the torch backend").
+# and save no memory there (PyTorch; benchmarks/RESULTS.md, "CPU speed with AMX").
 NATIVE_GRADIENT_BACKENDS = ("torch",)
 
 
@@ -195,7 +195,7 @@ def attention_weights(q, k):
 # Backends whose softmax kernel takes half-precision logits and computes in float32 inside (TensorFlow: oneDNN's
 # softmax on CPUs; float accumulation on GPUs and in XLA): there the attention core's softmax runs on the
 # half-precision logits as they are, without casting the (B, N, Tq, Tk) tensor to float32 and back (the same
-# probabilities; benchmarks/RESULTS.md, "bfloat16 softmax").
+# probabilities; benchmarks/RESULTS.md, "Attention core per backend").
 HALF_SOFTMAX_BACKENDS = ("tensorflow",)
 
 
