@@ -233,6 +233,17 @@ def test_lean_gelu_gradient_is_the_closed_form_derivative(form):
     np.testing.assert_allclose(actual, expected, atol={"float32": 1e-5, "float64": 1e-12}[dtype])
 
 
+def test_attention_probabilities_of_bfloat16_are_the_float32_softmax_rounded():
+    # TensorFlow's softmax runs on the bfloat16 logits (float32 inside); the other backends cast to float32 and back
+    rng = np.random.default_rng(0)
+    q, k = (keras.ops.cast(3.0 * rng.normal(size=(2, 3, 17, 8)), "bfloat16") for _ in range(2))
+    logits = keras.ops.cast(keras.ops.matmul(q, keras.ops.transpose(k, (0, 1, 3, 2))), "float32")
+    expected = keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.cast(keras.ops.softmax(logits, -1), "bfloat16"), "float32"))
+    actual = keras.ops.convert_to_numpy(keras.ops.cast(_speed._probabilities(q, k), "float32"))
+    step = 2.0 ** (np.floor(np.log2(np.maximum(expected, 2.0**-126))) - 7)
+    assert np.all(np.abs(actual - expected) <= step)
+
+
 def test_bfloat16_gelu_is_the_tanh_form_within_its_rounding_and_the_forms_distance():
     # On PyTorch CPUs the tanh form of bfloat16 input runs on the exact (erf) kernel: within 4.7e-4 of the tanh form.
     x = keras.ops.cast(np.linspace(-8.0, 8.0, 4001), "bfloat16")
