@@ -193,18 +193,17 @@ def attention_weights(q, k):
 
 
 # Backends whose softmax kernel takes half-precision logits and computes in float32 inside (TensorFlow: oneDNN's
-# softmax on CPUs; float accumulation on GPUs and in XLA): there the attention core's softmax runs on the
-# half-precision logits as they are, without casting the (B, N, Tq, Tk) tensor to float32 and back (the same
-# probabilities; benchmarks/RESULTS.md, "Attention core per backend").
+# softmax on CPUs, tested to give the float32 softmax rounded): there the attention core's softmax runs on the
+# half-precision logits as they are, without casting the (B, N, Tq, Tk) tensor to float32 and back
+# (benchmarks/RESULTS.md, "Attention core per backend").
 HALF_SOFTMAX_BACKENDS = ("tensorflow",)
 
 
 def _probabilities(q, k):
     """``softmax(q k^T)`` in q's dtype, computed in float32 for half-precision q: (B, N, Tq, Tk)."""
-    logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
     if keras.backend.backend() in HALF_SOFTMAX_BACKENDS:
-        return ops.softmax(logits, axis=-1)
-    return ops.cast(ops.softmax(ops.cast(logits, compute_dtype(q)), axis=-1), q.dtype)
+        return ops.softmax(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), axis=-1)
+    return ops.cast(attention_weights(q, k), q.dtype)
 
 
 def attention(q, k, v):
