@@ -43,7 +43,7 @@ _TRAINING_ONLY = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_ra
                   "drop_path_rate", "weight_init", "fix_init")  # training only: no effect on the outputs
 _LACKING = (  # timm argument, the value keras_vit builds, what another value needs ({} is the value)
     ("block_fn", "Block", "parallel or post-norm blocks (block_fn={})"),
-    ("mlp_layer", "Mlp", "a gated MLP (mlp_layer={}, SwiGLU)"),
+    ("mlp_layer", "Mlp", "a gated MLP (mlp_layer={})"),
     ("norm_layer", "layernorm", "RMSNorm or another norm (norm_layer={})"),
     ("embed_norm_layer", None, "a norm in the patch embedding (embed_norm_layer={})"),
     ("attn_layer", "", "differential attention (attn_layer={})"),
@@ -58,12 +58,14 @@ _ALIASES = {"attn_layer": {"attn": ""}, "norm_layer": {"LayerNorm": "layernorm"}
 
 
 class UnsupportedArchitectureError(ValueError):
-    """A timm architecture keras_vit cannot build: ``architecture`` (the entry point) needs ``missing``."""
+    """A timm architecture keras_vit cannot build: ``architecture`` (the entry point) needs ``missing`` (a tuple
+    of the parts keras_vit lacks, each with the timm argument that asks for it)."""
 
     def __init__(self, label, architecture, missing):
         self.architecture = architecture
-        self.missing = missing
-        super().__init__(f"{label}: timm's {architecture} needs {missing}, which keras_vit cannot build.")
+        self.missing = tuple(missing)
+        parts = ", ".join(self.missing[:-1]) + (" and " if len(self.missing) > 1 else "") + self.missing[-1]
+        super().__init__(f"{label}: timm's {architecture} needs {parts}, which keras_vit cannot build.")
 
 
 def timm_arguments(architecture, *overrides, label="The checkpoint"):
@@ -71,25 +73,25 @@ def timm_arguments(architecture, *overrides, label="The checkpoint"):
     (dicts, e.g. ``config.json``'s ``model_args``) on top; refuses an entry point or argument keras_vit lacks."""
     if architecture not in ENTRY_POINTS:
         missing = next((lacking for pattern, lacking in OTHER_MODULES if pattern.search(architecture)),
-                       f"an entry point of timm {TIMM_VERSION}'s vision_transformer.py")
-        raise UnsupportedArchitectureError(label, architecture, missing)
+                       f"to be an entry point of timm {TIMM_VERSION}'s vision_transformer.py")
+        raise UnsupportedArchitectureError(label, architecture, [missing])
     arguments = {**TIMM_DEFAULTS, **ENTRY_POINTS[architecture]}
     for override in overrides:
         arguments.update(override or {})
-    unknown = sorted(set(arguments) - set(TIMM_DEFAULTS) - set(_TRAINING_ONLY))
-    if unknown:
-        raise UnsupportedArchitectureError(label, architecture, f"timm argument(s) {', '.join(unknown)}")
+    missing = [f"the timm argument {key}" for key in sorted(set(arguments) - set(TIMM_DEFAULTS) - set(_TRAINING_ONLY))]
     for key, built, lacking in _LACKING:
-        value = _ALIASES.get(key, {}).get(arguments[key], arguments[key])
+        value = _ALIASES.get(key, {}).get(arguments.get(key), arguments.get(key))
         if value != built:
-            raise UnsupportedArchitectureError(label, architecture, lacking.format(repr(value)))
+            missing.append(lacking.format(repr(value)))
     if arguments["act_layer"] not in _GELU:
-        raise UnsupportedArchitectureError(label, architecture, f"the activation {arguments['act_layer']!r} (act_layer)")
+        missing.append(f"the activation {arguments['act_layer']!r} (act_layer)")
     pool = arguments["global_pool"]
     if pool not in _POOLING and (pool or arguments["num_classes"]):
-        raise UnsupportedArchitectureError(label, architecture, f"{pool!r} pooling (global_pool)")
-    if arguments["class_token"] and pool not in ("token", ""):
-        raise UnsupportedArchitectureError(label, architecture, f"a class token beside {pool!r} pooling")
+        missing.append(f"{pool!r} pooling (global_pool)")
+    elif arguments["class_token"] and pool not in ("token", ""):
+        missing.append(f"a class token beside {pool!r} pooling (class_token=True, global_pool={pool!r})")
+    if missing:
+        raise UnsupportedArchitectureError(label, architecture, missing)
     return arguments
 
 
