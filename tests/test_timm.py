@@ -149,7 +149,10 @@ def official_forward(a, images, args):
     x = (grid + a.get("embedding/bias", 0)).reshape(b, gh * gw, d)
     prefix = [np.broadcast_to(a[k], (b, *a[k].shape[1:])) for k in ("cls", "reg") if k in a]
     posemb = a["Transformer/posembed_input/pos_embedding"]
-    x = np.concatenate(prefix + [x], 1) + posemb if args["posemb_class_token"] else np.concatenate(prefix + [x + posemb], 1)
+    if args["posemb_class_token"]:
+        x = np.concatenate(prefix + [x], 1) + posemb
+    else:
+        x = np.concatenate(prefix + [x + posemb], 1)
     if args["pre_norm"]:
         x = ln(x, "Transformer/pre_norm")
     for i in range(args["num_layers"]):
@@ -440,7 +443,8 @@ def test_a_bare_safetensors_file_needs_its_entry_point(tmp_path):
 
 
 def test_arrays_of_no_known_part_are_refused():
-    state = dict(load_file(TIMM_FIXTURES / "vit_augreg_like" / "model.safetensors"), **{"dist_token": np.zeros((1, 1, 48))})
+    state = load_file(TIMM_FIXTURES / "vit_augreg_like" / "model.safetensors")
+    state["dist_token"] = np.zeros((1, 1, 48))
     with pytest.raises(UnknownArraysError) as error:
         to_official(state, num_heads=3)
     assert error.value.unknown == ["dist_token"]

@@ -74,7 +74,8 @@ class UnknownArraysError(ValueError):
 
     def __init__(self, label, unknown):
         self.unknown = sorted(unknown)
-        listed = ", ".join(self.unknown[:_LISTED]) + (f" and {len(self.unknown) - _LISTED} more" if len(unknown) > _LISTED else "")
+        more = len(self.unknown) - _LISTED
+        listed = ", ".join(self.unknown[:_LISTED]) + (f" and {more} more" if more > 0 else "")
         super().__init__(
             f"{label} holds arrays of no timm VisionTransformer part keras_vit reads: {listed}. It is another "
             "architecture (or a part keras_vit lacks); see keras_vit.pretrained.timm_entry_points."
@@ -91,8 +92,8 @@ def _per_head(name, array, heads):
 
 
 def _layout(kind, scope, parameter, name, array, heads):
-    """``{official name: array}`` of one timm parameter (``parameter``: weight, bias or gamma) of a module of ``kind``."""
-    official = {"weight": "scale" if kind in ("norm", "scale") else "kernel", "bias": "bias", "gamma": "scale"}[parameter]
+    """``{official name: array}`` of one timm parameter (``parameter``: weight, bias or gamma) of a ``kind`` module."""
+    official = {"weight": "scale" if kind == "norm" else "kernel", "bias": "bias", "gamma": "scale"}[parameter]
     if kind in _FUSED:
         parts = _FUSED[kind]
         if array.shape[0] % len(parts):
