@@ -442,6 +442,17 @@ def test_a_bare_safetensors_file_needs_its_entry_point(tmp_path):
     assert checkpoint.arguments == read_timm(TIMM_FIXTURES / "vit_augreg_like").arguments
 
 
+def test_a_legacy_config_without_pretrained_cfg_reads(tmp_path):
+    """Older Hub exports hold one flat dict (timm's _parse_model_cfg reads them): the rest is the pretrained_cfg."""
+    folder = shutil.copytree(TIMM_FIXTURES / "vit_gap_like", tmp_path / "repo")
+    config = json.loads((folder / "config.json").read_text())
+    flat = dict(config["pretrained_cfg"], architecture=config["architecture"], num_classes=5)
+    (folder / "config.json").write_text(json.dumps(flat))
+    checkpoint = read_timm(folder, model_args=dict(embed_dim=48, depth=2, num_heads=3))
+    assert checkpoint.arguments == read_timm(TIMM_FIXTURES / "vit_gap_like").arguments
+    assert checkpoint.preprocessing["input_size"] == (32, 32)
+
+
 def test_arrays_of_no_known_part_are_refused():
     state = load_file(TIMM_FIXTURES / "vit_augreg_like" / "model.safetensors")
     state["dist_token"] = np.zeros((1, 1, 48))

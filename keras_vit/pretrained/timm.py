@@ -80,13 +80,14 @@ def timm_arguments(architecture, *overrides, label="The checkpoint"):
         arguments.update(override or {})
     missing = [f"the timm argument {key}" for key in sorted(set(arguments) - set(TIMM_DEFAULTS) - set(_TRAINING_ONLY))]
     for key, built, lacking in _LACKING:
-        value = _ALIASES.get(key, {}).get(arguments.get(key), arguments.get(key))
+        value = arguments[key]
+        value = _ALIASES.get(key, {}).get(value, value) if isinstance(value, str) else value
         if value != built:
             missing.append(lacking.format(repr(value)))
-    if arguments["act_layer"] not in _GELU:
+    if not isinstance(arguments["act_layer"], str) or arguments["act_layer"] not in _GELU:
         missing.append(f"the activation {arguments['act_layer']!r} (act_layer)")
     pool = arguments["global_pool"]
-    if pool not in _POOLING and (pool or arguments["num_classes"]):
+    if (not isinstance(pool, str) or pool not in _POOLING) and (pool or arguments["num_classes"]):
         missing.append(f"{pool!r} pooling (global_pool)")
     elif arguments["class_token"] and pool not in ("token", ""):
         missing.append(f"a class token beside {pool!r} pooling (class_token=True, global_pool={pool!r})")
@@ -121,9 +122,10 @@ def _builder_arguments(timm, explicit, shapes, architecture, pretrained_cfg, lab
     try:
         dim, channels, *patch = shapes["patch_embed.proj.weight"]
         mlp_dim = shapes["blocks.0.mlp.fc1.weight"][0]
-    except (KeyError, ValueError):
-        raise ValueError(f"{label} is not a timm VisionTransformer: it has no 4-D patch_embed.proj.weight or no "
-                         "blocks.0.mlp.fc1.weight array.") from None
+        posemb_rows = shapes["pos_embed"][1]
+    except (KeyError, ValueError, IndexError):
+        raise ValueError(f"{label} is not a timm VisionTransformer: it lacks a 4-D patch_embed.proj.weight, "
+                         "blocks.0.mlp.fc1.weight or pos_embed.") from None
     patch = tuple(patch)
     blocks = sorted({int(m[1]) for m in map(BLOCK_KEY.match, shapes) if m})
     registers = shapes["reg_token"][1] if "reg_token" in shapes else 0
@@ -144,7 +146,7 @@ def _builder_arguments(timm, explicit, shapes, architecture, pretrained_cfg, lab
     prefix_rows = (int(timm["class_token"]) + registers) if posemb_class_token else 0
     sizes = ([timm["img_size"]] if "img_size" in explicit else []) + (
         [tuple(pretrained_cfg["input_size"][1:])] if pretrained_cfg.get("input_size") else [])
-    grid = _grid(shapes["pos_embed"][1] - prefix_rows, sizes, patch, label) if "pos_embed" in shapes else (0, 0)
+    grid = _grid(posemb_rows - prefix_rows, sizes, patch, label)
     pooling = _POOLING.get(timm["global_pool"])
     head = dict(include_top=True, classes=classes) if classes else dict(include_top=False, pooling=pooling)
     return dict(
@@ -170,7 +172,6 @@ _PRESENCE = (
     ("blocks.0.attn.q_norm.weight", lambda a: a["qk_norm"], "qk_norm"),
     ("cls_token", lambda a: a["classifier"] == "token", "a class token"),
     ("attn_pool.latent", lambda a: a["classifier"] == "map", "MAP pooling (attn_pool)"),
-    ("pos_embed", lambda a: True, "learned position embeddings"),
 )
 
 
