@@ -113,7 +113,8 @@ def _grid(tokens, sizes, patch, label):
     try:
         return square_grid(tokens)
     except ValueError:
-        raise ValueError(f"{label}: its {tokens} position embeddings form no grid of the config's image size.") from None
+        message = f"{label}: its {tokens} position embeddings form no grid of the config's image size."
+        raise ValueError(message) from None
 
 
 def _builder_arguments(timm, explicit, shapes, architecture, pretrained_cfg, label):
