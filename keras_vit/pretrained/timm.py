@@ -38,7 +38,7 @@ TimmCheckpoint.__doc__ = (
 MAX_CONFIG_BYTES = 1 << 20
 TIMM_GELU = {"gelu": "erf", "gelu_tanh": "tanh", "quick_gelu": "quick"}  # timm act_layer -> keras_vit gelu
 TIMM_POOLING = {"token": "token", "avg": "gap", "max": "max", "map": "map"}  # timm global_pool -> keras_vit pooling
-_FC_NORM_POOLS = ("avg", "avgmax", "max")  # timm's fc_norm=None turns the norm after pooling on for these
+FC_NORM_POOLS = ("avg", "avgmax", "max")  # timm's fc_norm=None turns the norm after pooling on for these
 _TRAINING_ONLY = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
                   "drop_path_rate", "weight_init", "fix_init")  # training only: no effect on the outputs
 _LACKING = (  # timm argument, the value keras_vit builds, what another value needs ({} is the value)
@@ -155,7 +155,7 @@ def _builder_arguments(timm, explicit, shapes, architecture, pretrained_cfg, lab
         num_layers=len(blocks), num_heads=heads, mlp_dim=mlp_dim, channels=channels,
         classifier="token" if timm["class_token"] else pooling or "unpooled", **head, representation_size=None,
         num_register_tokens=registers, posemb_class_token=posemb_class_token, pre_norm=bool(timm["pre_norm"]),
-        fc_norm=timm["global_pool"] in _FC_NORM_POOLS if timm["fc_norm"] is None else bool(timm["fc_norm"]),
+        fc_norm=timm["global_pool"] in FC_NORM_POOLS if timm["fc_norm"] is None else bool(timm["fc_norm"]),
         layer_scale=timm["init_values"] or None, qkv_bias=bool(timm["qkv_bias"]), qk_norm=bool(timm["qk_norm"]),
         gelu=TIMM_GELU[timm["act_layer"]], layer_norm_epsilon=float(timm["norm_eps"]),
         dynamic_padding=bool(timm["dynamic_img_pad"]),
