@@ -169,7 +169,7 @@ def test_what_a_layout_cannot_hold_is_refused_naming_one_that_can(kind, layout, 
 
 
 def test_the_layout_follows_the_path():
-    arch = lambda **a: tiny(**a).architecture  # noqa: E731
+    arch = lambda **a: keras_vit.Architecture.from_arguments(**{**TINY, **a})  # noqa: E731
     assert save_lib.infer_layout("w.npz", arch()) == "official"
     assert save_lib.infer_layout("w.npz", arch(classifier="map")) == "big_vision"
     assert save_lib.infer_layout("w.npz", arch(num_register_tokens=1)) == "official"  # refused there, naming timm
@@ -220,7 +220,7 @@ def test_a_bare_safetensors_file_holds_the_state_dict_of_the_folder(tmp_path):
 def test_timm_config_names_the_model_as_timm_builds_it(tmp_path):
     """A ViT-B/16 at 384 px names timm's ViT-B/16 at 384 px; every argument differing from timm's defaults is in
     ``model_args``, and the class names travel as timm's ``label_names``."""
-    arch = keras_vit.vision_transformer(image_size=384, classes=10).architecture
+    arch = keras_vit.Architecture.from_arguments(image_size=384, classes=10)
     config = save_lib.timm_config(arch, class_names=list("abcdefghij"))
     assert config["architecture"] == "vit_base_patch16_384"
     assert config["model_args"] == dict(img_size=[384, 384], num_classes=10, global_pool="token", in_chans=3,
@@ -243,13 +243,13 @@ def test_a_lora_model_writes_the_weights_it_applies(tmp_path):
 
 
 def test_a_quantized_model_is_refused_unless_dequantized(tmp_path):
-    model = tiny()
+    model = tiny(num_layers=1)
     model.quantize("int8")
     with pytest.raises(save_lib.QuantizedModelError) as caught:
         keras_vit.save_weights(model, tmp_path / "q.npz")
     assert caught.value.modes == ("int8",) and list(tmp_path.iterdir()) == []
     path = keras_vit.save_weights(model, tmp_path / "q.npz", dequantize=True)
-    plain = keras_vit.load_weights(keras_vit.vision_transformer(**TINY), path, adapt=False)
+    plain = keras_vit.load_weights(keras_vit.vision_transformer(**{**TINY, "num_layers": 1}), path, adapt=False)
     images = _images(model)
     expected = n(keras_vit.models.dequantized_copy(model)(images))
     np.testing.assert_allclose(n(plain(images)), expected, atol=1e-5, rtol=0)
