@@ -303,3 +303,21 @@ def test_a_file_that_does_not_read_back_is_never_put_in_place(target, tmp_path, 
         keras_vit.save_weights(tiny(classifier="gap"), tmp_path / target)
     assert len(caught.value.names) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+def test_keras_vit_convert_writes_a_keras_model_in_each_layout(tmp_path, capsys):
+    from keras_vit import cli
+
+    model = tiny(classifier="gap")
+    model.save(tmp_path / "model.keras")
+    for layout, target in (("official", "w.npz"), ("big_vision", "bv.npz"), ("timm", "repo")):
+        assert cli.convert_main([str(tmp_path / "model.keras"), "--to", layout, str(tmp_path / target)]) == 0
+    assert_identical(_npz(tmp_path / "w.npz"), keras_vit.models.official_arrays(model))
+    assert_identical(read_timm(tmp_path / "repo").arrays, keras_vit.models.official_arrays(model))
+    with pytest.raises(SystemExit, match="--force"):  # an existing output, in the command line's words
+        cli.convert_main([str(tmp_path / "model.keras"), "--to", "official", str(tmp_path / "w.npz")])
+    tiny(classifier="map").save(tmp_path / "map.keras")
+    with pytest.raises(SystemExit, match="layout='big_vision'"):  # what the official layout cannot hold
+        cli.convert_main([str(tmp_path / "map.keras"), "--to", "official", str(tmp_path / "map.npz")])
