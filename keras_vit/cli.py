@@ -107,7 +107,8 @@ def convert_main(argv=None):
     parser.add_argument("--dequantize", action="store_true", help="with --to: write a quantized model's float weights")
     args = parser.parse_args(argv)
     if args.to:
-        return _save_weights(parser, args)
+        print(f"wrote {_save_weights(parser, args)} ({args.to} layout), read back and checked")
+        return 0
     if _suffix(args.output) not in OUTPUT_SUFFIXES:
         parser.error(f"the output must end in .keras or .weights.h5, got {args.output}")
     if not Path(args.input).is_file():
@@ -144,7 +145,7 @@ def convert_main(argv=None):
 
 
 def _save_weights(parser, args):
-    """keras-vit-convert MODEL.keras --to LAYOUT OUTPUT: ``keras_vit.save_weights`` of the model."""
+    """keras-vit-convert MODEL.keras --to LAYOUT OUTPUT: ``keras_vit.save_weights`` of the model; the path written."""
     if _suffix(args.input) != ".keras" or not Path(args.input).is_file():
         parser.error(f"--to writes the weights of a keras_vit .keras model; {args.input} is not one")
     if args.image_size or args.classes or args.no_top or args.verify:
@@ -155,12 +156,10 @@ def _save_weights(parser, args):
     from keras_vit.pretrained.save import save_weights
 
     try:
-        written = save_weights(keras.models.load_model(args.input), args.output, layout=args.to,
-                               overwrite=args.force, dequantize=args.dequantize)
+        return save_weights(keras.models.load_model(args.input), args.output, layout=args.to, overwrite=args.force,
+                            dequantize=args.dequantize)
     except (ValueError, TypeError, FileExistsError) as error:
         sys.exit(f"error: {error}".replace("overwrite=True", "--force").replace("dequantize=True", "--dequantize"))
-    print(f"wrote {written} ({args.to} layout), read back and checked")
-    return 0
 
 
 def _interpolate_npz(source, target, image_size, patch_size, architecture):

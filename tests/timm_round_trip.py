@@ -92,7 +92,8 @@ def check(out):
         features = model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
         found = {"logits": model.forward_head(features).numpy(),
                  "pre_logits": model.forward_head(features, pre_logits=True).numpy()}
-        differences = [float(np.abs(found["logits"] - logits).max()), float(np.abs(found["pre_logits"] - pre_logits).max())]
+        differences = [float(np.abs(found[key] - expected).max())
+                       for key, expected in (("logits", logits), ("pre_logits", pre_logits))]
         failed |= not max(differences) <= TOLERANCE
         rows.append((case["fixture"], case["layout"], case["reader"], *(f"{d:.1e}" for d in differences),
                      f"{np.abs(logits).max():.2g}"))

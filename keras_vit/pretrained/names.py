@@ -164,7 +164,8 @@ _PRE_LINEN_TO_LINEN = {pre_linen: linen for linen, pre_linen in _LINEN_TO_PRE_LI
 
 
 def _stack_scan(arrays):
-    """``Transformer/encoderblock_{i}/X`` as one ``Transformer/encoderblock/X`` (L, ...): ``_unstack_scan``'s inverse."""
+    """``Transformer/encoderblock_{i}/X`` as one ``Transformer/encoderblock/X`` (L, ...), ``_unstack_scan``'s
+    inverse."""
     blocks = collections.defaultdict(dict)
     stacked = {}
     for name, array in arrays.items():

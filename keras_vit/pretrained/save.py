@@ -172,7 +172,7 @@ def _size(pair):
     return pair[0] if pair[0] == pair[1] else list(pair)
 
 
-def timm_arguments(arch):
+def timm_model_arguments(arch):
     """timm ``VisionTransformer`` keyword arguments of an ``Architecture`` timm holds (``_timm_official``'s)."""
     registers = arch.num_prefix_tokens - int(arch.class_token)
     return dict(
@@ -181,7 +181,7 @@ def timm_arguments(arch):
         depth=arch.num_layers, num_heads=arch.num_heads, mlp_ratio=_mlp_ratio(arch.hidden_size, arch.mlp_dim),
         class_token=arch.class_token, reg_tokens=registers,
         no_embed_class=arch.num_prefix_tokens > 0 and arch.posemb_prefix_rows == 0,
-        fc_norm=False if _GLOBAL_POOL.get(arch.pooling) in timm_lib.FC_NORM_POOLS else None,  # the norm after pooling: none
+        fc_norm=False if _GLOBAL_POOL.get(arch.pooling) in timm_lib.FC_NORM_POOLS else None,  # no norm after pooling
         act_layer=_ACT_LAYER[arch.gelu], dynamic_img_pad=arch.dynamic_padding,
     )
 
@@ -201,7 +201,8 @@ def entry_point(arguments):
         return sum(_normalized(k, merged[k]) != _normalized(k, arguments.get(k, TIMM_DEFAULTS[k])) for k in merged)
 
     candidates = [(name, preset) for name, preset in ENTRY_POINTS.items() if set(preset) <= set(TIMM_DEFAULTS)]
-    name, preset = min(candidates, key=lambda item: (differing(item[1]), f"_{height}" not in item[0] or height != width))
+    named_for_size = lambda name: height == width and f"_{height}" in name  # noqa: E731
+    name, preset = min(candidates, key=lambda item: (differing(item[1]), not named_for_size(item[0])))
     model_args = {key: value for key, value in arguments.items()
                   if key in preset or key in ("img_size", "num_classes", "global_pool", "in_chans")
                   or _normalized(key, value) != _normalized(key, TIMM_DEFAULTS[key])}
@@ -214,7 +215,7 @@ def _json_value(value):
 
 def timm_config(arch, class_names=None):
     """The ``config.json`` of a Hub folder of timm holding a model of ``arch`` (an ``Architecture`` timm holds)."""
-    arguments = timm_arguments(arch)
+    arguments = timm_model_arguments(arch)
     architecture, model_args = entry_point(arguments)
     channels = arch.channels
     pretrained_cfg = dict(
@@ -240,7 +241,8 @@ def _timm_files(arrays, arch, model, bare):
     try:  # what keras_vit's timm reader accepts (the writer's own arguments go through the reader's merge)
         timm_lib.timm_arguments(config["architecture"], config["model_args"])
     except timm_lib.UnsupportedArchitectureError as error:
-        raise LayoutError("timm", error.missing, [l for l in LAYOUTS if l != "timm" and not missing_parts(arch, l)]) from None
+        use = [layout for layout in LAYOUTS if layout != "timm" and not missing_parts(arch, layout)]
+        raise LayoutError("timm", error.missing, use) from None
     state = timm_names.from_official(arrays, label=model.name)
     files = {hub.WEIGHTS_NAME: state}
     if not bare:
@@ -251,16 +253,17 @@ def _timm_files(arrays, arch, model, bare):
 # --- writing and reading back -------------------------------------------------------------------------------------
 
 def _write(path, contents):
-    """Writes ``contents`` to ``path``: arrays as ``.npz`` or ``.safetensors`` (by the name), a dict as JSON."""
-    if isinstance(contents, dict) and contents and isinstance(next(iter(contents.values())), np.ndarray):
-        arrays = {name: np.ascontiguousarray(array, np.float32) for name, array in contents.items()}
-        if path.name.endswith(SAFETENSORS_SUFFIX):
-            path.write_bytes(safetensors.numpy.save(arrays, metadata={"format": "pt"}))
-        else:
-            with open(path, "wb") as file:
-                np.savez(file, **arrays)
+    """Writes ``contents`` to ``path`` as its name says: a dict as JSON (``.json``), arrays as float32
+    ``.safetensors`` or ``.npz``."""
+    if path.name.endswith(".json"):
+        path.write_text(json.dumps(contents, indent=2) + "\n", encoding="utf-8")
         return
-    path.write_text(json.dumps(contents, indent=2) + "\n", encoding="utf-8")
+    arrays = {name: np.ascontiguousarray(array, np.float32) for name, array in contents.items()}
+    if path.name.endswith(SAFETENSORS_SUFFIX):
+        path.write_bytes(safetensors.numpy.save(arrays, metadata={"format": "pt"}))  # "pt": what timm writes
+    else:
+        with open(path, "wb") as file:
+            np.savez(file, **arrays)
 
 
 def _same_arrays(found, expected, where):

@@ -82,8 +82,8 @@ class UnknownArraysError(ValueError):
         if official:
             message = f"{label} has weights no part of timm's VisionTransformer holds: {listed}."
         else:
-            message = (f"{label} holds arrays of no timm VisionTransformer part keras_vit reads: {listed}. It is another "
-                       "architecture (or a part keras_vit lacks); see keras_vit.pretrained.timm_entry_points.")
+            message = (f"{label} holds arrays of no timm VisionTransformer part keras_vit reads: {listed}. It is "
+                       "another architecture (or a part keras_vit lacks); see keras_vit.pretrained.timm_entry_points.")
         super().__init__(message)
 
 
