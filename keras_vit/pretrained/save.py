@@ -74,8 +74,8 @@ class LayoutError(ValueError):
         self.use = tuple(use)
         parts = ", ".join(self.missing)
         advice = (f"save it with layout={self.use[0]!r}" if self.use
-                  else "no weights layout holds them all: save the whole model with model.save('model.keras')")
-        super().__init__(f"The {layout} layout cannot hold this model's {parts}: {advice}.")
+                  else "no weights layout holds it all: save the whole model with model.save('model.keras')")
+        super().__init__(f"The {layout} layout cannot hold what this model has ({parts}): {advice}.")
 
 
 class ReadBackError(RuntimeError):
