@@ -110,7 +110,8 @@ def _heads_out(name, array, heads):
     return array.T.reshape(heads, -1, array.shape[0])
 
 
-# (layout kind, timm parameter) -> (timm -> official, official -> timm) of the array; others are kept as they are.
+# layout kind -> (timm -> official, official -> timm) of a module's weight (of its bias: _BIAS_LAYOUTS); arrays of
+# kinds not listed are kept as they are.
 _WEIGHT_LAYOUTS = {
     "heads_in": (_per_head, _from_heads),
     "heads_out": (_heads_out, lambda kernel: kernel.reshape(-1, kernel.shape[-1]).T),  # (N, dh, D) -> (D, D_in)
@@ -190,8 +191,8 @@ def from_official(arrays, label="The model"):
     """The timm ``VisionTransformer`` state dict ``{timm name: array}`` of official arrays: ``to_official`` run
     backwards, rule by rule from the same tables.
 
-    Fused projections are concatenated back (query, key, value -> ``qkv`` (3D, D)); the number of heads is read
-    off the per-head shapes. An official array no rule covers (a hybrid's ResNet stem, ``pre_logits``) is an
+    Fused projections are concatenated back (query, key, value -> ``qkv`` (3D, D)); per-head shapes flatten
+    back, so no head count is needed. An official array no rule covers (a hybrid's ResNet stem, ``pre_logits``) is an
     ``UnknownArraysError`` listing them all; a fused projection with a part missing is a ``ValueError``.
     """
     blocks = len({m[1] for m in map(NAMES_BLOCK_KEY.match, arrays) if m})
