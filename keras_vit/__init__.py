@@ -1,7 +1,7 @@
 """keras_vit: Vision Transformers (Dosovitskiy et al., 2020) for Keras 3.
 
 Layers, a builder, keras.applications-style constructors and official
-checkpoint loading. Models are written with ``keras.ops`` and run on the
+checkpoint loading and writing (``save_weights``). Models are written with ``keras.ops`` and run on the
 TensorFlow, JAX and PyTorch backends.
 """
 
@@ -9,6 +9,7 @@ from keras_vit import analysis, evaluation
 from keras_vit.analysis import attention_maps, attention_rollout
 from keras_vit.pretrained.names import CheckpointMismatchError
 from keras_vit.pretrained.resample import interpolate_posemb, resample_patch_kernel
+from keras_vit.pretrained.save import LayoutError, save_weights
 from keras_vit.configs import list_models, model_config
 from keras_vit.architecture import Architecture
 from keras_vit.layers import (
@@ -52,6 +53,7 @@ __all__ = [
     "Architecture",
     "BottleneckUnit",
     "CheckpointMismatchError",
+    "LayoutError",
     "ClassToken",
     "MAPHead",
     "MultiHeadSelfAttention",
@@ -91,5 +93,6 @@ __all__ = [
     "preprocess_input",
     "resample_patch_kernel",
     "resize_model",
+    "save_weights",
     "vision_transformer",
 ]

@@ -1,4 +1,4 @@
-"""Command lines: convert official checkpoints, interpolate position embeddings.
+"""Command lines: convert official checkpoints (and write a model's weights back out), interpolate position embeddings.
 
 Installed as ``keras-vit-convert`` and ``keras-vit-interpolate-posemb``; the
 scripts in ``tools/`` call the same functions. Outputs are written to a
@@ -87,7 +87,7 @@ def _reload(model, path):
 
 
 def convert_main(argv=None):
-    """keras-vit-convert INPUT.npz OUTPUT.keras|OUTPUT.weights.h5 [options]"""
+    """keras-vit-convert INPUT.npz OUTPUT.keras|OUTPUT.weights.h5 [options]; MODEL.keras --to LAYOUT OUTPUT"""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(
         prog="keras-vit-convert",
@@ -101,7 +101,14 @@ def convert_main(argv=None):
     parser.add_argument("--no-top", action="store_true", help="drop the head (and pre-logits)")
     parser.add_argument("--verify", action="store_true", help="reload the output and compare with the .npz model")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--to", choices=("official", "big_vision", "timm"),
+                        help="the other way: write the weights of INPUT, a keras_vit .keras model, in this layout to "
+                        "OUTPUT (.npz; for timm a folder or .safetensors): keras_vit.save_weights")
+    parser.add_argument("--dequantize", action="store_true", help="with --to: write a quantized model's float weights")
     args = parser.parse_args(argv)
+    if args.to:
+        print(f"wrote {_save_weights(parser, args)} ({args.to} layout), read back and checked")
+        return 0
     if _suffix(args.output) not in OUTPUT_SUFFIXES:
         parser.error(f"the output must end in .keras or .weights.h5, got {args.output}")
     if not Path(args.input).is_file():
@@ -135,6 +142,24 @@ def convert_main(argv=None):
                 sys.exit("error: the reloaded output differs from the checkpoint model; nothing was written.")
     print(f"wrote {args.output}")
     return 0
+
+
+def _save_weights(parser, args):
+    """keras-vit-convert MODEL.keras --to LAYOUT OUTPUT: ``keras_vit.save_weights`` of the model; the path written."""
+    if _suffix(args.input) != ".keras" or not Path(args.input).is_file():
+        parser.error(f"--to writes the weights of a keras_vit .keras model; {args.input} is not one")
+    if args.image_size or args.classes or args.no_top or args.verify:
+        parser.error("--to writes the model as it is (and always reads the output back): drop --image-size, "
+                     "--classes, --no-top and --verify")
+    import keras
+
+    from keras_vit.pretrained.save import save_weights
+
+    try:
+        return save_weights(keras.models.load_model(args.input), args.output, layout=args.to, overwrite=args.force,
+                            dequantize=args.dequantize)
+    except (ValueError, TypeError, FileExistsError) as error:
+        sys.exit(f"error: {error}".replace("overwrite=True", "--force").replace("dequantize=True", "--dequantize"))
 
 
 def _interpolate_npz(source, target, image_size, patch_size, architecture):

@@ -15,6 +15,12 @@ import numpy as np
 from keras import ops
 
 
+# ``preprocess_input`` and the official evaluation pipeline in the terms of other libraries' configs (timm's
+# ``pretrained_cfg``): pixels / 255, minus ``mean``, over ``std`` (per channel); images resized to the model's size
+# bilinearly, uncropped (crop_pct 1).
+OFFICIAL_INPUT = dict(mean=0.5, std=0.5, interpolation="bilinear", crop_pct=1.0, crop_mode="center")
+
+
 def preprocess_input(images):
     """(..., H, W, C) pixels in [0, 255] (uint8 or float) -> float32 in [-1, 1]: ``(x - 127.5) / 127.5``."""
     return (ops.cast(images, "float32") - 127.5) / 127.5

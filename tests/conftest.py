@@ -19,6 +19,12 @@ BIG_VISION_FIXTURES = Path(
     os.environ.get("KERAS_VIT_BIG_VISION_FIXTURES", REPO.parent / "shared" / "fixtures" / "big_vision_vit")
 )
 
+TIMM_FIXTURES = Path(os.environ.get("KERAS_VIT_TIMM_FIXTURES", REPO.parent / "shared" / "fixtures" / "timm_vit"))
+TIMM_TODAY = ("vit_augreg_like", "vit_gap_like", "vit_siglip_map_like")  # the timm fixtures today's layers build
+# the options of timm's that today's layers have, at the values they have them (the builder takes none of them)
+TIMM_TODAY_OPTIONS = dict(pre_norm=False, fc_norm=False, layer_scale=None, qkv_bias=True, qk_norm=False,
+                          layer_norm_epsilon=1e-6)
+
 
 def _fixture(folder, variable, name, kind):
     path = folder / f"{name}.{kind}.npz"
@@ -71,6 +77,27 @@ def big_vision_path(name, kind):
 def big_vision_reference(name):
     """The reference arrays of a big_vision fixture and its ``vit.Model`` kwargs (dict)."""
     return _reference(big_vision_path(name, "ref"))
+
+
+def timm_reference(name):
+    """The reference arrays of a timm fixture: images (B, H, W, C), tokens, pre_logits and logits (when a head)."""
+    with np.load(TIMM_FIXTURES / f"{name}.ref.npz", allow_pickle=False) as ref:
+        return {key: ref[key] for key in ref.files}
+
+
+def timm_fixture_model(name, folder):
+    """A keras_vit model built from a timm fixture's inferred arguments, its converted arrays loaded (through an
+    official ``.npz`` written to ``folder``); the fixture must be one of ``TIMM_TODAY``."""
+    import keras_vit
+    from keras_vit.pretrained.timm import read_timm
+
+    checkpoint = read_timm(TIMM_FIXTURES / name)
+    arguments = dict(checkpoint.arguments)
+    assert {key: arguments.pop(key) for key in TIMM_TODAY_OPTIONS} == TIMM_TODAY_OPTIONS  # options today's layers have
+    model = keras_vit.vision_transformer(**arguments)
+    path = Path(folder) / f"{name}.converted.npz"
+    np.savez(path, **checkpoint.arrays)
+    return keras_vit.load_weights(model, path, adapt=False)
 
 
 def builder_kwargs(config):

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, np_gelu_tanh, np_layer_norm, np_softmax
+from conftest import (
+    TIMM_FIXTURES,
+    TIMM_TODAY,
+    np_gelu_tanh,
+    np_layer_norm,
+    np_softmax,
+    timm_fixture_model,
+    timm_reference,
+)
 from safetensors.numpy import load_file, save_file
 from scipy.special import erf
 
@@ -33,7 +41,6 @@ from keras_vit.pretrained.timm import (
 from keras_vit.pretrained.timm_entry_points import ENTRY_POINTS
 from keras_vit.pretrained.timm_names import UnknownArraysError, to_official
 
-TIMM_FIXTURES = Path(os.environ.get("KERAS_VIT_TIMM_FIXTURES", REPO.parent / "shared" / "fixtures" / "timm_vit"))
 MANIFEST = json.loads((TIMM_FIXTURES / "manifest.json").read_text())["fixtures"]
 NAMES = sorted(MANIFEST)
 # What the fixtures' README states of each (timm's defaults otherwise: exact GELU, eps 1e-6, class-token posemb row).
@@ -48,11 +55,6 @@ FACTS = {
     "vit_options_like": dict(qkv_bias=False, qk_norm=True, layer_scale=0.5, act="tanh"),
 }
 _POOL = {"token": "token", "avg": "gap", "map": "map"}  # timm's global_pool -> keras_vit's classifier
-
-
-def _reference(name):
-    with np.load(TIMM_FIXTURES / f"{name}.ref.npz", allow_pickle=False) as ref:
-        return {key: ref[key] for key in ref.files}
 
 
 def _facts(name):
@@ -220,7 +222,7 @@ def test_inferred_arguments_are_the_fixture_facts(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_converted_arrays_give_timms_outputs(name):
     """timm's arrays in timm's forward and the official arrays in the official forward both give timm's outputs."""
-    manifest, ref = MANIFEST[name], _reference(name)
+    manifest, ref = MANIFEST[name], timm_reference(name)
     checkpoint = read_timm(TIMM_FIXTURES / name)
     state = load_file(TIMM_FIXTURES / name / "model.safetensors")
     heads = manifest["model_args"]["num_heads"]
@@ -264,18 +266,9 @@ def test_preprocessing_travels_with_the_weights():
 
 # --- the end-to-end proof with today's layers: keras_vit models built from the inferred arguments ---
 
-_TODAY = dict(pre_norm=False, fc_norm=False, layer_scale=None, qkv_bias=True, qk_norm=False, layer_norm_epsilon=1e-6)
-
-
-@pytest.mark.parametrize("name", ["vit_augreg_like", "vit_gap_like", "vit_siglip_map_like"])
+@pytest.mark.parametrize("name", TIMM_TODAY)
 def test_fixture_loads_into_a_keras_vit_model(name, tmp_path):
-    checkpoint, ref = read_timm(TIMM_FIXTURES / name), _reference(name)
-    args = dict(checkpoint.arguments)
-    assert {key: args.pop(key) for key in _TODAY} == _TODAY  # the options today's layers have
-    model = keras_vit.vision_transformer(**args)
-    path = tmp_path / "converted.npz"
-    np.savez(path, **checkpoint.arrays)
-    keras_vit.load_weights(model, path, adapt=False)
+    model, ref = timm_fixture_model(name, tmp_path), timm_reference(name)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(ref["images"])), ref["logits"], atol=1e-5, rtol=0)
     tokens = keras.ops.convert_to_numpy(model.features(ref["images"])["tokens"])
     np.testing.assert_allclose(tokens, ref["tokens"], atol=1e-4, rtol=0)

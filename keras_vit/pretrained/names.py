@@ -14,7 +14,10 @@ The layers of a keras_vit model declare their weights' official names within the
 (``official_weights()``); ``official_scope`` gives a top-level layer's scope.
 """
 
+import collections
 import re
+
+import numpy as np
 
 from keras_vit.pretrained.npz import decode_array
 
@@ -131,6 +134,49 @@ def _unstack_scan(arrays):
                 raise ValueError(f"The checkpoint holds {block_name} both stacked ({name}) and on its own.")
             unstacked[block_name] = array[i]
     return unstacked
+
+
+def official_layout(arrays):
+    """Canonical arrays as the 2020 official files hold them: ``normalize_names`` run backwards, which for the
+    official names only reshapes a hybrid's GroupNorm scales and biases (C,) -> (1, 1, 1, C). Returns a new dict."""
+    return {name: array.reshape(1, 1, 1, -1) if _GROUP_NORM_KEY.search(name) and array.ndim == 1 else array
+            for name, array in arrays.items()}
+
+
+def big_vision_layout(arrays, scan=False):
+    """Canonical arrays in big_vision's names: ``normalize_names``' big_vision rules run backwards.
+
+    Linen block submodules (``MultiHeadDotProductAttention_0``, ``LayerNorm_1``, ``MlpBlock_0``), the position
+    embeddings at the top level (``pos_embedding``, which holds no class-token row in big_vision); with
+    ``scan=True`` the blocks stacked on a leading layer axis (``Transformer/encoderblock/...`` (L, ...)), as
+    big_vision's ``scan`` models hold them. Returns a new dict.
+    """
+    renamed = {}
+    for name, array in arrays.items():
+        match = BLOCK_KEY.match(name)
+        if match:
+            name = f"{match[1]}/{_PRE_LINEN_TO_LINEN.get(match[2], match[2])}/{match[3]}"
+        renamed[_BIG_VISION_POSEMB if name == POSEMB else name] = array
+    return _stack_scan(renamed) if scan else renamed
+
+
+_PRE_LINEN_TO_LINEN = {pre_linen: linen for linen, pre_linen in _LINEN_TO_PRE_LINEN.items()}
+
+
+def _stack_scan(arrays):
+    """``Transformer/encoderblock_{i}/X`` as one ``Transformer/encoderblock/X`` (L, ...), ``_unstack_scan``'s
+    inverse."""
+    blocks = collections.defaultdict(dict)
+    stacked = {}
+    for name, array in arrays.items():
+        match = BLOCK_KEY.match(name)
+        if match:
+            blocks[f"{match[2]}/{match[3]}"][int(match[1].rsplit("_", 1)[1])] = array
+        else:
+            stacked[name] = array
+    for name, layers in blocks.items():
+        stacked[f"{_SCAN_BLOCK}{name}"] = np.stack([layers[i] for i in sorted(layers)])
+    return stacked
 
 
 def mismatch(shapes, arrays):

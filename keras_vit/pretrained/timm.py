@@ -36,9 +36,9 @@ TimmCheckpoint.__doc__ = (
     "``pretrained_cfg`` (or None) and a label for messages."
 )
 MAX_CONFIG_BYTES = 1 << 20
-_GELU = {"gelu": "erf", "gelu_tanh": "tanh", "quick_gelu": "quick"}
-_POOLING = {"token": "token", "avg": "gap", "max": "max", "map": "map"}
-_FC_NORM_POOLS = ("avg", "avgmax", "max")  # timm's fc_norm=None turns the norm after pooling on for these
+TIMM_GELU = {"gelu": "erf", "gelu_tanh": "tanh", "quick_gelu": "quick"}  # timm act_layer -> keras_vit gelu
+TIMM_POOLING = {"token": "token", "avg": "gap", "max": "max", "map": "map"}  # timm global_pool -> keras_vit pooling
+FC_NORM_POOLS = ("avg", "avgmax", "max")  # timm's fc_norm=None turns the norm after pooling on for these
 _TRAINING_ONLY = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
                   "drop_path_rate", "weight_init", "fix_init")  # training only: no effect on the outputs
 _LACKING = (  # timm argument, the value keras_vit builds, what another value needs ({} is the value)
@@ -84,10 +84,10 @@ def timm_arguments(architecture, *overrides, label="The checkpoint"):
         value = _ALIASES.get(key, {}).get(value, value) if isinstance(value, str) else value
         if value != built:
             missing.append(lacking.format(repr(value)))
-    if not isinstance(arguments["act_layer"], str) or arguments["act_layer"] not in _GELU:
+    if not isinstance(arguments["act_layer"], str) or arguments["act_layer"] not in TIMM_GELU:
         missing.append(f"the activation {arguments['act_layer']!r} (act_layer)")
     pool = arguments["global_pool"]
-    if (not isinstance(pool, str) or pool not in _POOLING) and (pool or arguments["num_classes"]):
+    if (not isinstance(pool, str) or pool not in TIMM_POOLING) and (pool or arguments["num_classes"]):
         missing.append(f"{pool!r} pooling (global_pool)")
     elif arguments["class_token"] and pool not in ("token", ""):
         missing.append(f"a class token beside {pool!r} pooling (class_token=True, global_pool={pool!r})")
@@ -148,16 +148,16 @@ def _builder_arguments(timm, explicit, shapes, architecture, pretrained_cfg, lab
     sizes = ([timm["img_size"]] if "img_size" in explicit else []) + (
         [tuple(pretrained_cfg["input_size"][1:])] if pretrained_cfg.get("input_size") else [])
     grid = _grid(posemb_rows - prefix_rows, sizes, patch, label)
-    pooling = _POOLING.get(timm["global_pool"])
+    pooling = TIMM_POOLING.get(timm["global_pool"])
     head = dict(include_top=True, classes=classes) if classes else dict(include_top=False, pooling=pooling)
     return dict(
         image_size=(grid[0] * patch[0], grid[1] * patch[1]), patch_size=patch, hidden_size=dim,
         num_layers=len(blocks), num_heads=heads, mlp_dim=mlp_dim, channels=channels,
         classifier="token" if timm["class_token"] else pooling or "unpooled", **head, representation_size=None,
         num_register_tokens=registers, posemb_class_token=posemb_class_token, pre_norm=bool(timm["pre_norm"]),
-        fc_norm=timm["global_pool"] in _FC_NORM_POOLS if timm["fc_norm"] is None else bool(timm["fc_norm"]),
+        fc_norm=timm["global_pool"] in FC_NORM_POOLS if timm["fc_norm"] is None else bool(timm["fc_norm"]),
         layer_scale=timm["init_values"] or None, qkv_bias=bool(timm["qkv_bias"]), qk_norm=bool(timm["qk_norm"]),
-        gelu=_GELU[timm["act_layer"]], layer_norm_epsilon=float(timm["norm_eps"]),
+        gelu=TIMM_GELU[timm["act_layer"]], layer_norm_epsilon=float(timm["norm_eps"]),
         dynamic_padding=bool(timm["dynamic_img_pad"]),
     )
 

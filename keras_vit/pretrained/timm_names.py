@@ -13,8 +13,11 @@ layers' weights under these names. Shapes: D = hidden size, N = heads, dh = D / 
 
 import re
 
+import numpy as np
+
 from keras_vit.layers.heads import OFFICIAL_SCOPE as MAP_SCOPE
 from keras_vit.layers.tokens import PREFIX_TOKENS
+from keras_vit.pretrained.names import BLOCK_KEY as NAMES_BLOCK_KEY
 from keras_vit.pretrained.names import POSEMB
 
 # Official-style names of timm's extras, with their shapes (declared once here).
@@ -70,16 +73,18 @@ _LISTED = 5
 
 
 class UnknownArraysError(ValueError):
-    """A state dict holds arrays no rule converts (``unknown``: their timm names)."""
+    """Arrays no rule converts (``unknown``: their names, timm's or, with ``official=True``, the official ones)."""
 
-    def __init__(self, label, unknown):
+    def __init__(self, label, unknown, official=False):
         self.unknown = sorted(unknown)
         more = len(self.unknown) - _LISTED
         listed = ", ".join(self.unknown[:_LISTED]) + (f" and {more} more" if more > 0 else "")
-        super().__init__(
-            f"{label} holds arrays of no timm VisionTransformer part keras_vit reads: {listed}. It is another "
-            "architecture (or a part keras_vit lacks); see keras_vit.pretrained.timm_entry_points."
-        )
+        if official:
+            message = f"{label} has weights no part of timm's VisionTransformer holds: {listed}."
+        else:
+            message = (f"{label} holds arrays of no timm VisionTransformer part keras_vit reads: {listed}. It is "
+                       "another architecture (or a part keras_vit lacks); see keras_vit.pretrained.timm_entry_points.")
+        super().__init__(message)
 
 
 def _per_head(name, array, heads):
@@ -91,26 +96,54 @@ def _per_head(name, array, heads):
     return array.T.reshape(array.shape[1], heads, -1)
 
 
+def _from_heads(array):
+    """The inverse of ``_per_head``: (D_in, N, dh) -> (D_out, D_in); (N, dh) -> (D_out,)."""
+    if array.ndim == 2:
+        return array.reshape(-1)
+    return array.reshape(array.shape[0], -1).T
+
+
+def _heads_out(name, array, heads):
+    """(D, D_in) -> (N, dh, D): the attention's output projection weight."""
+    if array.shape[1] % heads:
+        raise ValueError(f"{name} has {array.shape[1]} input columns, not a multiple of the {heads} heads.")
+    return array.T.reshape(heads, -1, array.shape[0])
+
+
+# layout kind -> (timm -> official, official -> timm) of a module's weight (of its bias: _BIAS_LAYOUTS); arrays of
+# kinds not listed are kept as they are.
+_WEIGHT_LAYOUTS = {
+    "heads_in": (_per_head, _from_heads),
+    "heads_out": (_heads_out, lambda kernel: kernel.reshape(-1, kernel.shape[-1]).T),  # (N, dh, D) -> (D, D_in)
+    "conv": (lambda name, w, heads: w.transpose(2, 3, 1, 0), lambda kernel: kernel.transpose(3, 2, 0, 1)),
+    "dense": (lambda name, w, heads: w.T, lambda kernel: kernel.T),  # (out, in) <-> (in, out)
+}
+_BIAS_LAYOUTS = {"heads_in": (_per_head, _from_heads)}  # a per-head bias (D,) <-> (N, dh)
+_PARAMETER_NAMES = {"weight": "kernel", "bias": "bias", "gamma": "scale"}  # a norm's weight is its scale
+
+
+def _official_names(kind, scope, parameter):
+    """The official names of a timm parameter (``weight``, ``bias``, ``gamma``) of a ``kind`` module at ``scope``:
+    one, or one per fused projection."""
+    official = "scale" if kind == "norm" and parameter == "weight" else _PARAMETER_NAMES[parameter]
+    return [f"{scope}/{part}/{official}" for part in _FUSED[kind]] if kind in _FUSED else [f"{scope}/{official}"]
+
+
+def _transforms(kind, parameter):
+    """``(to official, to timm)`` of one array of a ``kind`` module's ``parameter`` (fused parts: of each part)."""
+    part_kind = "heads_in" if kind in _FUSED else kind
+    table = _WEIGHT_LAYOUTS if parameter == "weight" else _BIAS_LAYOUTS
+    return table.get(part_kind, (lambda name, array, heads: array, lambda array: array))
+
+
 def _layout(kind, scope, parameter, name, array, heads):
     """``{official name: array}`` of one timm parameter (``parameter``: weight, bias or gamma) of a ``kind`` module."""
-    official = {"weight": "scale" if kind == "norm" else "kernel", "bias": "bias", "gamma": "scale"}[parameter]
-    if kind in _FUSED:
-        parts = _FUSED[kind]
-        if array.shape[0] % len(parts):
-            raise ValueError(f"{name} has {array.shape[0]} output rows, not {len(parts)} fused projections.")
-        thirds = array.reshape(len(parts), -1, *array.shape[1:])
-        return {f"{scope}/{part}/{official}": _per_head(name, third, heads) for part, third in zip(parts, thirds)}
-    if kind == "heads_in":
-        return {f"{scope}/{official}": _per_head(name, array, heads)}
-    if kind == "heads_out" and parameter == "weight":  # (D, D_in) -> (N, dh, D)
-        if array.shape[1] % heads:
-            raise ValueError(f"{name} has {array.shape[1]} input columns, not a multiple of the {heads} heads.")
-        return {f"{scope}/kernel": array.T.reshape(heads, -1, array.shape[0])}
-    if kind == "conv" and parameter == "weight":  # (D, C, ph, pw) -> (ph, pw, C, D)
-        return {f"{scope}/kernel": array.transpose(2, 3, 1, 0)}
-    if kind == "dense" and parameter == "weight":  # (out, in) -> (in, out)
-        return {f"{scope}/kernel": array.T}
-    return {f"{scope}/{official}": array}
+    names = _official_names(kind, scope, parameter)
+    if array.shape[0] % len(names):
+        raise ValueError(f"{name} has {array.shape[0]} output rows, not {len(names)} fused projections.")
+    parts = array.reshape(len(names), -1, *array.shape[1:]) if kind in _FUSED else [array]
+    forward = _transforms(kind, parameter)[0]
+    return {official: forward(name, part, heads) for official, part in zip(names, parts)}
 
 
 def _rule(name):
@@ -144,3 +177,44 @@ def to_official(state, num_heads, label="The checkpoint"):
     if unknown:
         raise UnknownArraysError(label, unknown)
     return official
+
+
+def _modules(blocks):
+    """Every ``(timm module, official scope, kind)`` of a model with ``blocks`` encoder blocks, from the tables."""
+    yield from ((module, scope, kind) for module, (scope, kind) in _TOP.items())
+    for i in range(blocks):
+        for module, (scope, kind) in _BLOCK.items():
+            yield f"blocks.{i}.{module}", f"Transformer/encoderblock_{i}/{scope}", kind
+
+
+def from_official(arrays, label="The model"):
+    """The timm ``VisionTransformer`` state dict ``{timm name: array}`` of official arrays: ``to_official`` run
+    backwards, rule by rule from the same tables.
+
+    Fused projections are concatenated back (query, key, value -> ``qkv`` (3D, D)); per-head shapes flatten
+    back, so no head count is needed. An official array no rule covers (a hybrid's ResNet stem, ``pre_logits``) is an
+    ``UnknownArraysError`` listing them all; a fused projection with a part missing is a ``ValueError``.
+    """
+    blocks = len({m[1] for m in map(NAMES_BLOCK_KEY.match, arrays) if m})
+    state, used = {}, set()
+    for timm_name, official in _PARAMETERS.items():
+        if official in arrays:
+            state[timm_name] = arrays[official]
+            used.add(official)
+    for module, scope, kind in _modules(blocks):
+        for parameter in ("gamma",) if kind == "scale" else ("weight", "bias"):
+            names = _official_names(kind, scope, parameter)
+            present = [name for name in names if name in arrays]
+            if not present:
+                continue
+            if len(present) < len(names):
+                missing = sorted(set(names) - set(present))
+                raise ValueError(f"{label} has {', '.join(present)} without {', '.join(missing)}: timm fuses them.")
+            backward = _transforms(kind, parameter)[1]
+            parts = [backward(arrays[name]) for name in names]
+            state[f"{module}.{parameter}"] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+            used.update(names)
+    unknown = set(arrays) - used
+    if unknown:
+        raise UnknownArraysError(label, unknown, official=True)
+    return state
