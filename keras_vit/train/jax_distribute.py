@@ -10,7 +10,6 @@ pod JAX finds the rest itself once ``KERAS_DISTRIBUTION_NUM_PROCESSES`` is set. 
 part of every batch (``keras_vit.train.data.pipeline``'s ``shard``); process 0 writes the outputs.
 """
 
-import contextlib
 import logging
 import os
 
@@ -90,14 +89,17 @@ def host_array(variable):
     return keras.ops.convert_to_numpy(value)
 
 
-@contextlib.contextmanager
-def gathered(model):
-    """For the ``with`` block, ``model``'s variables read as whole arrays in this process (a collective), so that
-    process 0 can save a model whose variables other processes hold parts of."""
+def saveable(model):
+    """A model this process can save with ``model.save``: ``model`` itself in a single process; in a run of several
+    processes (call it in every one: the weights are gathered), on process 0 a copy of ``model`` on its own devices
+    holding the whole weights (without the optimizer's state, which the checkpoints hold), None on the others. Call
+    it outside the run's ``keras.distribution``."""
     index, count = process()
     if count == 1:
-        yield model
-        return
-    mapping = [(variable, host_array(variable)) for variable in model.variables]
-    with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
-        yield model
+        return model
+    arrays = [host_array(weight) for weight in model.weights]
+    if index != 0:
+        return None
+    copy = type(model).from_config(model.get_config())
+    copy.set_weights(arrays)
+    return copy

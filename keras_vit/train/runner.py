@@ -128,7 +128,7 @@ def _train(config, folder, run_id):
         report["top1_by_image_size"] = reporting.top1_by_image_size(
             loop.model, prepared.eval, config["eval_image_sizes"], config["batch_size"]
         )
-    with jax_distribute.gathered(getattr(loop.model, "encoder", loop.model)) as model:
-        if environment.chief:
-            reporting.write_outputs(output_dir, model, report)
+    model = jax_distribute.saveable(getattr(loop.model, "encoder", loop.model))
+    if environment.chief:
+        reporting.write_outputs(output_dir, model, report)
     return report
