@@ -138,6 +138,56 @@ def test_bytes_per_device_divide_each_variable_by_its_split():
     assert bytes_per_device(layout_map(arch, mesh, "tensor"), shapes) == expected
 
 
+# --- the recipes' settings --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "torch"])
+@pytest.mark.parametrize("strategy", ["jax_data", "jax_fsdp", "jax_tensor"])
+def test_jax_strategies_are_refused_off_jax_in_one_line(backend, strategy):
+    from keras_vit.train import settings
+
+    config = settings.load_config(settings.FINETUNE, None, [f"strategy={strategy}"])
+    with pytest.raises(settings.SettingError) as refused:
+        settings.validate(config, backend)
+    assert f"strategy={strategy!r}" in str(refused.value) and "\n" not in str(refused.value)
+    settings.validate(config, "jax")
+
+
+def test_a_run_refuses_a_jax_strategy_before_anything_starts_off_jax(tmp_path):
+    if ON_JAX:
+        pytest.skip("the refusal is the other backends'")
+    from keras_vit.train import runner, settings
+
+    config = settings.load_config(settings.FINETUNE, None, TINY_RUN + ["strategy=jax_fsdp", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(settings.SettingError, match="strategy='jax_fsdp'"):
+        runner.run(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_mesh_shape_belongs_to_the_jax_strategies():
+    from keras_vit.train import settings
+
+    with pytest.raises(settings.SettingError, match="mesh_shape"):
+        settings.load_config(settings.FINETUNE, None, ["mesh_shape=[2, 4]"])
+    with pytest.raises(settings.SettingError, match="mesh_shape"):
+        settings.load_config(settings.FINETUNE, None, ["strategy=jax_tensor", "mesh_shape=[2, 0]"])
+    assert settings.upgrade({"strategy": "auto"}, 3)["mesh_shape"] is None  # folders of schema 3 resume
+
+
+@on_8_devices
+@pytest.mark.parametrize("overrides, named", [
+    (["strategy=jax_tensor", "mesh_shape=[2, 3]"], "mesh_shape"),
+    (["strategy=jax_fsdp", "mesh_shape=[2, 4]"], "mesh_shape"),
+    (["strategy=jax_data", "batch_size=12"], "batch_size"),
+])
+def test_a_mesh_the_devices_cannot_form_is_refused_naming_the_setting(overrides, named):
+    from keras_vit.train import building, settings
+
+    config = settings.load_config(settings.FINETUNE, None, TINY_RUN + overrides)
+    with pytest.raises(settings.SettingError, match=named):
+        building.setup(config)
+
+
 # --- on 8 devices (JAX) --------------------------------------------------------------------------------------------
 
 
@@ -314,7 +364,7 @@ def _checkpoint(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["jax_fsdp", "jax_tensor"])
+@pytest.mark.parametrize("strategy", ["jax_fsdp"])  # weights split across the processes; jax_tensor passes too (minutes)
 def test_two_jax_processes_train_as_one_device_and_resume_after_kill_9(tmp_path, strategy):
     common = [f"model_overrides={json.dumps({**SHARDED_MODEL, 'dropout_rate': 0.1})}", *SHARDED_SETTINGS,
               "eval_every=5", "checkpoint_every=5"]
