@@ -31,6 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 MODELS = ("B/16", "L/16")
 STRATEGIES = ("data", "fsdp", "tensor")
 MESHES = {"data": ((8,), ("batch",)), "fsdp": ((8,), ("batch",)), "tensor": ((2, 4), ("batch", "model"))}
+# (strategy, mesh shape, min_shard_bytes) of the table's rows per model: the recipes' three, then FSDP splitting
+# every variable it can (no size threshold) and tensor parallelism 8 ways where the heads allow it
+ROWS = [("data", None, None), ("fsdp", None, None), ("tensor", None, None), ("fsdp", None, 0), ("tensor", (1, 8), None)]
 MIB = 2**20
 
 
@@ -43,20 +46,22 @@ def _architecture(name):
     return keras_vit.Architecture.from_arguments(image_size=224, classes=1000, **arguments)
 
 
-def _mesh(strategy):
+def _mesh(strategy, shape=None):
     import keras
 
-    return keras.distribution.DeviceMesh(*MESHES[strategy])
+    default, names = MESHES[strategy]
+    return keras.distribution.DeviceMesh(shape or default, names)
 
 
-def sharded_bytes(name, strategy):
-    """(weights, one optimizer slot per weight) bytes on one device, from the shardings' shard shapes."""
+def sharded_bytes(name, strategy, shape=None, min_shard_bytes=None):
+    """Bytes of the weights on one device, from the shardings' shard shapes (an optimizer slot: the same again)."""
     import math
 
-    from keras_vit.distribution import layout_map, variable_shapes
+    from keras_vit.distribution import MIN_SHARD_BYTES, layout_map, variable_shapes
 
     arch = _architecture(name)
-    layouts = layout_map(arch, _mesh(strategy), strategy)
+    minimum = MIN_SHARD_BYTES if min_shard_bytes is None else min_shard_bytes
+    layouts = layout_map(arch, _mesh(strategy, shape), strategy, min_shard_bytes=minimum)
     total = 0
     for path, shape in variable_shapes(arch).items():
         total += math.prod(layouts[path].backend_layout.shard_shape(tuple(shape))) * 4
@@ -64,15 +69,21 @@ def sharded_bytes(name, strategy):
 
 
 def table():
-    rows = ["| model | strategy | mesh | weights / device | + SGD momentum | + Adam (m, v) | Adam, vs data |",
+    rows = ["| model | strategy | mesh | weights / device | + SGD momentum | + Adam (m, v) | vs data |",
             "|---|---|---|---|---|---|---|"]
     for name in MODELS:
         data = None
-        for strategy in STRATEGIES:
-            weights = sharded_bytes(name, strategy)
+        for strategy, shape, minimum in ROWS:
+            try:
+                weights = sharded_bytes(name, strategy, shape, minimum)
+            except ValueError:  # heads or MLP size the model axis does not divide
+                rows.append(f"| {name} | {strategy} | {'x'.join(map(str, shape))} | not possible: "
+                            f"{_architecture(name).num_heads} heads | | | |")
+                continue
             data = data or weights
-            mesh = "x".join(map(str, MESHES[strategy][0]))
-            rows.append(f"| {name} | {strategy} | {mesh} | {weights / MIB:,.1f} MiB | {2 * weights / MIB:,.1f} MiB | "
+            label = strategy + (", no size threshold" if minimum == 0 else "")
+            mesh = "x".join(map(str, shape or MESHES[strategy][0]))
+            rows.append(f"| {name} | {label} | {mesh} | {weights / MIB:,.1f} MiB | {2 * weights / MIB:,.1f} MiB | "
                         f"{3 * weights / MIB:,.1f} MiB | {weights / data:.2f} |")
     return "\n".join(rows)
 

@@ -55,8 +55,9 @@ class Environment:
         return self.strategy is None or distribute.is_chief(self.strategy)
 
     def scope(self):
-        """The strategy's scope (variables are created there), or a context that does nothing."""
-        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+        """Where variables are created: the strategy's scope, the JAX strategy's ``keras.distribution``
+        (``distributed``), or a context that does nothing."""
+        return self.strategy.scope() if self.strategy is not None else self.distributed()
 
     def distributed(self):
         """The run's ``keras.distribution`` set for the ``with`` block (JAX strategies), or a context that does nothing."""
@@ -243,7 +244,7 @@ def build_loop(config, environment, model):
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")] if classify else None,
         steps_per_execution=config["steps_per_execution"],
         jit_compile=jit_compile,
-        scope=environment.scope if environment.strategy is not None else environment.distributed if environment.distribution is not None else None,
+        scope=environment.scope if environment.strategy is not None or environment.distribution is not None else None,
     )
 
 
