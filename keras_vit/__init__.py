@@ -5,13 +5,14 @@ checkpoint loading and writing (``save_weights``). Models are written with ``ker
 TensorFlow, JAX and PyTorch backends.
 """
 
-from keras_vit import analysis, evaluation
+from keras_vit import analysis, distribution, evaluation
 from keras_vit.analysis import attention_maps, attention_rollout
 from keras_vit.pretrained.names import CheckpointMismatchError
 from keras_vit.pretrained.resample import interpolate_posemb, resample_patch_kernel
 from keras_vit.pretrained.save import LayoutError, save_weights
 from keras_vit.configs import list_models, model_config
 from keras_vit.architecture import Architecture
+from keras_vit.distribution import layout_map
 from keras_vit.layers import (
     AddPositionEmbs,
     ClassToken,
@@ -84,9 +85,11 @@ __all__ = [
     "attention_rollout",
     "create_model",
     "decode_predictions",
+    "distribution",
     "evaluation",
     "from_official_checkpoint",
     "interpolate_posemb",
+    "layout_map",
     "list_models",
     "load_weights",
     "model_config",

@@ -134,7 +134,7 @@ def test_loop_auto_is_the_trainer_on_tensorflow_and_fit_elsewhere(backend, loop)
 def test_settings_of_an_older_schema_take_the_defaults_of_later_settings():
     current = settings.training_settings(settings.load_config(settings.FINETUNE, "finetune_short"))
     version_1 = {k: v for k, v in current.items() if settings.SETTINGS[k].since == 1}
-    assert set(current) - set(version_1) == {"loop", "lora_rank"}
+    assert set(current) - set(version_1) == {"loop", "lora_rank", "mesh_shape"}
     assert settings.upgrade(version_1, 1) == current
     assert settings.upgrade(current, settings.SCHEMA_VERSION) == current
     assert settings.upgrade({**version_1, "loop": "fit"}, 1)["loop"] == "fit"  # what was stored wins

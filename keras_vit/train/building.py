@@ -1,7 +1,9 @@
 """What a run is made of: its environment (backend, loop, strategy, precision), its data, its model and its loop.
 
-``setup(config)`` seeds, picks the ``tf.distribute`` strategy (TensorFlow) and
-the precision policy and resolves ``loop``; ``assemble(config, environment)``
+``setup(config)`` seeds, picks the ``tf.distribute`` strategy (TensorFlow) or
+the ``keras.distribution`` of a JAX strategy (``keras_vit.train.jax_distribute``,
+set by ``Environment.distributed()`` for the whole run, so before the model is
+built) and the precision policy and resolves ``loop``; ``assemble(config, environment)``
 returns the training loop (``Trainer`` or ``FitLoop``) around the model and the
 prepared data. ``build_model`` is the one function that creates a run's model
 (with its weights); a ``.keras`` or official ``.npz`` weights file without a
@@ -20,7 +22,7 @@ import tensorflow as tf
 
 import keras_vit
 from keras_vit import ssl
-from keras_vit.train import data, distribute, settings, trainer
+from keras_vit.train import data, distribute, jax_distribute, settings, trainer
 from keras_vit.train.fit_loop import FitLoop
 from keras_vit.train.optimization import WarmupDecay, make_optimizer
 
@@ -30,25 +32,36 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class Environment:
     """Where and how a run trains: the Keras ``backend``, the ``loop`` (``"trainer"`` or ``"fit"``), the
-    ``tf.distribute`` ``strategy`` (TensorFlow; None on other backends) and the ``precision`` policy name."""
+    ``tf.distribute`` ``strategy`` (TensorFlow; None on other backends), the ``precision`` policy name and the
+    ``keras.distribution`` of a JAX strategy (``distribution``; None otherwise)."""
 
     backend: str
     loop: str
     strategy: object
     precision: str
+    distribution: object = None
 
     @property
     def replicas(self):
+        if self.distribution is not None:
+            return jax_distribute.batch_parts(self.distribution)
         return self.strategy.num_replicas_in_sync if self.strategy is not None else 1
 
     @property
     def chief(self):
         """Whether this process writes the run's outputs (always, without a multi-worker cluster)."""
+        if self.distribution is not None:
+            return jax_distribute.process()[0] == 0
         return self.strategy is None or distribute.is_chief(self.strategy)
 
     def scope(self):
-        """The strategy's scope (variables are created there), or a context that does nothing."""
-        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+        """Where variables are created: the strategy's scope, the JAX strategy's ``keras.distribution``
+        (``distributed``), or a context that does nothing."""
+        return self.strategy.scope() if self.strategy is not None else self.distributed()
+
+    def distributed(self):
+        """The run's ``keras.distribution`` set for the ``with`` block (JAX strategies), or a context that does nothing."""
+        return self.distribution.scope() if self.distribution is not None else contextlib.nullcontext()
 
 
 def _accelerator(backend):
@@ -105,6 +118,11 @@ def setup(config):
     """
     backend = keras.backend.backend()
     settings.validate(config, backend)
+    distribution = None
+    if config["strategy"] in jax_distribute.STRATEGIES:
+        jax_distribute.initialize_processes()  # before anything runs on a device
+        distribution = jax_distribute.distribution(config["strategy"], config["mesh_shape"])
+        _check_distributed(config, distribution)
     keras.utils.set_random_seed(config["seed"])
     if config["deterministic"]:
         _deterministic_ops(backend)
@@ -118,7 +136,24 @@ def setup(config):
             "replica's gradient before they are summed; use loop='trainer'."
         )
     precision = default_precision(backend, strategy) if config["precision"] == "auto" else config["precision"]
-    return Environment(backend, loop, strategy, precision)
+    return Environment(backend, loop, strategy, precision, distribution)
+
+
+def _check_distributed(config, distribution):
+    """Refuses (one line) what a JAX strategy's mesh cannot run: a batch its batch axis does not divide, and
+    evaluation at other image sizes in a run of several processes."""
+    parts = jax_distribute.batch_parts(distribution)
+    processes = jax_distribute.process()[1]
+    if config["batch_size"] % parts:
+        raise settings.SettingError(
+            f"batch_size={config['batch_size']} is not allowed with strategy={config['strategy']!r}: expected a "
+            f"multiple of {parts}, the devices its batch is split across."
+        )
+    if config["eval_image_sizes"] and processes > 1:
+        raise settings.SettingError(
+            f"eval_image_sizes={config['eval_image_sizes']!r} is not allowed in a run of {processes} processes: "
+            "evaluate the saved model.keras at other sizes afterwards."
+        )
 
 
 def architecture_from_file(config):
@@ -209,7 +244,7 @@ def build_loop(config, environment, model):
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")] if classify else None,
         steps_per_execution=config["steps_per_execution"],
         jit_compile=jit_compile,
-        scope=environment.scope if environment.strategy is not None else None,
+        scope=environment.scope if environment.strategy is not None or environment.distribution is not None else None,
     )
 
 
@@ -244,6 +279,9 @@ def prepare_data(config, channels=None):
             "give an evaluation split with examples."
         )
 
+    distributed = config["strategy"] in jax_distribute.STRATEGIES  # per process, every batch split on a mesh
+    shard = jax_distribute.process() if distributed else (0, 1)
+
     def train_dataset(skip_batches=0):
         return data.pipeline(
             train_source,
@@ -258,9 +296,11 @@ def prepare_data(config, channels=None):
             cache=config["cache"],
             shuffle_buffer=config["shuffle_buffer"],
             skip_batches=skip_batches,
+            shard=shard,
         )
 
-    eval_dataset = data.pipeline(eval_source, config["image_size"], config["batch_size"], False, cache=config["cache"])
+    eval_dataset = data.pipeline(eval_source, config["image_size"], config["batch_size"], False, cache=config["cache"],
+                                 shard=shard, whole_batches=distributed)
     return Prepared(train_source, eval_source, train_dataset, eval_dataset)
 
 

@@ -21,6 +21,10 @@ with ``model.npz``, ``optimizer.npz`` and ``state.json`` (the step, the
 position in the data stream, a run id and the SHA-256 of both arrays files);
 ``folder/checkpoint`` names the newest. A checkpoint is written into a
 temporary folder and renamed into place, so a crash never leaves half of one.
+
+In a run of several JAX processes every process takes part in ``save`` (the
+variables' parts are gathered) and process 0 writes; every process restores
+from the same folder.
 """
 
 import hashlib
@@ -35,6 +39,7 @@ import keras
 import numpy as np
 
 from keras_vit.models import current_variable_path
+from keras_vit.train.jax_distribute import host_array, process
 
 log = logging.getLogger(__name__)
 PARTS = ("model", "optimizer")
@@ -147,14 +152,17 @@ class CheckpointManager:
 
     def save(self, model, optimizer, step, stream_position, run_id=None):
         """Writes ``ckpt-<step>`` atomically, points ``checkpoint`` at it and deletes all but the last ``max_to_keep``."""
+        gathered = [{key: host_array(v) for key, v in variables.items()}
+                    for variables in (model_variables(model), optimizer_variables(optimizer))]
+        if process()[0] != 0:
+            return self.folder / f"{PREFIX}{step}"
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"{PREFIX}{step}"
         temporary = self.folder / f".{name}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
         digests = {}
-        for part, variables in zip(PARTS, (model_variables(model), optimizer_variables(optimizer))):
-            arrays = {key: keras.ops.convert_to_numpy(v) for key, v in variables.items()}
+        for part, arrays in zip(PARTS, gathered):
             np.savez(temporary / f"{part}.npz", **arrays)
             digests[part] = _sha256(temporary / f"{part}.npz")
         state = {"step": step, "stream_position": stream_position, "run_id": run_id, "sha256": digests}

@@ -348,6 +348,8 @@ def pipeline(
     skip_batches=0,
     crop_area=(0.05, 1.0),
     flip=True,
+    shard=(0, 1),
+    whole_batches=False,
 ):
     """Batches of (images (B, h, w, C) in [-1, 1], one-hot labels (B, K)) from a ``Source``.
 
@@ -360,14 +362,30 @@ def pipeline(
     no crop) and ``flip`` tune the augmentation for data such as digits, where
     small crops and mirror images destroy the label. ``batch_size`` is the global batch; a
     ``tf.distribute`` strategy splits it across replicas.
+
+    ``shard=(index, count)``: this process's part of every global batch, rows ``index * b`` to
+    ``(index + 1) * b`` with b = ``batch_size / count`` (a multi-process JAX run: the processes' parts make up
+    the very batches of a single-process run; each process reads the whole source and augments its own rows;
+    mixup pairs images within a part). ``whole_batches`` (evaluation): the last batch is filled up to
+    ``batch_size`` with zero images and batches are ``(images, labels, weights (B,))``, weights 0 for the filling,
+    so that a mesh's batch axis divides every batch and weighted metrics count the real examples only.
     """
+    index, count = shard
+    if batch_size % count:
+        raise ValueError(f"batch_size {batch_size} is not divisible into {count} process parts.")
+    part = batch_size // count
     image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     num_classes = source.num_classes
     dataset = source.dataset.cache() if cache else source.dataset
     one_hot = lambda y: tf.one_hot(y, num_classes, dtype=tf.float32)  # noqa: E731
     if not training:
         dataset = dataset.map(lambda x, y: (to_unit_range(eval_transform(x, image_size)), one_hot(y)))
-        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        dataset = dataset.batch(batch_size)
+        if whole_batches:
+            dataset = dataset.map(lambda x, y: _filled(x, y, batch_size))
+        if count > 1:
+            dataset = dataset.map(lambda *batch: tuple(t[index * part : (index + 1) * part] for t in batch))
+        return dataset.prefetch(tf.data.AUTOTUNE)
 
     buffer = min(shuffle_buffer, source.num_examples or shuffle_buffer)
     source_dataset = dataset
@@ -378,6 +396,8 @@ def pipeline(
     ).enumerate()
     if skip_batches:
         dataset = dataset.skip(skip_batches * batch_size)  # before augmentation: positions keep their seeds
+    if count > 1:
+        dataset = dataset.filter(lambda position, _: (position % batch_size) // part == index)
 
     def augment(index, example):
         image, label = example
@@ -394,8 +414,16 @@ def pipeline(
 
     randaugment_layer = _randaugment_layer(*randaugment, seed) if randaugment else None
     dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.batch(batch_size, drop_remainder=True).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(part, drop_remainder=True).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _filled(images, labels, batch_size):
+    """A batch filled up to ``batch_size`` rows with zeros, and its weights (1 real, 0 filling)."""
+    missing = batch_size - tf.shape(images)[0]
+    fill = lambda t: tf.pad(t, [[0, missing]] + [[0, 0]] * (len(t.shape) - 1))  # noqa: E731
+    weights = tf.concat([tf.ones_like(labels[:, 0]), tf.zeros([missing], labels.dtype)], axis=0)
+    return fill(images), fill(labels), weights
 
 
 def _randaugment_layer(num_ops, magnitude, seed):

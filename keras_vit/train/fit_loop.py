@@ -111,7 +111,7 @@ class FitLoop:
         global_batch_size: images per batch of the training data.
         loss: a Keras loss, e.g. ``keras.losses.CategoricalCrossentropy(from_logits=True)``; None when
             the model computes its own. ``metrics``: Keras metrics (one named ``accuracy`` gives
-            ``val_accuracy`` and ``evaluate``'s result).
+            ``val_accuracy`` and ``evaluate``'s result), weighted by the data's sample weights where it has them.
         steps_per_execution: steps per compiled call (cut to a divisor of the interval, see the module).
         jit_compile: ``model.compile``'s (``"auto"``: Keras' choice for the backend).
         scope: a context the model was built in and is compiled in (a ``tf.distribute`` strategy's scope
@@ -125,7 +125,8 @@ class FitLoop:
         self.global_batch_size = global_batch_size
         self.steps_per_execution = steps_per_execution
         self._scope = scope or contextlib.nullcontext
-        self._compile = dict(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
+        # weighted: an evaluation batch filled up for a device mesh weighs its filling 0 (data.pipeline's whole_batches)
+        self._compile = dict(optimizer=optimizer, loss=loss, weighted_metrics=metrics, jit_compile=jit_compile)
         with self._scope():
             model.compile(steps_per_execution=_per_call(steps_per_execution), **self._compile)
             optimizer.build(model.trainable_variables)  # restored into before the first step

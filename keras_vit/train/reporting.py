@@ -113,7 +113,7 @@ def build_report(config, environment, loop, top1, rows, wall_seconds, class_name
         "wall_seconds": wall_seconds,
         "backend": environment.backend,
         "loop": environment.loop,
-        "strategy": type(strategy).__name__ if strategy is not None else None,
+        "strategy": type(strategy).__name__ if strategy is not None else environment.distribution and config["strategy"],
         "replicas": environment.replicas,
         "precision": environment.precision,
         "parameters": model.count_params(),

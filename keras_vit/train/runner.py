@@ -19,15 +19,20 @@ from pathlib import Path
 
 import keras
 
-from keras_vit.train import building, checkpointing, distribute, reporting, run_folder, settings
+from keras_vit.train import building, checkpointing, distribute, jax_distribute, reporting, run_folder, settings
 
 log = logging.getLogger(__name__)
 
 
 def task_folder(config):
     """Where this process keeps its checkpoints: ``output_dir``, or ``output_dir/workers/worker_<i>`` for a
-    multi-worker task that is not the chief (as ``Trainer.fit``)."""
+    multi-worker task that is not the chief (as ``Trainer.fit``). The processes of a JAX run share the checkpoints
+    of ``output_dir`` (process 0 writes them); the others hold their lock and settings in
+    ``output_dir/workers/process_<i>``."""
     output_dir = Path(config["output_dir"])
+    if config["strategy"] in jax_distribute.STRATEGIES:
+        index = jax_distribute.process()[0]
+        return output_dir if index == 0 else output_dir / "workers" / f"process_{index}"
     cluster = keras.backend.backend() == "tensorflow" and config["strategy"] in ("auto", "multi_worker")
     task = distribute.cluster_task() if cluster else None
     if task is None or task.chief:
@@ -63,7 +68,8 @@ def _finished_report(config, run):
     """
     output_dir = Path(config["output_dir"])
     latest = _checkpoints(output_dir).latest_checkpoint
-    if not (output_dir / "report.json").exists() or latest is None or distribute.cluster_task() is not None:
+    several = distribute.cluster_task() is not None or jax_distribute.process()[1] > 1
+    if not (output_dir / "report.json").exists() or latest is None or several:
         return None
     if not (latest / "state.json").exists():
         return None
@@ -80,6 +86,8 @@ def run(config):
     report comes back, with ``"already_finished": True``.
     """
     settings.validate(config, keras.backend.backend())
+    if config["strategy"] in jax_distribute.STRATEGIES:
+        jax_distribute.initialize_processes()  # this process's place in the run decides its folder
     folder = task_folder(config)
     with run_folder.lock(folder):
         run_id = open_folder(folder, config)
@@ -97,20 +105,22 @@ def run(config):
 def _train(config, folder, run_id):
     output_dir = Path(config["output_dir"])
     environment = building.setup(config)
-    loop, prepared = building.assemble(config, environment)
-    callbacks, earlier = reporting.make_callbacks(config, output_dir, _checkpoints(folder).latest_step(), environment.chief)
-    started = time.perf_counter()
-    history = loop.fit(
-        prepared.train_dataset,
-        config["steps"],
-        eval_dataset=prepared.eval_dataset,
-        eval_every=config["eval_every"],
-        callbacks=callbacks,
-        checkpoint_dir=output_dir / "checkpoints",
-        checkpoint_every=config["checkpoint_every"],
-        run_id=run_id,
-    )
-    top1 = loop.evaluate(prepared.eval_dataset)
+    with environment.distributed():  # a JAX strategy's layouts, from building the model to the last evaluation
+        loop, prepared = building.assemble(config, environment)
+        callbacks, earlier = reporting.make_callbacks(config, output_dir, _checkpoints(folder).latest_step(),
+                                                      environment.chief)
+        started = time.perf_counter()
+        history = loop.fit(
+            prepared.train_dataset,
+            config["steps"],
+            eval_dataset=prepared.eval_dataset,
+            eval_every=config["eval_every"],
+            callbacks=callbacks,
+            checkpoint_dir=output_dir / "checkpoints",
+            checkpoint_every=config["checkpoint_every"],
+            run_id=run_id,
+        )
+        top1 = loop.evaluate(prepared.eval_dataset)
     rows = earlier + reporting.history_rows(history)
     report = reporting.build_report(config, environment, loop, top1, rows, time.perf_counter() - started,
                                     prepared.train.class_names)
@@ -118,6 +128,7 @@ def _train(config, folder, run_id):
         report["top1_by_image_size"] = reporting.top1_by_image_size(
             loop.model, prepared.eval, config["eval_image_sizes"], config["batch_size"]
         )
+    model = jax_distribute.saveable(getattr(loop.model, "encoder", loop.model))
     if environment.chief:
-        reporting.write_outputs(output_dir, getattr(loop.model, "encoder", loop.model), report)
+        reporting.write_outputs(output_dir, model, report)
     return report

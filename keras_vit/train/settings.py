@@ -18,7 +18,8 @@ later takes its default, which behaves as the older code did, so such a folder
 resumes.
 
 Versions: 1, the settings of keras_vit 0.1.0 as first released (run folders
-store no version); 2 adds ``loop`` and ``lora_rank``; 3 adds ``eval_image_sizes``.
+store no version); 2 adds ``loop`` and ``lora_rank``; 3 adds ``eval_image_sizes``; 4 adds ``mesh_shape`` (and the
+JAX strategies).
 """
 
 import dataclasses
@@ -29,10 +30,12 @@ from numbers import Real
 from pathlib import Path
 from typing import Callable
 
-from keras_vit.train.distribute import KINDS as STRATEGIES
+from keras_vit.train.distribute import KINDS as TF_STRATEGIES
+from keras_vit.train.jax_distribute import STRATEGIES as JAX_STRATEGIES
 from keras_vit.train.optimization import DECAYS, OPTIMIZERS
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+STRATEGIES = TF_STRATEGIES + tuple(JAX_STRATEGIES)
 TASKS = ("classify", "masked_patch_prediction")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LOOPS = ("auto", "trainer", "fit")
@@ -102,6 +105,8 @@ RANDAUGMENT = Rule(
 CLASS_NAMES = optional(Rule(lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v), "a list of class folder names"))
 IMAGE_SIZES = optional(Rule(lambda v: isinstance(v, list) and v and all(IMAGE_SIZE.check(x) for x in v),
                             "a list of image sizes (integers or [height, width])"))
+MESH_SHAPE = optional(Rule(lambda v: isinstance(v, list) and 1 <= len(v) <= 2 and all(_integer(x) and x >= 1 for x in v),
+                          "a list [devices] or [batch, model] of integers >= 1"))
 JIT = Rule(lambda v: v == "auto" or isinstance(v, bool), "'auto', true or false")
 
 
@@ -185,7 +190,17 @@ class Execution:
     precision: str = setting("auto", choice(PRECISIONS), "auto: bf16 on TPU and bf16-capable CPUs, fp16 on GPU, else float32")
     jit_compile: str | bool = setting("auto", JIT, "XLA on TensorFlow and JAX: auto (where it pays), true or false; PyTorch runs eagerly")
     steps_per_execution: int = setting(1, integer(1), "steps run in one compiled call")
-    strategy: str = setting("auto", choice(STRATEGIES), "tf.distribute strategy (TensorFlow); auto: TPU, TF_CONFIG cluster, several GPUs, else default")
+    strategy: str = setting(
+        "auto", choice(STRATEGIES),
+        "tf.distribute strategy (TensorFlow; auto: TPU, TF_CONFIG cluster, several GPUs, else default), or on JAX "
+        "jax_data, jax_fsdp, jax_tensor (keras.distribution layouts over every device; auto: one device)",
+    )
+    mesh_shape: list | None = setting(
+        None, MESH_SHAPE,
+        "JAX strategies' device mesh: [devices] (jax_data, jax_fsdp) or [batch, model] (jax_tensor); null: every "
+        "device, jax_tensor [processes, devices per process]",
+        since=4,
+    )
     tpu: str | None = setting(None, optional(TEXT), "TPU name, grpc:// address or local (default $TPU_NAME)")
     seed: int = setting(0, integer(0), "initialisation, data order and augmentation")
     deterministic: bool = setting(False, BOOLEAN, "deterministic ops (slower); a resumed run then equals an uninterrupted one")
@@ -382,6 +397,8 @@ def _relations(config, backend):
             yield f"{key}={config[key]!r} is not allowed with dataset={config['dataset']!r}: it is for image folders (dataset='folder:PATH')."
     if config.get("eval_image_sizes") and config["task"] != "classify":
         yield f"eval_image_sizes={config['eval_image_sizes']!r} is not allowed with task={config['task']!r}: it evaluates classifiers."
+    if config.get("mesh_shape") is not None and config["strategy"] not in JAX_STRATEGIES:
+        yield f"mesh_shape={config['mesh_shape']!r} is not allowed with strategy={config['strategy']!r}: it is the device mesh of jax_data, jax_fsdp and jax_tensor."
     clashing = sorted({"image_size", "classes", "include_top", "weights"} & set(config["model_overrides"]))
     if clashing:
         yield f"model_overrides={config['model_overrides']!r} is not allowed: set {clashing} as top-level settings."
@@ -390,10 +407,16 @@ def _relations(config, backend):
     loop = resolve_loop(config["loop"], backend)
     if loop == "trainer" and backend != "tensorflow":
         yield f"loop='trainer' is not allowed on the {backend} backend: it is a tf.distribute loop; use loop='fit' (or 'auto')."
-    if backend != "tensorflow" and config["strategy"] not in ("auto", "default"):
+    jax_strategy = config["strategy"] in JAX_STRATEGIES
+    if jax_strategy and backend != "jax":
+        yield (
+            f"strategy={config['strategy']!r} is not allowed on the {backend} backend: keras.distribution layouts "
+            "run on JAX; set KERAS_BACKEND=jax, or use a tf.distribute strategy (auto, tpu, multi_worker, mirrored)."
+        )
+    if backend != "tensorflow" and not jax_strategy and config["strategy"] not in ("auto", "default"):
         yield (
             f"strategy={config['strategy']!r} is not allowed on the {backend} backend: tf.distribute strategies need "
-            "KERAS_BACKEND=tensorflow; use strategy='auto'."
+            f"KERAS_BACKEND=tensorflow; use strategy='auto'{' or jax_data, jax_fsdp, jax_tensor' if backend == 'jax' else ''}."
         )
     if loop == "fit" and config["accumulation_steps"] > 1:
         yield (
