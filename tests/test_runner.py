@@ -405,3 +405,50 @@ def test_eval_image_sizes_evaluate_the_trained_model_as_one_model_of_any_size(tm
     with pytest.raises(settings.SettingError) as refused:
         settings.load_config(settings.PRETRAIN_SSL, None, ["eval_image_sizes=[8]", "dataset=digits", "image_size=8"])
     assert "eval_image_sizes" in str(refused.value)
+
+
+# --- the run's deliverable ----------------------------------------------------------------------------------------
+
+
+def _model_keras_parts(path):
+    """``(compile_config, top-level groups of the weights file)`` of a ``.keras`` file."""
+    import io
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+        with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
+            groups = sorted(weights)
+    return config.get("compile_config"), groups
+
+
+def test_the_model_of_a_fit_run_loads_with_the_model_library_alone(tmp_path, monkeypatch):
+    """loop=fit (the default on JAX and torch) saved its compile state: the schedule of keras_vit.train was needed."""
+    from keras_vit.train import checkpointing
+
+    runner.run(_tiny(tmp_path, "loop=fit"))
+    path = tmp_path / "run" / "model.keras"
+    compile_config, groups = _model_keras_parts(path)
+    assert not compile_config and "optimizer" not in groups
+    monkeypatch.delitem(keras.saving.get_custom_objects(), "keras_vit>WarmupDecay")  # as in a process without it
+    model = keras.saving.load_model(path)
+    trained = checkpointing.read(checkpointing.CheckpointManager(tmp_path / "run" / "checkpoints").latest_checkpoint)
+    for variable in model.weights:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), trained[variable.path])
+    assert keras_vit.from_official_checkpoint(path).count_params() == model.count_params()
+
+
+@pytest.mark.slow
+def test_the_model_of_a_fit_run_loads_in_a_process_that_imports_only_keras_vit(tmp_path):
+    runner.run(_tiny(tmp_path, "loop=fit"))
+    code = (
+        "import sys, keras, keras_vit\n"
+        "model = keras.saving.load_model(sys.argv[1])\n"
+        "again = keras_vit.from_official_checkpoint(sys.argv[1])\n"
+        "assert 'keras_vit.train' not in sys.modules and model.count_params() == again.count_params()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run" / "model.keras")], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]

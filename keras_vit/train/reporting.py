@@ -133,11 +133,22 @@ def plot_history(rows, path):
         return None
 
 
+def deliverable(model):
+    """A twin of the trained ``model`` holding its weights, without what training attached to it (``compile``'s
+    configuration, which names the training application's schedule, loss and metrics, and the optimizer with its
+    slots): what ``model.keras`` holds, so that it loads with the model library alone, as keras.applications
+    models do. The training state lives in the run's checkpoints."""
+    twin = type(model).from_config(model.get_config())
+    twin.set_weights(model.get_weights())
+    return twin
+
+
 def write_outputs(output_dir, model, report):
-    """Writes ``model.keras`` (atomically), ``report.json`` and ``training.png`` into ``output_dir``."""
+    """Writes ``model.keras`` (``deliverable(model)``, atomically), ``report.json`` and ``training.png`` into
+    ``output_dir``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save(output_dir / ".model.tmp.keras")  # after fit the model holds the EMA weights (with EMA)
+    deliverable(model).save(output_dir / ".model.tmp.keras")  # after fit the model holds the EMA weights (with EMA)
     os.replace(output_dir / ".model.tmp.keras", output_dir / "model.keras")
     (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     plot_history(report["history"], output_dir / "training.png")
