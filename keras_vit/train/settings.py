@@ -3,8 +3,10 @@
 Every setting is a field of one of the section dataclasses below (``Task``,
 ``Model``, ``Data``, ``Augmentation``, ``Optimization``, ``Execution``,
 ``Outputs``): its type annotation, default, rule (what is allowed), help line,
-whether it only says where or how often a run reports (``reporting``) and the
-schema version that introduced it (``since``) live in that one place.
+whether it only says where or how often a run reports (``reporting``), whether
+it only says how the steps are computed, so that a run may resume with
+another value (``resumable``), and the schema version that introduced it
+(``since``) live in that one place.
 ``SETTINGS`` lists them all; ``defaults()`` is the dict of defaults; the
 recipes' defaults (``FINETUNE``, ``PRETRAIN``, ``PRETRAIN_SSL``) change a few.
 ``load_config`` applies a preset (``presets/<name>.json``) and ``key=value``
@@ -105,10 +107,12 @@ IMAGE_SIZES = optional(Rule(lambda v: isinstance(v, list) and v and all(IMAGE_SI
 JIT = Rule(lambda v: v == "auto" or isinstance(v, bool), "'auto', true or false")
 
 
-def setting(default, rule, help, reporting=False, since=1):
+def setting(default, rule, help, reporting=False, resumable=False, since=1):
     """A schema field: ``default`` (copied per use when mutable), ``rule``, one ``help`` line, ``reporting`` (does not
-    change training: left out of what a run folder remembers) and ``since`` (the schema version that added it)."""
-    meta = dict(rule=rule, help=help, reporting=reporting, since=since)
+    change training: left out of what a run folder remembers), ``resumable`` (says how the steps are computed or the
+    data is fed, not what is trained: a run folder remembers it, and a run resumes with another value) and
+    ``since`` (the schema version that added it)."""
+    meta = dict(rule=rule, help=help, reporting=reporting, resumable=resumable, since=since)
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -144,8 +148,8 @@ class Data:
     eval_split: str = setting("test", TEXT, "the split evaluated on (must hold examples)")
     data_dir: str | None = setting(None, optional(TEXT), "TFDS data_dir")
     download: bool = setting(False, BOOLEAN, "let TFDS download and prepare the dataset")
-    shuffle_buffer: int = setting(10_000, integer(1), "examples in the shuffle buffer")
-    cache: bool = setting(True, BOOLEAN, "cache decoded examples in memory (off for ImageNet-sized data)")
+    shuffle_buffer: int = setting(10_000, integer(1), "examples in the shuffle buffer", resumable=True)
+    cache: bool = setting(True, BOOLEAN, "cache decoded examples in memory (off for ImageNet-sized data)", resumable=True)
 
 
 @dataclasses.dataclass
@@ -183,8 +187,10 @@ class Execution:
         since=2,
     )
     precision: str = setting("auto", choice(PRECISIONS), "auto: bf16 on TPU and bf16-capable CPUs, fp16 on GPU, else float32")
-    jit_compile: str | bool = setting("auto", JIT, "XLA on TensorFlow and JAX: auto (where it pays), true or false; PyTorch runs eagerly")
-    steps_per_execution: int = setting(1, integer(1), "steps run in one compiled call")
+    jit_compile: str | bool = setting(
+        "auto", JIT, "XLA on TensorFlow and JAX: auto (where it pays), true or false; PyTorch runs eagerly", resumable=True
+    )
+    steps_per_execution: int = setting(1, integer(1), "steps run in one compiled call", resumable=True)
     strategy: str = setting("auto", choice(STRATEGIES), "tf.distribute strategy (TensorFlow); auto: TPU, TF_CONFIG cluster, several GPUs, else default")
     tpu: str | None = setting(None, optional(TEXT), "TPU name, grpc:// address or local (default $TPU_NAME)")
     seed: int = setting(0, integer(0), "initialisation, data order and augmentation")
@@ -218,6 +224,7 @@ class Setting:
     rule: Rule
     help: str
     reporting: bool
+    resumable: bool
     since: int
 
 
@@ -238,6 +245,7 @@ def _settings():
 
 SETTINGS = _settings()
 REPORTING_SETTINGS = tuple(name for name, s in SETTINGS.items() if s.reporting)
+RESUMABLE_SETTINGS = tuple(name for name, s in SETTINGS.items() if s.resumable)
 
 
 def defaults():
