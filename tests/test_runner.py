@@ -407,8 +407,9 @@ def test_an_empty_evaluation_split_is_refused_before_anything_trains(tmp_path, m
 
 
 def test_lora_rank_fine_tunes_the_query_and_value_factors_and_the_head(tmp_path):
-    config = settings.load_config(settings.FINETUNE, None, TINY_RUN + ["lora_rank=2", f"output_dir={tmp_path / 'run'}"])
     environment = building.Environment("tensorflow", "trainer", None, "float32")
+    building.build_model(_tiny(tmp_path), 10, environment).save(tmp_path / "pretrained.keras")
+    config = _tiny(tmp_path, "lora_rank=2", f"weights={tmp_path / 'pretrained.keras'}")
     model = building.build_model(config, 10, environment)
     trainable = {v.path.split("/", 1)[-1] for v in model.trainable_variables}
     assert trainable == {"MultiHeadDotProductAttention_1/query/lora_kernel_a", "MultiHeadDotProductAttention_1/query/lora_kernel_b",
@@ -417,6 +418,19 @@ def test_lora_rank_fine_tunes_the_query_and_value_factors_and_the_head(tmp_path)
     report = runner.run(config)
     assert report["trainable_parameters"] == sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert report["trainable_parameters"] < report["parameters"] / 2
+
+
+def test_a_one_class_folder_is_refused_before_training(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / "data" / split / "cat").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 1), 40 * i, "uint8")[..., 0]).save(tmp_path / "data" / split / "cat" / f"{i}.png")
+    with pytest.raises(settings.SettingError) as refused:
+        runner.run(_tiny(tmp_path, f"dataset=folder:{tmp_path / 'data'}"))
+    assert (refused.value.name, refused.value.value) == ("dataset", f"folder:{tmp_path / 'data'}")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_mistyped_model_override_is_refused_naming_the_setting_it_meant(tmp_path):

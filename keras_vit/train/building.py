@@ -235,13 +235,21 @@ def prepare_data(config, channels=None):
         folder = dict(classes=config["classes"], channels=channels or 3, skip_undecodable=config["skip_undecodable"])
     source = lambda split: data.load_source(config["dataset"], split, config["data_dir"], config["download"], **folder)  # noqa: E731
     train_source = source(config["train_split"])
+    if config["task"] == "classify" and train_source.num_classes < 2:
+        names = f" ({', '.join(map(repr, train_source.class_names))})" if train_source.class_names else ""
+        raise settings.SettingError(
+            f"dataset={config['dataset']!r} has {train_source.num_classes} class{names}: classifying needs at least 2 "
+            "(one class gives top-1 1.0 and learns nothing); add the other classes' folders.",
+            "dataset", config["dataset"],
+        )
     if folder:
         folder["classes"] = train_source.class_names
     eval_source = source(config["eval_split"])
     if eval_source.num_examples == 0:
         raise settings.SettingError(
             f"eval_split={config['eval_split']!r} of dataset={config['dataset']!r} holds no examples: "
-            "give an evaluation split with examples."
+            "give an evaluation split with examples.",
+            "eval_split", config["eval_split"],
         )
 
     def train_dataset(skip_batches=0):

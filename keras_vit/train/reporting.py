@@ -169,7 +169,9 @@ def check_image_sizes(model, sizes):
         try:
             model.architecture.replace(image_size=(height, width))
         except ValueError as error:
-            raise settings.SettingError(f"eval_image_sizes={sizes!r} is not allowed for this model: {error}") from None
+            raise settings.SettingError(
+                f"eval_image_sizes={sizes!r} is not allowed for this model: {error}", "eval_image_sizes", sizes
+            ) from None
 
 
 def write_report(output_dir, report):

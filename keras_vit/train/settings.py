@@ -26,6 +26,7 @@ store no version); 2 adds ``loop`` and ``lora_rank``; 3 adds ``eval_image_sizes`
 import dataclasses
 import difflib
 import json
+import math
 import os
 from numbers import Real
 from pathlib import Path
@@ -59,7 +60,8 @@ def _integer(value):
 
 
 def _number(value):
-    return isinstance(value, Real) and not isinstance(value, bool)
+    """A finite real number (JSON's ``Infinity`` and ``NaN`` are not settings)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def integer(minimum):
@@ -101,7 +103,8 @@ RANDAUGMENT = Rule(
     lambda v: v is None or (isinstance(v, list) and len(v) == 2 and _integer(v[0]) and v[0] >= 0 and _number(v[1]) and 0 <= v[1] <= 10),
     "null or a list [num_ops, magnitude] with magnitude in [0, 10] (Keras' RandAugment factor is magnitude / 10), e.g. [2, 10]",
 )
-CLASS_NAMES = optional(Rule(lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v), "a list of class folder names"))
+CLASS_NAMES = optional(Rule(lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v) and len(set(v)) == len(v),
+                             "a list of distinct class folder names"))
 IMAGE_SIZES = optional(Rule(lambda v: isinstance(v, list) and v and all(IMAGE_SIZE.check(x) for x in v),
                             "a list of image sizes (integers or [height, width])"))
 JIT = Rule(lambda v: v == "auto" or isinstance(v, bool), "'auto', true or false")
@@ -292,7 +295,12 @@ def parse_value(text):
 
 
 class SettingError(ValueError):
-    """A setting (or a relation between settings) is not allowed; the message is one line naming it."""
+    """A setting (or a relation between settings) is not allowed; the message is one line naming it. ``name``: the
+    setting (the first one a relation names), ``value``: its value (None when not known)."""
+
+    def __init__(self, message, name=None, value=None):
+        super().__init__(message)
+        self.name, self.value = name, value
 
 
 # Names other trainers give some settings.
@@ -303,11 +311,11 @@ class UnknownSettingError(SettingError):
     """A preset or override names a setting the schema does not have; ``name`` and ``suggestion`` say which."""
 
     def __init__(self, name, where):
-        self.name = name
         close = difflib.get_close_matches(name, SETTINGS, n=1)
-        self.suggestion = OTHER_NAMES.get(name) or (close[0] if close else None)
-        hint = f" Did you mean {self.suggestion!r}?" if self.suggestion else ""
-        super().__init__(f"Unknown setting {name!r} {where}.{hint} Settings: {', '.join(sorted(SETTINGS))}.")
+        suggestion = OTHER_NAMES.get(name) or (close[0] if close else None)
+        hint = f" Did you mean {suggestion!r}?" if suggestion else ""
+        super().__init__(f"Unknown setting {name!r} {where}.{hint} Settings: {', '.join(sorted(SETTINGS))}.", name)
+        self.suggestion = suggestion
 
 
 def preset_names():
@@ -374,37 +382,43 @@ def resolve_loop(loop, backend):
 
 
 def _relations(config, backend):
-    """(message) for each broken relation between settings (``backend``: the Keras backend, when known)."""
+    """(setting name, message) for each broken relation between settings (``backend``: the Keras backend, when known)."""
     steps, warmup = config["steps"], config["warmup_steps"]
     if config["decay"] == "constant" and warmup > steps:
-        yield f"warmup_steps={warmup} is not allowed: expected at most steps={steps}."
+        yield "warmup_steps", f"warmup_steps={warmup} is not allowed: expected at most steps={steps}."
     if config["decay"] != "constant" and warmup >= steps:
-        yield f"warmup_steps={warmup} is not allowed: expected fewer than steps={steps} (decay={config['decay']!r} needs steps after the warmup)."
+        yield "warmup_steps", f"warmup_steps={warmup} is not allowed: expected fewer than steps={steps} (decay={config['decay']!r} needs steps after the warmup)."
     if config["batch_size"] % config["accumulation_steps"]:
-        yield (
+        yield "accumulation_steps", (
             f"accumulation_steps={config['accumulation_steps']} is not allowed: expected a divisor of "
             f"batch_size={config['batch_size']}."
         )
     for key in ("classes", "channels"):
         if config.get(key) is not None and not config["dataset"].startswith("folder:"):
-            yield f"{key}={config[key]!r} is not allowed with dataset={config['dataset']!r}: it is for image folders (dataset='folder:PATH')."
+            yield key, f"{key}={config[key]!r} is not allowed with dataset={config['dataset']!r}: it is for image folders (dataset='folder:PATH')."
+    if config["lora_rank"] and config["weights"] is None:
+        yield "lora_rank", (f"lora_rank={config['lora_rank']} is not allowed with weights=null: LoRA fine-tunes pretrained weights (the "
+               "rest stays frozen at its random initialisation); give weights, or set lora_rank=0.")
+    if config["lora_rank"] and config["task"] != "classify":
+        yield "lora_rank", (f"lora_rank={config['lora_rank']} is not allowed with task={config['task']!r}: pre-training learns every "
+               "weight; set lora_rank=0 (LoRA is for fine-tuning the resulting model).")
     if config.get("eval_image_sizes") and config["task"] != "classify":
-        yield f"eval_image_sizes={config['eval_image_sizes']!r} is not allowed with task={config['task']!r}: it evaluates classifiers."
+        yield "eval_image_sizes", f"eval_image_sizes={config['eval_image_sizes']!r} is not allowed with task={config['task']!r}: it evaluates classifiers."
     clashing = sorted({"image_size", "classes", "include_top", "weights"} & set(config["model_overrides"]))
     if clashing:
-        yield f"model_overrides={config['model_overrides']!r} is not allowed: set {clashing} as top-level settings."
+        yield "model_overrides", f"model_overrides={config['model_overrides']!r} is not allowed: set {clashing} as top-level settings."
     if backend is None:
         return
     loop = resolve_loop(config["loop"], backend)
     if loop == "trainer" and backend != "tensorflow":
-        yield f"loop='trainer' is not allowed on the {backend} backend: it is a tf.distribute loop; use loop='fit' (or 'auto')."
+        yield "loop", f"loop='trainer' is not allowed on the {backend} backend: it is a tf.distribute loop; use loop='fit' (or 'auto')."
     if backend != "tensorflow" and config["strategy"] not in ("auto", "default"):
-        yield (
+        yield "strategy", (
             f"strategy={config['strategy']!r} is not allowed on the {backend} backend: tf.distribute strategies need "
             "KERAS_BACKEND=tensorflow; use strategy='auto'."
         )
     if loop == "fit" and config["accumulation_steps"] > 1:
-        yield (
+        yield "accumulation_steps", (
             f"accumulation_steps={config['accumulation_steps']} is not allowed with loop='fit': Keras' fit loop "
             "updates once per batch; use loop='trainer' (TensorFlow) or a smaller batch_size."
         )
@@ -421,9 +435,9 @@ def validate(config, backend=None):
             raise UnknownSettingError(name, "in the configuration")
     for name, described in SETTINGS.items():
         if name in config and not described.rule.check(config[name]):
-            raise SettingError(f"{name}={config[name]!r} is not allowed: expected {described.rule.allowed}.")
-    for message in _relations(config, backend):
-        raise SettingError(message)
+            raise SettingError(f"{name}={config[name]!r} is not allowed: expected {described.rule.allowed}.", name, config[name])
+    for name, message in _relations(config, backend):
+        raise SettingError(message, name, config.get(name))
     return config
 
 
