@@ -76,7 +76,7 @@ def _command(*argv):
     out, err = [], []
     with contextlib.redirect_stdout(_Writer(out)), contextlib.redirect_stderr(_Writer(err)):
         try:
-            code = command_line.recipe_main("finetune", parser.parse_args(list(argv)), error)
+            code = command_line.recipe_main("finetune", _launch.parse_recipe_args(parser, list(argv)), error)
         except SystemExit as stop:
             code, message = stop.code
             err.append(message)
@@ -105,6 +105,17 @@ def test_recipe_command_line_prints_the_resolved_config_and_refuses_wrong_settin
     code, out, _ = _command("--list-settings")
     assert code == 0 and out == settings.settings_table()
     assert not (tmp_path / "run").exists()
+
+
+def test_settings_go_anywhere_on_a_recipe_s_command_line_and_also_as_options():
+    code, out, err = _command("--preset", "finetune_oxford_iiit_pet", "base_lr=0.03", "--print-config", "--seed", "1",
+                              "steps=700", "--warmup-steps=30", "--output-dir", "runs/x", "flip=false")
+    config = json.loads(out)
+    assert code == 0, err
+    assert (config["base_lr"], config["seed"], config["steps"], config["warmup_steps"], config["flip"]) == (0.03, 1, 700, 30, False)
+    assert (config["dataset"], config["output_dir"]) == ("oxford_iiit_pet", "runs/x")
+    code, _, err = _command("--print-config", "--sede", "1")
+    assert code == 2 and "'sede'" in err and "'seed'" in err  # an unknown setting, with the closest one
 
 
 @pytest.mark.slow

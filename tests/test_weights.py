@@ -399,6 +399,32 @@ def test_interpolate_tool_on_every_format(tmp_path, posemb48):
     assert cli.parse_size("384,512") == (384, 512) and cli.parse_size("224") == 224
 
 
+def test_the_tools_end_the_library_s_errors_with_one_line_naming_their_flags(tmp_path, capsys):
+    source = str(fixture_path("vit_tiny_token", "ckpt"))
+    assert cli.convert_main([source, str(tmp_path / "out.keras"), "--image-size", "33"]) == 2  # not a multiple of 4
+    err = capsys.readouterr().err
+    assert err.startswith("keras-vit-convert: error: ") and err.count("\n") == 1
+    assert "--image-size" in err and "image_size" not in err
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 not an archive")
+    assert cli.interpolate_main([str(corrupt), str(tmp_path / "out.npz"), "--image-size", "48"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as usage:
+        cli.convert_main([source, str(tmp_path / "out.keras"), "--classes", "0"])  # built 10 classes before
+    assert usage.value.code == 2 and "--classes" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.npz"]
+
+
+def test_a_killed_conversion_s_temporary_is_deleted_once_stale(tmp_path):
+    stale, live = tmp_path / ".out.keras.k1ll3d.keras", tmp_path / ".out.keras.w0rk1n.keras"
+    stale.write_bytes(b"half a model")
+    live.write_bytes(b"a conversion in progress elsewhere")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    assert cli.convert_main([str(fixture_path("vit_tiny_token", "ckpt")), str(tmp_path / "out.keras")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out.keras"]
+
+
 # --- preprocessing -------------------------------------------------------------------------------------------------
 
 

@@ -32,17 +32,27 @@ def recipe_main(recipe, args, error):
         print(json.dumps(config, indent=2))
         return 0
     show_logs()
-    try:
+
+    def train():
         runner.run(config)
-    except RUN_ERRORS as failure:
-        print(f"error: {describe(failure)}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return guarded_main(train)
 
 
 # What a user can fix: wrong settings or data, a folder in use or of another run, files that cannot be read or
 # written (a read-only folder, a full disk), an unreachable host or cluster. Other exceptions are bugs: tracebacks.
 RUN_ERRORS = (ValueError, OSError, run_folder.FolderInUseError)
+
+
+def guarded_main(run):
+    """``run()``'s exit status (its return value), or 1 after one line on stderr when it fails with one of
+    ``RUN_ERRORS``; other exceptions (bugs) keep their traceback."""
+    try:
+        return run()
+    except RUN_ERRORS as failure:
+        print(f"error: {describe(failure)}", file=sys.stderr)
+        return 1
 
 
 def describe(failure):
