@@ -95,6 +95,7 @@ def open_folder(folder, config, loop=None):
 
 
 def _checkpoint_run_id(checkpoint):
+    """The run id stored with ``checkpoint`` (its ``state.json``), or None when it cannot be read."""
     try:
         return json.loads((checkpoint / "state.json").read_text()).get("run_id")
     except (OSError, ValueError):
