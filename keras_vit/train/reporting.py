@@ -144,15 +144,17 @@ def write_model(output_dir, model):
     """Writes ``output_dir/model.keras`` atomically: the trained ``model`` as a twin without what training attached
     to it (``compile``'s configuration, which names the training application's schedule, loss and metrics, and the
     optimizer with its slots), so that it loads with the model library alone, as keras.applications models do. The
-    weights go through Keras' own ``save_weights``/``load_weights`` (which merges LoRA factors into the kernels).
-    The training state lives in the run's checkpoints. Returns the path."""
+    training state lives in the run's checkpoints. Returns the path."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     weights, temporary = output_dir / _WEIGHTS_TMP, output_dir / _MODEL_TMP
     try:
-        model.save_weights(weights)  # after fit the model holds the EMA weights (with EMA)
         twin = type(model).from_config(model.get_config())
-        twin.load_weights(weights)
+        if [tuple(v.shape) for v in twin.weights] == [tuple(v.shape) for v in model.weights]:
+            twin.set_weights(model.get_weights())  # after fit the model holds the EMA weights (with EMA)
+        else:  # LoRA factors: Keras' own save_weights merges them into the kernels
+            model.save_weights(weights)
+            twin.load_weights(weights)
         twin.save(temporary)
         os.replace(temporary, output_dir / "model.keras")
     finally:
