@@ -4,30 +4,77 @@ Installed as ``keras-vit-convert`` and ``keras-vit-interpolate-posemb``; the
 scripts in ``tools/`` call the same functions. Outputs are written to a
 temporary file in the output folder and renamed into place only when
 complete (and verified, with ``--verify``), so a failure leaves nothing
-behind; an existing output is never overwritten without ``--force``.
+behind; an existing output is never overwritten without ``--force``; a
+temporary left by a killed process is deleted by the next command writing
+into that folder once nobody has written to it for ``STALE_AFTER_S``.
+
+The library's errors a user fixes by changing the command (``USER_ERRORS``:
+a wrong value, a file that cannot be read or written) end a command with one
+line, ``<prog>: error: <message>``, naming the command's flags instead of the
+library's argument names (``--image-size``, not ``image_size``), and exit
+status 2, as argparse's own errors (``tool_main``; ``tools/*.py`` use it too).
 """
 
 import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 OUTPUT_SUFFIXES = (".keras", ".weights.h5")
+STALE_AFTER_S = 3600.0  # a temporary nobody wrote to for this long belongs to a killed command
+USER_ERRORS = (ValueError, OSError)  # wrong values, files that cannot be read or written: not bugs
+# The library's argument names and the flags that set them, for error messages.
+FLAGS = {"image_size": "--image-size", "patch_size": "--patch-size", "classes": "--classes", "include_top": "--no-top"}
+
+
+def with_flags(message, flags=FLAGS):
+    """``message`` with the library's argument names written as the command's flags: a name with an underscore
+    wherever it is a word (``image_size`` -> ``--image-size``), others only as ``name=`` (``classes=0``)."""
+    for name, flag in flags.items():
+        pattern = rf"(?<![\w-]){name}(?!\w)" if "_" in name else rf"(?<![\w-]){name}(?=\s*=)"
+        message = re.sub(pattern + r"\s*=\s*", flag + " ", message)
+        message = re.sub(pattern, flag, message)
+    return message
+
+
+def tool_main(main, prog, argv=None, flags=FLAGS):
+    """``main(argv)``'s exit status; the library's ``USER_ERRORS`` end it with one line on stderr,
+    ``prog: error: <message naming the flags>``, and status 2. Other exceptions are bugs: their traceback stays."""
+    try:
+        return main(argv)
+    except USER_ERRORS as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{prog}: error: {with_flags(message, flags)}", file=sys.stderr)
+        return 2
+
+
+def positive_int(text):
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def parse_size(text):
-    """``"384"`` -> 384, ``"384,512"`` -> (384, 512)."""
-    parts = [int(p) for p in text.replace("x", ",").split(",")]
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 2:
-        return tuple(parts)
-    raise argparse.ArgumentTypeError(f"expected H or H,W, got {text!r}")
+    """``"384"`` -> 384, ``"384,512"`` -> (384, 512); sides >= 1."""
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected H or H,W (integers >= 1), got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _suffix(path):
@@ -35,20 +82,38 @@ def _suffix(path):
     return ".weights.h5" if name.endswith(".weights.h5") else Path(path).suffix
 
 
+def _remove_stale_temporaries(output):
+    """Deletes temporaries of ``output`` (``.<name>.<random><suffix>``) that killed commands left: those nobody
+    wrote to for ``STALE_AFTER_S`` (a live command writes its file within that time)."""
+    now = time.time()
+    for temporary in output.parent.glob(f".{glob_escape(output.name)}.*{_suffix(output)}"):
+        try:
+            if temporary.is_file() and now - temporary.stat().st_mtime > STALE_AFTER_S:
+                temporary.unlink()
+        except OSError:
+            pass  # removed meanwhile by another process
+
+
+def glob_escape(name):
+    """``name`` with glob's special characters matched literally."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 @contextlib.contextmanager
 def atomic_output(output, force, inputs=()):
     """Yields a temporary path beside ``output`` (same suffix); renames it to ``output`` on success.
 
-    Refuses (SystemExit) to overwrite an existing output without ``force``,
-    or to write over one of ``inputs``.
+    Refuses to overwrite an existing output without ``force`` (``FileExistsError``) or to write over one of
+    ``inputs`` (``ValueError``). Stale temporaries of ``output`` left by killed commands are deleted first.
     """
     output = Path(output)
     for source in inputs:
         if output.exists() and Path(source).exists() and output.samefile(source):
-            sys.exit(f"error: the output {output} is the input file; choose another output path.")
+            raise ValueError(f"the output {output} is the input file; choose another output path.")
     if output.exists() and not force:
-        sys.exit(f"error: {output} exists; pass --force to overwrite it.")
+        raise FileExistsError(f"{output} exists; pass --force to overwrite it.")
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output)
     handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=_suffix(output), dir=output.parent)
     os.close(handle)
     umask = os.umask(0)
@@ -88,6 +153,10 @@ def _reload(model, path):
 
 def convert_main(argv=None):
     """keras-vit-convert INPUT.npz OUTPUT.keras|OUTPUT.weights.h5 [options]; MODEL.keras --to LAYOUT OUTPUT"""
+    return tool_main(_convert_main, "keras-vit-convert", argv)
+
+
+def _convert_main(argv):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(
         prog="keras-vit-convert",
@@ -97,7 +166,7 @@ def convert_main(argv=None):
     parser.add_argument("input", help="official checkpoint (.npz)")
     parser.add_argument("output", help="output file: .keras (model + weights) or .weights.h5 (weights only)")
     parser.add_argument("--image-size", type=parse_size, help="H or H,W; position embeddings are interpolated")
-    parser.add_argument("--classes", type=int, help="new zero-initialised head with this many classes")
+    parser.add_argument("--classes", type=positive_int, help="new zero-initialised head with this many classes")
     parser.add_argument("--no-top", action="store_true", help="drop the head (and pre-logits)")
     parser.add_argument("--verify", action="store_true", help="reload the output and compare with the .npz model")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -139,7 +208,7 @@ def convert_main(argv=None):
             difference = _compare(model, _reload(model, temporary))
             print(f"verify: largest output difference after reload {difference:.3g}")
             if difference > 1e-5:
-                sys.exit("error: the reloaded output differs from the checkpoint model; nothing was written.")
+                raise ValueError("the reloaded output differs from the checkpoint model; nothing was written.")
     print(f"wrote {args.output}")
     return 0
 
@@ -158,8 +227,8 @@ def _save_weights(parser, args):
     try:
         return save_weights(keras.models.load_model(args.input), args.output, layout=args.to, overwrite=args.force,
                             dequantize=args.dequantize)
-    except (ValueError, TypeError, FileExistsError) as error:
-        sys.exit(f"error: {error}".replace("overwrite=True", "--force").replace("dequantize=True", "--dequantize"))
+    except (ValueError, TypeError, OSError) as error:  # ended by tool_main in one line, with the flags' names
+        raise ValueError(str(error).replace("overwrite=True", "--force").replace("dequantize=True", "--dequantize")) from None
 
 
 def _interpolate_npz(source, target, image_size, patch_size, architecture):
@@ -174,15 +243,12 @@ def _interpolate_npz(source, target, image_size, patch_size, architecture):
     arrays = npz.read_npz(source, progress=sys.stdout.isatty())  # Keras' bar writes ANSI escapes to any stream
     found = config.infer_config(arrays)
     if found["image_size"] is None:
-        raise SystemExit(f"error: {source} has a rectangular grid; interpolate the .keras model instead.")
+        raise ValueError(f"{source} has a rectangular grid; interpolate the .keras model instead.")
     if patch_size is not None and found.get("resnet_layers") is not None:
-        raise SystemExit("error: --patch-size applies to plain ViTs; a hybrid's patches are on its feature map.")
+        raise ValueError("--patch-size applies to plain ViTs; a hybrid's patches are on its feature map.")
     if patch_size is not None:
         found["patch_size"] = to_pair(patch_size, "patch size")
-    try:
-        target_arch = config.architecture(found, image_size=to_pair(image_size, "image size"))
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    target_arch = config.architecture(found, image_size=to_pair(image_size, "image size"))
     canonical = names.normalize_names(arrays)
     adapted, _, _ = adapt.adapt(canonical, target_arch)
     by_canonical = {names.normalize_names({key: arrays[key]}).popitem()[0]: key for key in arrays}
@@ -208,8 +274,8 @@ def _interpolate_weights_h5(source, target, image_size, patch_size, architecture
     from keras_vit import applications
 
     if architecture is None:
-        raise SystemExit(
-            "error: a .weights.h5 file holds no architecture: pass --architecture with the .keras model or "
+        raise ValueError(
+            "a .weights.h5 file holds no architecture: pass --architecture with the .keras model or "
             "official .npz checkpoint it was saved from."
         )
     if _suffix(architecture) == ".keras":
@@ -222,6 +288,10 @@ def _interpolate_weights_h5(source, target, image_size, patch_size, architecture
 
 def interpolate_main(argv=None):
     """keras-vit-interpolate-posemb INPUT OUTPUT --image-size H[,W]"""
+    return tool_main(_interpolate_main, "keras-vit-interpolate-posemb", argv)
+
+
+def _interpolate_main(argv):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(
         prog="keras-vit-interpolate-posemb",

@@ -1,5 +1,9 @@
 """What every recipe does before Keras starts: parse its command line, then start TensorFlow quietly.
 
+``parse_recipe_args`` reads options and ``key=value`` settings in any order (``--preset x base_lr=0.1
+--output-dir d seed=1``), and a setting also as an option: ``--seed 1`` or ``--base-lr=0.1`` is ``seed=1``
+(every ``--name`` that is not one of the recipe's own options).
+
 Importing ``keras_vit`` imports Keras, and Keras imports TensorFlow (seconds). So the recipes parse their
 arguments with this module first (plain Python: ``--help`` answers at once) and import ``keras_vit`` after.
 ``quiet_start`` then imports TensorFlow with its native start-up notices filtered out of stderr (the oneDNN
@@ -68,11 +72,34 @@ def quiet_start():
         tf.config.list_physical_devices()  # device discovery: where the cuInit error comes from
 
 
+def settings_as_overrides(argv, options):
+    """``argv`` with each ``--name VALUE`` or ``--name=VALUE`` whose ``--name`` is not in ``options`` written as the
+    setting ``name=VALUE`` (dashes in the name read as underscores)."""
+    rewritten, rest = [], list(argv)
+    while rest:
+        argument = rest.pop(0)
+        name, sep, value = argument.partition("=")
+        if not argument.startswith("--") or argument == "--" or name in options or (not sep and not rest):
+            rewritten.append(argument)
+            continue
+        rewritten.append(f"{name[2:].replace('-', '_')}={value if sep else rest.pop(0)}")
+    return rewritten
+
+
+def parse_recipe_args(parser, argv=None):
+    """``parser``'s arguments from ``argv`` (default ``sys.argv[1:]``): options and ``key=value`` settings in any
+    order, and settings given as options (``settings_as_overrides``)."""
+    options = set(parser._option_string_actions)  # argparse keeps no public list of its option strings
+    return parser.parse_intermixed_args(settings_as_overrides(sys.argv[1:] if argv is None else argv, options))
+
+
 def recipe_parser(description):
     """The command line of the single-stage recipes (finetune, pretrain, pretrain_ssl)."""
     parser = argparse.ArgumentParser(
         description=description,
-        epilog="Every setting, its default and what is allowed: --list-settings (or docs/SETTINGS.md).",
+        epilog="Every setting, its default and what is allowed: --list-settings (or docs/SETTINGS.md). Settings go "
+        "anywhere on the line, as key=value or --key value.",
+        allow_abbrev=False,  # --name is one of these options or a setting, never an abbreviation
     )
     parser.add_argument("--preset", help="a JSON file or a preset name in keras_vit/train/presets/")
     parser.add_argument("--output-dir", help="where checkpoints, logs, model and report go")
@@ -85,7 +112,7 @@ def recipe_parser(description):
 def run_recipe(defaults_name, description, argv=None):
     """Parses a single-stage recipe's command line, starts TensorFlow quietly and runs it; the exit status."""
     parser = recipe_parser(description)
-    args = parser.parse_args(argv)
+    args = parse_recipe_args(parser, argv)
     quiet_start()
     from keras_vit.train import command_line
 

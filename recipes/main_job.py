@@ -87,6 +87,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
     args = parser.parse_args(argv)
     _launch.quiet_start()
+    from keras_vit.train import command_line
+
+    return command_line.guarded_main(lambda: run_job(args))
+
+
+def run_job(args):
+    """Both stages, the analysis and the report of the main job; the exit status."""
     from keras_vit.train import runner, settings
 
     root = Path(args.output_dir or ("runs/main_quick" if args.quick else "runs/main"))

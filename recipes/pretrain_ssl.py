@@ -43,15 +43,20 @@ def digits_demo(root, quick=False):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--digits-demo", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output-dir", default="runs/ssl")
     known, rest = parser.parse_known_args()
     if known.digits_demo:
         _launch.quiet_start()
-        digits_demo(Path(known.output_dir), known.quick)
-        sys.exit(0)
+        from keras_vit.train import command_line
+
+        def demo():
+            digits_demo(Path(known.output_dir), known.quick)
+            return 0
+
+        sys.exit(command_line.guarded_main(demo))
     if known.quick:
         parser.error("--quick goes with --digits-demo")
     sys.exit(_launch.run_recipe("pretrain_ssl", __doc__.splitlines()[0], rest + ["--output-dir", known.output_dir]))

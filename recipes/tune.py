@@ -80,7 +80,7 @@ def _plot(rows, objective, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--space", choices=SPACES, default="finetune")
     parser.add_argument("--preset", help="base recipe preset (a name in keras_vit/train/presets/ or a JSON file)")
     parser.add_argument("--tuner", choices=TUNERS, default="random")
@@ -94,8 +94,8 @@ def main(argv=None):
     parser.add_argument("--directory", default="runs/tune")
     parser.add_argument("--project-name", default="vit")
     parser.add_argument("--overwrite", action="store_true", help="start the search afresh")
-    parser.add_argument("overrides", nargs="*", help="key=value settings of the base recipe")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key=value (or --key value) settings of the base recipe, anywhere")
+    args = _launch.parse_recipe_args(parser, argv)
     _launch.quiet_start()
     logging.getLogger("tensorflow").addFilter(RetracingNotice())
     from keras_vit.train import building, settings, tuning

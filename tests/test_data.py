@@ -268,3 +268,43 @@ def test_a_broken_symbolic_link_is_named_or_skipped(tmp_path, caplog):
         data.from_folder(tmp_path / "train")
     source = _warnings_of(caplog, lambda: data.from_folder(tmp_path / "train", skip_undecodable=True))
     assert source.num_examples == 2 and "moved.png is a broken symbolic link" in caplog.text
+
+
+# --- arrays and class lists that would give other pixels or labels than the user meant -------------------------
+
+_PIXELS = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 1))
+
+
+@pytest.mark.parametrize("images, labels, num_classes, name", [
+    (_PIXELS / 255.0, [0, 1], 2, "images"),  # floats in [0, 1]: rounded to black before
+    (_PIXELS / 127.5 - 1, [0, 1], 2, "images"),  # [-1, 1]
+    (_PIXELS.astype("uint16") * 257, [0, 1], 2, "images"),  # 16-bit
+    (np.full((2, 4, 4, 1), np.nan), [0, 1], 2, "images"),
+    (_PIXELS, [-1, 0], 3, "labels"),
+    (_PIXELS, [5, 0], 3, "labels"),
+    (_PIXELS, [1.7, 0], 3, "labels"),  # truncated to 1 before
+    (_PIXELS, [0, 1], 0, "num_classes"),
+])
+def test_from_arrays_refuses_what_would_become_other_pixels_or_labels(images, labels, num_classes, name):
+    with pytest.raises(data.ArraysError) as refused:
+        data.from_arrays(images, labels, num_classes)
+    assert refused.value.name == name
+
+
+def test_from_arrays_takes_pixels_of_any_number_type_and_whole_float_labels():
+    source = data.from_arrays(np.full((2, 4, 4, 1), 200.4), np.array([1.0, 0.0]), 2, class_names=["a", "b"])
+    images, labels = next(iter(source.dataset.batch(2)))
+    assert images.dtype == tf.uint8 and int(tf.reduce_min(images)) == int(tf.reduce_max(images)) == 200
+    assert labels.numpy().tolist() == [1, 0] and (source.num_classes, source.num_examples) == (2, 2)
+    assert data.from_arrays(_PIXELS.astype("int64"), [0, 2]).num_classes == 3
+    with pytest.raises(data.ArraysError) as refused:
+        data.from_arrays(_PIXELS, [0, 1], 2, class_names=["a"])
+    assert (refused.value.name, refused.value.expected) == ("class_names", "2 (num_classes)")
+
+
+def test_a_class_listed_twice_is_refused(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), "uint8")).save(tmp_path / name / "0.png")
+    with pytest.raises(ValueError, match="more than once"):
+        data.from_folder(tmp_path, classes=["cat", "dog", "cat"])  # the cats got labels 0 and 2

@@ -76,7 +76,7 @@ def _command(*argv):
     out, err = [], []
     with contextlib.redirect_stdout(_Writer(out)), contextlib.redirect_stderr(_Writer(err)):
         try:
-            code = command_line.recipe_main("finetune", parser.parse_args(list(argv)), error)
+            code = command_line.recipe_main("finetune", _launch.parse_recipe_args(parser, list(argv)), error)
         except SystemExit as stop:
             code, message = stop.code
             err.append(message)
@@ -105,6 +105,17 @@ def test_recipe_command_line_prints_the_resolved_config_and_refuses_wrong_settin
     code, out, _ = _command("--list-settings")
     assert code == 0 and out == settings.settings_table()
     assert not (tmp_path / "run").exists()
+
+
+def test_settings_go_anywhere_on_a_recipe_s_command_line_and_also_as_options():
+    code, out, err = _command("--preset", "finetune_oxford_iiit_pet", "base_lr=0.03", "--print-config", "--seed", "1",
+                              "steps=700", "--warmup-steps=30", "--output-dir", "runs/x", "flip=false")
+    config = json.loads(out)
+    assert code == 0, err
+    assert (config["base_lr"], config["seed"], config["steps"], config["warmup_steps"], config["flip"]) == (0.03, 1, 700, 30, False)
+    assert (config["dataset"], config["output_dir"]) == ("oxford_iiit_pet", "runs/x")
+    code, _, err = _command("--print-config", "--sede", "1")
+    assert code == 2 and "'sede'" in err and "'seed'" in err  # an unknown setting, with the closest one
 
 
 @pytest.mark.slow
@@ -261,6 +272,97 @@ def test_a_live_run_locks_its_folder_and_a_dead_one_does_not(finished_folder_run
         assert (Path(config["output_dir"]) / ".lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
 
 
+def _copy_of(finished_folder_run, tmp_path):
+    """The finished run's config pointing at a copy of its folder (which the test may change)."""
+    config = finished_folder_run[0]
+    shutil.copytree(config["output_dir"], tmp_path / "copy")
+    return {**config, "output_dir": str(tmp_path / "copy")}
+
+
+def test_a_folder_of_another_training_loop_is_refused(finished_folder_run, tmp_path):
+    """A TensorFlow (Trainer) folder resumed under JAX, where loop=auto is Keras' fit loop, was accepted and the new
+    history.csv rows landed under the Trainer's columns."""
+    config = _copy_of(finished_folder_run, tmp_path)
+    folder = Path(config["output_dir"])
+    assert run_folder.written_by(folder) == {"loop": "trainer", "backend": "tensorflow"}
+    with pytest.raises(run_folder.LoopMismatchError) as refused:
+        runner.open_folder(folder, config, {"loop": "fit", "backend": "jax"})
+    assert (refused.value.stored, refused.value.current) == ({"loop": "trainer", "backend": "tensorflow"}, {"loop": "fit", "backend": "jax"})
+    record = json.loads((folder / "settings.json").read_text())
+    del record["written_by"]  # a folder written before settings.json named its loop: history.csv tells
+    (folder / "settings.json").write_text(json.dumps(record))
+    with pytest.raises(run_folder.LoopMismatchError) as refused:
+        runner.open_folder(folder, config, {"loop": "fit", "backend": "torch"})
+    assert refused.value.stored["loop"] == "trainer"
+    assert runner.run(config)["already_finished"] and run_folder.written_by(folder)["loop"] == "trainer"
+
+
+def test_execution_settings_do_not_block_a_resume(finished_folder_run):
+    config = finished_folder_run[0]
+    changed = {"jit_compile": False, "steps_per_execution": 2, "cache": False, "shuffle_buffer": 7}
+    assert set(changed) == set(settings.RESUMABLE_SETTINGS)
+    assert runner.run({**config, **changed})["already_finished"]
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"schema_version": 3}'])
+def test_an_unreadable_settings_json_is_rebuilt_when_the_checkpoints_are_this_run_s(finished_folder_run, tmp_path, content, caplog):
+    config = _copy_of(finished_folder_run, tmp_path)
+    folder = Path(config["output_dir"])
+    (folder / "settings.json").write_text(content)
+    with pytest.raises(run_folder.SettingsMismatchError) as refused:
+        runner.run({**config, "base_lr": 0.5})
+    assert refused.value.folder == folder and len(refused.value.differences) == 1
+    with _keras_vit_logs(caplog, logging.WARNING):
+        assert runner.run(config)["already_finished"]
+    assert str(folder / "settings.json") in caplog.text
+    assert run_folder.stored_settings(folder)[2] == settings.training_settings(config)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(run_folder.FolderNotWritableError) as refused:
+        runner.run(_tiny(tmp_path, name="a_file/run"))
+    assert refused.value.folder == tmp_path / "a_file" / "run" and refused.value.errno is not None
+    code, _, err = _command("--output-dir", str(tmp_path / "a_file" / "run"), *TINY_RUN)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_refused(tmp_path):
+    (tmp_path / "read_only").mkdir(mode=0o500)
+    with pytest.raises(run_folder.FolderNotWritableError):
+        runner.run(_tiny(tmp_path, name="read_only/run"))
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from keras_vit.train import checkpointing
+
+    def full(path, **arrays):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpointing.np, "savez", full)
+    code, _, err = _command("--output-dir", str(tmp_path / "run"), *TINY_RUN)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and os.strerror(errno.ENOSPC) in err
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == []
+
+
+def test_temporaries_of_a_killed_run_are_deleted_by_the_next(finished_folder_run, tmp_path):
+    from keras_vit.train import reporting
+
+    config = _copy_of(finished_folder_run, tmp_path)
+    folder = Path(config["output_dir"])
+    left = [folder / name for name in reporting.TEMPORARIES + run_folder.TEMPORARIES]
+    left += [folder / "checkpoints" / "checkpoint.tmp", folder / "checkpoints" / ".ckpt-6.tmp" / "model.npz"]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"left by kill -9")
+    assert runner.run(config)["already_finished"]
+    assert not [path for path in left if path.exists()] and not (folder / "checkpoints" / ".ckpt-6.tmp").exists()
+
+
 # --- upgrades: a folder written before settings had a schema version -----------------------------------------
 
 
@@ -316,8 +418,9 @@ def test_an_empty_evaluation_split_is_refused_before_anything_trains(tmp_path, m
 
 
 def test_lora_rank_fine_tunes_the_query_and_value_factors_and_the_head(tmp_path):
-    config = settings.load_config(settings.FINETUNE, None, TINY_RUN + ["lora_rank=2", f"output_dir={tmp_path / 'run'}"])
     environment = building.Environment("tensorflow", "trainer", None, "float32")
+    building.build_model(_tiny(tmp_path), 10, environment).save(tmp_path / "pretrained.keras")
+    config = _tiny(tmp_path, "lora_rank=2", f"weights={tmp_path / 'pretrained.keras'}")
     model = building.build_model(config, 10, environment)
     trainable = {v.path.split("/", 1)[-1] for v in model.trainable_variables}
     assert trainable == {"MultiHeadDotProductAttention_1/query/lora_kernel_a", "MultiHeadDotProductAttention_1/query/lora_kernel_b",
@@ -326,6 +429,19 @@ def test_lora_rank_fine_tunes_the_query_and_value_factors_and_the_head(tmp_path)
     report = runner.run(config)
     assert report["trainable_parameters"] == sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert report["trainable_parameters"] < report["parameters"] / 2
+
+
+def test_a_one_class_folder_is_refused_before_training(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / "data" / split / "cat").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 1), 40 * i, "uint8")[..., 0]).save(tmp_path / "data" / split / "cat" / f"{i}.png")
+    with pytest.raises(settings.SettingError) as refused:
+        runner.run(_tiny(tmp_path, f"dataset=folder:{tmp_path / 'data'}"))
+    assert (refused.value.name, refused.value.value) == ("dataset", f"folder:{tmp_path / 'data'}")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_mistyped_model_override_is_refused_naming_the_setting_it_meant(tmp_path):
@@ -405,3 +521,80 @@ def test_eval_image_sizes_evaluate_the_trained_model_as_one_model_of_any_size(tm
     with pytest.raises(settings.SettingError) as refused:
         settings.load_config(settings.PRETRAIN_SSL, None, ["eval_image_sizes=[8]", "dataset=digits", "image_size=8"])
     assert "eval_image_sizes" in str(refused.value)
+
+
+# --- the run's deliverable ----------------------------------------------------------------------------------------
+
+
+def _model_keras_parts(path):
+    """``(compile_config, top-level groups of the weights file)`` of a ``.keras`` file."""
+    import io
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+        with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
+            groups = sorted(weights)
+    return config.get("compile_config"), groups
+
+
+def test_the_model_of_a_fit_run_loads_with_the_model_library_alone(tmp_path, monkeypatch):
+    """loop=fit (the default on JAX and torch) saved its compile state: the schedule of keras_vit.train was needed."""
+    from keras_vit.train import checkpointing
+
+    runner.run(_tiny(tmp_path, "loop=fit"))
+    path = tmp_path / "run" / "model.keras"
+    compile_config, groups = _model_keras_parts(path)
+    assert not compile_config and "optimizer" not in groups
+    monkeypatch.delitem(keras.saving.get_custom_objects(), "keras_vit>WarmupDecay")  # as in a process without it
+    model = keras.saving.load_model(path)
+    trained = checkpointing.read(checkpointing.CheckpointManager(tmp_path / "run" / "checkpoints").latest_checkpoint)
+    for variable in model.weights:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), trained[variable.path])
+    assert keras_vit.from_official_checkpoint(path).count_params() == model.count_params()
+
+
+@pytest.mark.slow
+def test_the_model_of_a_fit_run_loads_in_a_process_that_imports_only_keras_vit(tmp_path):
+    runner.run(_tiny(tmp_path, "loop=fit"))
+    code = (
+        "import sys, keras, keras_vit\n"
+        "model = keras.saving.load_model(sys.argv[1])\n"
+        "again = keras_vit.from_official_checkpoint(sys.argv[1])\n"
+        "assert 'keras_vit.train' not in sys.modules and model.count_params() == again.count_params()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run" / "model.keras")], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_eval_image_sizes_the_model_cannot_take_are_refused_before_training(tmp_path):
+    with pytest.raises(settings.SettingError) as refused:
+        runner.run(_tiny(tmp_path, "eval_image_sizes=[8, 33]"))  # 33 is not a multiple of the patch size 2
+    assert str(refused.value).startswith("eval_image_sizes=[8, 33] is not allowed")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_evaluation_that_fails_after_training_keeps_the_model(tmp_path, monkeypatch):
+    from keras_vit.train import reporting
+
+    config = _tiny(tmp_path, "eval_image_sizes=[12]")
+    real = reporting.top1_by_image_size
+
+    def fails(*args, **kwargs):
+        raise MemoryError("out of memory at 12x12")
+
+    monkeypatch.setattr(reporting, "top1_by_image_size", fails)
+    with pytest.raises(MemoryError):
+        runner.run(config)
+    folder = tmp_path / "run"
+    assert (folder / "model.keras").exists() and not (folder / "report.json").exists()
+    trained = keras.saving.load_model(folder / "model.keras").get_weights()
+    monkeypatch.setattr(reporting, "top1_by_image_size", real)
+    report = runner.run(config)  # evaluates again from the final checkpoint: no step is trained again
+    assert "already_finished" not in report and set(report["top1_by_image_size"]) == {"12x12"}
+    assert [row["step"] for row in report["history"]] == [4, 8]
+    for a, b in zip(keras.saving.load_model(folder / "model.keras").get_weights(), trained):
+        np.testing.assert_array_equal(a, b)

@@ -153,3 +153,24 @@ def test_one_file_named_by_two_paths_is_one_setting(tmp_path, monkeypatch):
     assert settings.canonical(relative) == settings.canonical(absolute) == settings.canonical({**absolute, "weights": "link.keras"})
     assert settings.canonical({"weights": "augreg_in21k", "dataset": "digits"}) == {"weights": "augreg_in21k", "dataset": "digits"}
     assert settings.canonical({"weights": "other.keras"}) == {"weights": "other.keras"}  # not there: kept as given
+
+
+@pytest.mark.parametrize("override, name", [
+    ("base_lr=Infinity", "base_lr"), ("base_lr=NaN", "base_lr"), ("weight_decay=Infinity", "weight_decay"),
+    ("crop_area=[NaN, 1.0]", "crop_area"), ('classes=["cat", "dog", "cat"]', "classes"),
+])
+def test_non_finite_numbers_and_a_class_listed_twice_are_refused(override, name):
+    with pytest.raises(settings.SettingError) as refused:
+        settings.load_config(settings.FINETUNE, None, ["dataset=folder:images", override])
+    assert refused.value.name == name
+
+
+@pytest.mark.parametrize("defaults, overrides", [
+    (settings.FINETUNE, ["lora_rank=4", "weights=null"]),  # a frozen random backbone
+    (settings.PRETRAIN_SSL, ["lora_rank=4", "weights=runs/x/model.keras"]),  # pre-training learns every weight
+])
+def test_lora_is_for_fine_tuning_pretrained_weights(defaults, overrides):
+    with pytest.raises(settings.SettingError) as refused:
+        settings.load_config(defaults, None, overrides)
+    assert (refused.value.name, refused.value.value) == ("lora_rank", 4)
+    assert settings.load_config(settings.FINETUNE, None, ["lora_rank=4"])["lora_rank"] == 4  # augreg_in21k weights

@@ -156,31 +156,45 @@ def _sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_family_download_through_the_registry(cache, monkeypatch, posemb48, tmp_path):
-    (tmp_path / "official_vit").mkdir()
-    source = tmp_path / "official_vit" / "vit_tiny_token.ckpt.npz"
-    source.write_bytes(fixture_path("vit_tiny_token", "ckpt").read_bytes())
-    entry = registry.PretrainedWeights(source.as_uri(), 32, 10, sha256=_sha256(source))
+def test_family_download_through_the_registry(cache, monkeypatch, posemb48, server):
+    url = f"{server}/official_vit/vit_tiny_token.ckpt.npz"
+    entry = registry.PretrainedWeights(url, 32, 10, sha256=_sha256(fixture_path("vit_tiny_token", "ckpt")))
     monkeypatch.setitem(registry.REGISTRY, ("ViT-Ti_16", "augreg_in21k"), [entry])
     model = keras_vit.ViT_Ti16(weights="augreg_in21k", image_size=48, classes=10, **_tiny_overrides())
     _check_48(model, posemb48)
     cached = list(cache.iterdir())
     assert [p.name for p in cached] == [download.cached_name(entry.url)] and _sha256(cached[0]) == entry.sha256
     assert cached[0].name.startswith("official_vit--vit_tiny_token.ckpt--") and cached[0].suffix == ".npz"
-    source.unlink()  # served from the cache the second time: the source may be gone
     keras_vit.ViT_Ti16(weights="augreg_in21k", image_size=48, classes=10, **_tiny_overrides())
+    assert server.requests == ["/official_vit/vit_tiny_token.ckpt.npz"]  # the second time from the cache
 
 
-def test_url_weights(cache):
+def test_url_weights_of_a_local_file_are_read_in_place(cache):
     ref, _ = load_reference("vit_tiny_gap")
     model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_gap", "ckpt").as_uri())
     np.testing.assert_allclose(model.predict(ref["images"], verbose=0), ref["logits"], atol=1e-5)
+    assert not cache.exists()  # nothing copied
 
 
-def test_hash_mismatch_deletes_the_download(cache):
-    source = fixture_path("vit_tiny_token", "ckpt")
-    with pytest.raises(ValueError, match="does not have the expected sha256 0000.*it was deleted"):
+def test_a_local_file_of_another_hash_is_refused_and_kept(cache, tmp_path):
+    source = tmp_path / "vit.npz"
+    source.write_bytes(b"PK\x03\x04 a local file")
+    assert download.fetch(source.as_uri()) == source
+    with pytest.raises(download.HashMismatchError) as refused:
         download.fetch(source.as_uri(), sha256="0" * 64)
+    assert (refused.value.path, refused.value.expected, refused.value.found, refused.value.deleted) == (
+        source, "0" * 64, _sha256(source), False)
+    assert source.exists() and not cache.exists()
+    with pytest.raises(ValueError):
+        download.fetch("file://elsewhere/vit.npz")
+    with pytest.raises(ValueError):
+        download.fetch("gs://bucket/vit.npz")
+
+
+def test_hash_mismatch_deletes_the_download(cache, server):
+    with pytest.raises(download.HashMismatchError, match="does not have the expected sha256 0000.*it was deleted") as refused:
+        download.fetch(f"{server}/ok.npz", sha256="0" * 64)
+    assert refused.value.deleted and refused.value.found == _sha256(fixture_path("vit_tiny_token", "ckpt"))
     assert not any(cache.iterdir())
 
 
@@ -212,11 +226,21 @@ def test_silent_server_times_out(cache):
     assert time.monotonic() - start < 10
 
 
+class _Server(str):
+    """A local server's base URL; ``served`` (path -> bytes, or ``("redirect", location)``) adds answers,
+    ``requests`` lists the paths asked for."""
+
+    def __new__(cls, url):
+        server = super().__new__(cls, url)
+        server.served, server.requests = {}, []
+        return server
+
+
 @pytest.fixture
 def server():
-    """A local HTTP server: ``/ok.npz`` (the tiny fixture), ``/short.npz`` (closes after half the announced
-    bytes), ``/trickle.npz`` (one byte every 0.1 s, never done), ``/page.npz`` and ``/download`` (HTML pages
-    served with 200). Yields its base URL."""
+    """A local HTTP server: ``served`` paths (``_Server``), ``/page.npz`` and ``/download`` (HTML pages served with
+    200), ``/short.npz`` (closes after half the announced bytes), ``/trickle.npz`` (one byte every 0.1 s, never
+    done), any other path the tiny fixture. Yields its ``_Server`` URL."""
     import http.server
 
     checkpoint = fixture_path("vit_tiny_token", "ckpt").read_bytes()
@@ -224,7 +248,15 @@ def server():
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            body, content_type = (page, "text/html") if self.path in ("/page.npz", "/download") else (checkpoint, "application/octet-stream")
+            base.requests.append(self.path)
+            answer = base.served.get(self.path)
+            if isinstance(answer, tuple):
+                self.send_response(302)
+                self.send_header("Location", answer[1])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body, content_type = (page, "text/html") if self.path in ("/page.npz", "/download") else (answer or checkpoint, "application/octet-stream")
             self.send_response(200)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -246,7 +278,8 @@ def server():
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    base = _Server(f"http://127.0.0.1:{httpd.server_address[1]}")
+    yield base
     httpd.shutdown()
     httpd.server_close()
 
@@ -364,6 +397,32 @@ def test_interpolate_tool_on_every_format(tmp_path, posemb48):
     same = _run("interpolate_posemb.py", tmp_path / "48.npz", tmp_path / "48.npz", "--image-size", "64", "--force")
     assert same.returncode != 0 and "is the input file" in same.stderr
     assert cli.parse_size("384,512") == (384, 512) and cli.parse_size("224") == 224
+
+
+def test_the_tools_end_the_library_s_errors_with_one_line_naming_their_flags(tmp_path, capsys):
+    source = str(fixture_path("vit_tiny_token", "ckpt"))
+    assert cli.convert_main([source, str(tmp_path / "out.keras"), "--image-size", "33"]) == 2  # not a multiple of 4
+    err = capsys.readouterr().err
+    assert err.startswith("keras-vit-convert: error: ") and err.count("\n") == 1
+    assert "--image-size" in err and "image_size" not in err
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 not an archive")
+    assert cli.interpolate_main([str(corrupt), str(tmp_path / "out.npz"), "--image-size", "48"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as usage:
+        cli.convert_main([source, str(tmp_path / "out.keras"), "--classes", "0"])  # built 10 classes before
+    assert usage.value.code == 2 and "--classes" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.npz"]
+
+
+def test_a_killed_conversion_s_temporary_is_deleted_once_stale(tmp_path):
+    stale, live = tmp_path / ".out.keras.k1ll3d.keras", tmp_path / ".out.keras.w0rk1n.keras"
+    stale.write_bytes(b"half a model")
+    live.write_bytes(b"a conversion in progress elsewhere")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    assert cli.convert_main([str(fixture_path("vit_tiny_token", "ckpt")), str(tmp_path / "out.keras")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out.keras"]
 
 
 # --- preprocessing -------------------------------------------------------------------------------------------------
@@ -552,6 +611,61 @@ def test_augreg_fine_tunes_name_their_upstream_run():
     assert differing == {("ViT-S_32", 224), ("ViT-B_32", 224), ("ViT-B_8", 224), ("ViT-L_16", 224), ("R26+ViT-S_32", 224)}
 
 
+# A URL's path chooses only a plain file name inside the cache: every encoding of a separator, '..', NUL, an absolute
+# name, a double encoding, a backslash and an overlong name (Errno 36 before) end up as one bounded file in the cache.
+ESCAPING_PATHS = [
+    "/{outside}",  # the absolute path of a file outside the cache, every '/' as %2F
+    "/%2E%2E%2F%2E%2E%2Fescaped.npz",
+    "/x/..%2F..%2F..%2Fescaped.npz",
+    "/%252E%252E%252Fescaped.npz",
+    "/a%5C..%5C..%5Cescaped.npz",
+    "/nul%00name.npz",
+    "/%2E%2E",
+    "/" + "A" * 5000 + ".npz",
+]
+
+
+@pytest.mark.parametrize("path", ESCAPING_PATHS)
+def test_a_url_fills_only_a_file_inside_the_cache(tmp_path, monkeypatch, server, path):
+    import urllib.parse
+
+    cache = tmp_path / "home" / "user" / "cache"
+    monkeypatch.setenv("KERAS_VIT_CACHE", str(cache))
+    url = server + path.format(outside=urllib.parse.quote(str(tmp_path / "outside.npz"), safe=""))
+    fetched = download.fetch(url)
+    assert fetched.parent == cache and fetched.resolve().parent == cache.resolve() and fetched.is_file()
+    assert len(fetched.name) <= download.MAX_NAME and not fetched.name.startswith(".")
+    assert not set(fetched.name) & set("/\\\0%") and fetched.name.endswith(".npz") == url.endswith(".npz")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [fetched]  # nothing outside the cache, no temporary
+
+
+def test_a_symbolic_link_at_a_cache_name_is_not_read(cache, server, tmp_path):
+    url = f"{server}/vit/ok.npz"
+    outside = tmp_path / "outside.npz"
+    outside.write_bytes(b"PK\x03\x04 not the download")
+    cache.mkdir()
+    (cache / download.cached_name(url)).symlink_to(outside)
+    fetched = download.fetch(url)
+    assert not fetched.is_symlink() and fetched.read_bytes() == fixture_path("vit_tiny_token", "ckpt").read_bytes()
+    assert outside.read_bytes() == b"PK\x03\x04 not the download" and server.requests == ["/vit/ok.npz"]
+
+
+def test_redirects_stay_on_the_host_or_go_to_https(cache, server):
+    server.served["/moved.npz"] = ("redirect", f"{server}/ok.npz")
+    fetched = download.fetch(f"{server}/moved.npz")  # the same host: followed, cached under the name asked for
+    assert fetched.name == download.cached_name(f"{server}/moved.npz") and server.requests == ["/moved.npz", "/ok.npz"]
+    elsewhere = server.replace("127.0.0.1", "localhost") + "/ok.npz"
+    server.served["/away.npz"] = ("redirect", elsewhere)
+    with pytest.raises(download.UnsafeRedirectError) as refused:
+        download.fetch(f"{server}/away.npz")
+    assert (refused.value.url, refused.value.location) == (f"{server}/away.npz", elsewhere)
+    assert [p.name for p in cache.iterdir()] == [fetched.name] and server.requests[-1] == "/away.npz"
+    download._check_redirect("https://huggingface.co/x/resolve/main/a.npz", "https://cdn-lfs.hf.co/a.npz")  # allowed
+    for url, location in [("https://host/a.npz", "http://host/a.npz"), ("http://host/a.npz", "ftp://host/a.npz")]:
+        with pytest.raises(download.UnsafeRedirectError):
+            download._check_redirect(url, location)
+
+
 def test_readme_weights_table_is_the_registrys():
     readme = (REPO / "README.md").read_text()
     assert registry.weights_table() in readme
@@ -568,13 +682,12 @@ def test_cache_names_can_be_typed_and_old_names_of_official_files_are_found(cach
         (cache / old).unlink()
 
 
-def test_distinct_urls_never_share_a_cache_file(cache, tmp_path):
+def test_distinct_urls_never_share_a_cache_file(cache, server):
     """Two URLs ending in the same folder/file used to share one entry: the second got the first's weights."""
     urls = []
     for run in ("run1", "run2"):
-        (tmp_path / run / "ckpt").mkdir(parents=True)
-        (tmp_path / run / "ckpt" / "vit.npz").write_bytes(f"PK\x03\x04 weights of {run}".encode())
-        urls.append((tmp_path / run / "ckpt" / "vit.npz").as_uri())
+        server.served[f"/{run}/ckpt/vit.npz"] = f"PK\x03\x04 weights of {run}".encode()
+        urls.append(f"{server}/{run}/ckpt/vit.npz")
     paths = [download.fetch(url) for url in urls]
     assert paths[0] != paths[1] and [p.read_bytes()[-4:] for p in paths] == [b"run1", b"run2"]
     assert download.cached_name(urls[0] + "?v=2") != download.cached_name(urls[0])

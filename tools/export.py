@@ -63,4 +63,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from keras_vit.cli import tool_main
+
+    sys.exit(tool_main(main, "export.py"))

@@ -38,4 +38,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    sys.exit(main())
+    from keras_vit.cli import tool_main
+
+    sys.exit(tool_main(main, "visualize.py"))

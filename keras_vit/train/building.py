@@ -147,12 +147,14 @@ def _check_distributed(config, distribution):
     if config["batch_size"] % parts:
         raise settings.SettingError(
             f"batch_size={config['batch_size']} is not allowed with strategy={config['strategy']!r}: expected a "
-            f"multiple of {parts}, the devices its batch is split across."
+            f"multiple of {parts}, the devices its batch is split across.",
+            "batch_size", config["batch_size"],
         )
     if config["eval_image_sizes"] and processes > 1:
         raise settings.SettingError(
             f"eval_image_sizes={config['eval_image_sizes']!r} is not allowed in a run of {processes} processes: "
-            "evaluate the saved model.keras at other sizes afterwards."
+            "evaluate the saved model.keras at other sizes afterwards.",
+            "eval_image_sizes", config["eval_image_sizes"],
         )
 
 
@@ -270,13 +272,21 @@ def prepare_data(config, channels=None):
         folder = dict(classes=config["classes"], channels=channels or 3, skip_undecodable=config["skip_undecodable"])
     source = lambda split: data.load_source(config["dataset"], split, config["data_dir"], config["download"], **folder)  # noqa: E731
     train_source = source(config["train_split"])
+    if config["task"] == "classify" and train_source.num_classes < 2:
+        names = f" ({', '.join(map(repr, train_source.class_names))})" if train_source.class_names else ""
+        raise settings.SettingError(
+            f"dataset={config['dataset']!r} has {train_source.num_classes} class{names}: classifying needs at least 2 "
+            "(one class gives top-1 1.0 and learns nothing); add the other classes' folders.",
+            "dataset", config["dataset"],
+        )
     if folder:
         folder["classes"] = train_source.class_names
     eval_source = source(config["eval_split"])
     if eval_source.num_examples == 0:
         raise settings.SettingError(
             f"eval_split={config['eval_split']!r} of dataset={config['dataset']!r} holds no examples: "
-            "give an evaluation split with examples."
+            "give an evaluation split with examples.",
+            "eval_split", config["eval_split"],
         )
 
     distributed = config["strategy"] in jax_distribute.STRATEGIES  # per process, every batch split on a mesh

@@ -150,6 +150,17 @@ class CheckpointManager:
         latest = self.latest_checkpoint
         return int(latest.name[len(PREFIX):]) if latest is not None else None
 
+    def remove_temporaries(self):
+        """Deletes what a killed ``save`` left (``.ckpt-<step>.tmp`` folders, ``checkpoint.tmp``): call it only
+        while no other process saves into the folder (the runner holds the run folder's lock)."""
+        if not self.folder.is_dir():
+            return
+        for temporary in [*self.folder.glob(f".{PREFIX}*.tmp"), self.folder / "checkpoint.tmp"]:
+            if temporary.is_dir() and not temporary.is_symlink():
+                shutil.rmtree(temporary, ignore_errors=True)
+            else:
+                temporary.unlink(missing_ok=True)
+
     def save(self, model, optimizer, step, stream_position, run_id=None):
         """Writes ``ckpt-<step>`` atomically, points ``checkpoint`` at it and deletes all but the last ``max_to_keep``."""
         gathered = [{key: host_array(v) for key, v in variables.items()}
@@ -161,12 +172,16 @@ class CheckpointManager:
         temporary = self.folder / f".{name}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
-        digests = {}
-        for part, arrays in zip(PARTS, gathered):
-            np.savez(temporary / f"{part}.npz", **arrays)
-            digests[part] = _sha256(temporary / f"{part}.npz")
-        state = {"step": step, "stream_position": stream_position, "run_id": run_id, "sha256": digests}
-        (temporary / "state.json").write_text(json.dumps(state))
+        try:
+            digests = {}
+            for part, arrays in zip(PARTS, gathered):
+                np.savez(temporary / f"{part}.npz", **arrays)
+                digests[part] = _sha256(temporary / f"{part}.npz")
+            state = {"step": step, "stream_position": stream_position, "run_id": run_id, "sha256": digests}
+            (temporary / "state.json").write_text(json.dumps(state))
+        except BaseException:  # a full disk, an interruption: no half-written checkpoint stays
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
         shutil.rmtree(self.folder / name, ignore_errors=True)
         os.replace(temporary, self.folder / name)
         (self.folder / "checkpoint.tmp").write_text(name)

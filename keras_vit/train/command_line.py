@@ -2,7 +2,8 @@
 
 The recipes (``recipes/``) parse their arguments before importing ``keras_vit`` (so ``--help`` is instant)
 and hand them here. Errors a user can fix (a wrong setting, a folder in use, checkpoints of other settings,
-an unreachable cluster) are one line on stderr and a non-zero exit status, not a traceback.
+a read-only folder, a full disk, an unreachable cluster: ``RUN_ERRORS``) are one line on stderr and exit
+status 1, not a traceback.
 """
 
 import json
@@ -31,12 +32,36 @@ def recipe_main(recipe, args, error):
         print(json.dumps(config, indent=2))
         return 0
     show_logs()
-    try:
+
+    def train():
         runner.run(config)
-    except (settings.SettingError, run_folder.SettingsMismatchError, run_folder.FolderInUseError, ConnectionError) as failure:
-        print(f"error: {failure}", file=sys.stderr)
+        return 0
+
+    return guarded_main(train)
+
+
+# What a user can fix: wrong settings or data, a folder in use or of another run, files that cannot be read or
+# written (a read-only folder, a full disk), an unreachable host or cluster. Other exceptions are bugs: tracebacks.
+RUN_ERRORS = (ValueError, OSError, run_folder.FolderInUseError)
+
+
+def guarded_main(run):
+    """``run()``'s exit status (its return value), or 1 after one line on stderr when it fails with one of
+    ``RUN_ERRORS``; other exceptions (bugs) keep their traceback."""
+    try:
+        return run()
+    except RUN_ERRORS as failure:
+        print(f"error: {describe(failure)}", file=sys.stderr)
         return 1
-    return 0
+
+
+def describe(failure):
+    """One line for ``failure``: an ``OSError`` of a file (a full disk, no permission) names the file and what to do."""
+    if isinstance(failure, OSError) and not isinstance(failure, (ConnectionError, run_folder.FolderNotWritableError)) \
+            and failure.filename and failure.strerror:
+        return (f"cannot write or read {failure.filename}: {failure.strerror}. Free space or fix the permissions, "
+                "then re-run the same command: the run resumes from its last checkpoint.")
+    return " ".join(str(failure).split())
 
 
 def show_logs():

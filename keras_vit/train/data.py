@@ -40,15 +40,68 @@ class Source:
     class_names: list | None = None
 
 
+class ArraysError(ValueError):
+    """Arrays ``from_arrays`` refuses: ``name`` (``"images"``, ``"labels"`` or ``"class_names"``), ``found`` (what
+    is wrong: a range, values or a shape) and ``expected``."""
+
+    def __init__(self, name, found, expected, advice=""):
+        self.name, self.found, self.expected = name, found, expected
+        super().__init__(f"from_arrays: {name} {found}; expected {expected}.{' ' + advice if advice else ''}")
+
+
+def _pixels(images):
+    """``images`` as uint8, refusing what would silently become other pixels (``ArraysError``)."""
+    if images.dtype == np.uint8 or images.size == 0:
+        return images.astype("uint8")
+    if images.dtype == bool or not np.issubdtype(images.dtype, np.number):
+        raise ArraysError("images", f"of dtype {images.dtype}", "pixels in [0, 255]")
+    low, high = images.min(), images.max()
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        raise ArraysError("images", "hold NaN or infinite values", "pixels in [0, 255]")
+    if low < 0 or high > 255:
+        raise ArraysError("images", f"range from {low:g} to {high:g}", "pixels in [0, 255]",
+                          "Map them to [0, 255] (e.g. from [-1, 1]: (x + 1) * 127.5; 16-bit: x / 257).")
+    if np.issubdtype(images.dtype, np.floating) and 0 < high <= 1:
+        raise ArraysError("images", f"are floats in [{low:g}, {high:g}]", "pixels in [0, 255]",
+                          "Images in [0, 1] would round to black: pass images * 255.")
+    return np.round(images).astype("uint8")
+
+
+def _class_ids(labels, num_classes):
+    """``labels`` as int32 class ids below ``num_classes`` (None: the largest id + 1), refusing others."""
+    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.number):
+        raise ArraysError("labels", f"of dtype {labels.dtype}", "integer class ids")
+    if labels.size and np.issubdtype(labels.dtype, np.floating) and not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+        wrong = labels[~(np.isfinite(labels) & (labels == np.round(labels)))]
+        raise ArraysError("labels", f"hold values that are not whole numbers, e.g. {wrong[0]:g}", "integer class ids",
+                          "Pass class ids, not scores or one-hot rows.")
+    labels = labels.astype("int64")
+    if labels.size and labels.min() < 0:
+        raise ArraysError("labels", f"hold negative ids, e.g. {labels.min()}", "class ids >= 0")
+    if num_classes is not None and (not isinstance(num_classes, (int, np.integer)) or num_classes < 1):
+        raise ArraysError("num_classes", f"is {num_classes!r}", "an integer >= 1")
+    if num_classes is not None and labels.size and labels.max() >= num_classes:
+        raise ArraysError("labels", f"hold id {labels.max()}", f"ids below num_classes={num_classes}",
+                          "Pass the right num_classes, or drop the examples of other classes.")
+    return labels.astype("int32"), int(num_classes if num_classes is not None else (labels.max() + 1 if labels.size else 0))
+
+
 def from_arrays(images, labels, num_classes=None, class_names=None):
-    """Source from arrays: images (N, H, W, C) uint8 (or float in [0, 255]), labels (N,) ints."""
+    """Source from arrays: images (N, H, W, C) of pixels in [0, 255] (uint8, other integers or floats, rounded), labels
+    (N,) integer class ids below ``num_classes`` (None: the largest id + 1).
+
+    Refused (``ArraysError``, naming the array, what was found and what is expected): pixels outside [0, 255],
+    float images in [0, 1] (they would round to black: pass ``images * 255``), NaN, labels that are negative, not
+    whole numbers or not below ``num_classes``, and ``class_names`` of another length than ``num_classes``.
+    """
     images = np.asarray(images)
-    labels = np.asarray(labels).astype("int32")
-    if images.ndim != 4 or len(images) != len(labels):
-        raise ValueError(f"Expected images (N, H, W, C) and labels (N,), got {images.shape} and {labels.shape}.")
-    images = np.clip(np.round(images), 0, 255).astype("uint8")
-    num_classes = int(num_classes or labels.max() + 1)
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    labels = np.asarray(labels)
+    if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+        raise ArraysError("images and labels", f"have shapes {images.shape} and {labels.shape}", "(N, H, W, C) and (N,)")
+    labels, num_classes = _class_ids(labels, num_classes)
+    if class_names is not None and len(class_names) != num_classes:
+        raise ArraysError("class_names", f"name {len(class_names)} classes", f"{num_classes} (num_classes)")
+    dataset = tf.data.Dataset.from_tensor_slices((_pixels(images), labels))
     return Source(dataset, num_classes, len(labels), class_names)
 
 
@@ -214,6 +267,11 @@ def from_folder(path, seed=0, classes=None, channels=3, skip_undecodable=False):
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}.")
     class_names = list(found if classes is None else classes)
+    repeated = sorted({name for name in class_names if class_names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"The class list {class_names} names {repeated} more than once: each class is one label; list it once."
+        )
     unknown = sorted(set(found) - set(class_names))
     if unknown:
         raise ValueError(

@@ -58,7 +58,8 @@ def mesh(strategy, mesh_shape=None):
         raise SettingError(
             f"mesh_shape={list(shape)} is not allowed with strategy={strategy!r}: expected "
             f"{'[batch, model]' if len(names) == 2 else '[devices]'} with a product of {len(devices)}, the devices of "
-            f"this run ({jax.process_count()} process(es) x {jax.local_device_count()})."
+            f"this run ({jax.process_count()} process(es) x {jax.local_device_count()}).",
+            "mesh_shape", mesh_shape,
         )
     return keras.distribution.DeviceMesh(tuple(shape), names, devices)
 

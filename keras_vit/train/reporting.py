@@ -1,5 +1,9 @@
 """What a run reports: its callbacks (progress lines, TensorBoard, ``history.csv``), ``report.json``, the plot, the model.
 
+The model is written as soon as training ends (``write_model``), before the final evaluations, so that no
+evaluation can lose it; ``report.json`` last (``write_report``), so that a run without one is not finished and
+a re-run evaluates again from the final checkpoint without training.
+
 The report's history is the run's ``keras.callbacks.History`` (one row per
 evaluation interval), after the rows a resumed run kept from before its
 checkpoint (read back from ``history.csv``, which ``CSVLogger`` appends to).
@@ -16,11 +20,14 @@ import numpy as np
 
 import keras_vit
 from keras_vit import plotting
-from keras_vit.train import data
+from keras_vit.train import data, settings
 from keras_vit.train import callbacks as run_callbacks
 
 log = logging.getLogger(__name__)
 HISTORY_CSV = "history.csv"
+# Temporaries of the writers here (a process killed meanwhile leaves them; the next run in the folder deletes them).
+_WEIGHTS_TMP, _MODEL_TMP, _REPORT_TMP, _HISTORY_TMP = ".model.tmp.weights.h5", ".model.tmp.keras", ".report.json.tmp", f".{HISTORY_CSV}.tmp"
+TEMPORARIES = (_WEIGHTS_TMP, _MODEL_TMP, _REPORT_TMP, _HISTORY_TMP)
 
 
 def _number(text):
@@ -51,7 +58,7 @@ def _keep_rows_until(path, step):
     with open(path, newline="") as file:
         reader = csv.DictReader(file)
         fields, kept = reader.fieldnames, [row for row in reader if step and float(row["step"]) <= step]
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(_HISTORY_TMP)
     with open(temporary, "w", newline="") as file:
         writer = csv.DictWriter(file, fields, lineterminator="\n")
         writer.writeheader()
@@ -133,12 +140,47 @@ def plot_history(rows, path):
         return None
 
 
-def write_outputs(output_dir, model, report):
-    """Writes ``model.keras`` (atomically), ``report.json`` and ``training.png`` into ``output_dir``."""
+def write_model(output_dir, model):
+    """Writes ``output_dir/model.keras`` atomically: the trained ``model`` as a twin without what training attached
+    to it (``compile``'s configuration, which names the training application's schedule, loss and metrics, and the
+    optimizer with its slots), so that it loads with the model library alone, as keras.applications models do. The
+    training state lives in the run's checkpoints. Returns the path."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save(output_dir / ".model.tmp.keras")  # after fit the model holds the EMA weights (with EMA)
-    os.replace(output_dir / ".model.tmp.keras", output_dir / "model.keras")
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    weights, temporary = output_dir / _WEIGHTS_TMP, output_dir / _MODEL_TMP
+    try:
+        twin = type(model).from_config(model.get_config())
+        if [tuple(v.shape) for v in twin.weights] == [tuple(v.shape) for v in model.weights]:
+            twin.set_weights(model.get_weights())  # after fit the model holds the EMA weights (with EMA)
+        else:  # LoRA factors: Keras' own save_weights merges them into the kernels
+            model.save_weights(weights)
+            twin.load_weights(weights)
+        twin.save(temporary)
+        os.replace(temporary, output_dir / "model.keras")
+    finally:
+        for path in (weights, temporary):
+            path.unlink(missing_ok=True)
+    return output_dir / "model.keras"
+
+
+def check_image_sizes(model, sizes):
+    """Raises ``SettingError`` naming ``eval_image_sizes`` when ``model`` cannot take one of ``sizes`` (its
+    architecture's rules: sides that are multiples of the token stride, unless it pads): before training."""
+    for size in sizes or ():
+        height, width = (size, size) if isinstance(size, int) else size
+        try:
+            model.architecture.replace(image_size=(height, width))
+        except ValueError as error:
+            raise settings.SettingError(
+                f"eval_image_sizes={sizes!r} is not allowed for this model: {error}", "eval_image_sizes", sizes
+            ) from None
+
+
+def write_report(output_dir, report):
+    """Writes ``report.json`` (atomically) and ``training.png`` into ``output_dir``."""
+    output_dir = Path(output_dir)
+    temporary = output_dir / _REPORT_TMP
+    temporary.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(temporary, output_dir / "report.json")
     plot_history(report["history"], output_dir / "training.png")
     log.info("top-1 %.4f after %d steps; wrote %s and report.json", report["top1"], report["steps"], output_dir / "model.keras")

@@ -3,8 +3,10 @@
 Every setting is a field of one of the section dataclasses below (``Task``,
 ``Model``, ``Data``, ``Augmentation``, ``Optimization``, ``Execution``,
 ``Outputs``): its type annotation, default, rule (what is allowed), help line,
-whether it only says where or how often a run reports (``reporting``) and the
-schema version that introduced it (``since``) live in that one place.
+whether it only says where or how often a run reports (``reporting``), whether
+it only says how the steps are computed, so that a run may resume with
+another value (``resumable``), and the schema version that introduced it
+(``since``) live in that one place.
 ``SETTINGS`` lists them all; ``defaults()`` is the dict of defaults; the
 recipes' defaults (``FINETUNE``, ``PRETRAIN``, ``PRETRAIN_SSL``) change a few.
 ``load_config`` applies a preset (``presets/<name>.json``) and ``key=value``
@@ -25,6 +27,7 @@ JAX strategies).
 import dataclasses
 import difflib
 import json
+import math
 import os
 from numbers import Real
 from pathlib import Path
@@ -60,7 +63,8 @@ def _integer(value):
 
 
 def _number(value):
-    return isinstance(value, Real) and not isinstance(value, bool)
+    """A finite real number (JSON's ``Infinity`` and ``NaN`` are not settings)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def integer(minimum):
@@ -102,7 +106,8 @@ RANDAUGMENT = Rule(
     lambda v: v is None or (isinstance(v, list) and len(v) == 2 and _integer(v[0]) and v[0] >= 0 and _number(v[1]) and 0 <= v[1] <= 10),
     "null or a list [num_ops, magnitude] with magnitude in [0, 10] (Keras' RandAugment factor is magnitude / 10), e.g. [2, 10]",
 )
-CLASS_NAMES = optional(Rule(lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v), "a list of class folder names"))
+CLASS_NAMES = optional(Rule(lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v) and len(set(v)) == len(v),
+                             "a list of distinct class folder names"))
 IMAGE_SIZES = optional(Rule(lambda v: isinstance(v, list) and v and all(IMAGE_SIZE.check(x) for x in v),
                             "a list of image sizes (integers or [height, width])"))
 MESH_SHAPE = optional(Rule(lambda v: isinstance(v, list) and 1 <= len(v) <= 2 and all(_integer(x) and x >= 1 for x in v),
@@ -110,10 +115,12 @@ MESH_SHAPE = optional(Rule(lambda v: isinstance(v, list) and 1 <= len(v) <= 2 an
 JIT = Rule(lambda v: v == "auto" or isinstance(v, bool), "'auto', true or false")
 
 
-def setting(default, rule, help, reporting=False, since=1):
+def setting(default, rule, help, reporting=False, resumable=False, since=1):
     """A schema field: ``default`` (copied per use when mutable), ``rule``, one ``help`` line, ``reporting`` (does not
-    change training: left out of what a run folder remembers) and ``since`` (the schema version that added it)."""
-    meta = dict(rule=rule, help=help, reporting=reporting, since=since)
+    change training: left out of what a run folder remembers), ``resumable`` (says how the steps are computed or the
+    data is fed, not what is trained: a run folder remembers it, and a run resumes with another value) and
+    ``since`` (the schema version that added it)."""
+    meta = dict(rule=rule, help=help, reporting=reporting, resumable=resumable, since=since)
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -149,8 +156,8 @@ class Data:
     eval_split: str = setting("test", TEXT, "the split evaluated on (must hold examples)")
     data_dir: str | None = setting(None, optional(TEXT), "TFDS data_dir")
     download: bool = setting(False, BOOLEAN, "let TFDS download and prepare the dataset")
-    shuffle_buffer: int = setting(10_000, integer(1), "examples in the shuffle buffer")
-    cache: bool = setting(True, BOOLEAN, "cache decoded examples in memory (off for ImageNet-sized data)")
+    shuffle_buffer: int = setting(10_000, integer(1), "examples in the shuffle buffer", resumable=True)
+    cache: bool = setting(True, BOOLEAN, "cache decoded examples in memory (off for ImageNet-sized data)", resumable=True)
 
 
 @dataclasses.dataclass
@@ -188,8 +195,10 @@ class Execution:
         since=2,
     )
     precision: str = setting("auto", choice(PRECISIONS), "auto: bf16 on TPU and bf16-capable CPUs, fp16 on GPU, else float32")
-    jit_compile: str | bool = setting("auto", JIT, "XLA on TensorFlow and JAX: auto (where it pays), true or false; PyTorch runs eagerly")
-    steps_per_execution: int = setting(1, integer(1), "steps run in one compiled call")
+    jit_compile: str | bool = setting(
+        "auto", JIT, "XLA on TensorFlow and JAX: auto (where it pays), true or false; PyTorch runs eagerly", resumable=True
+    )
+    steps_per_execution: int = setting(1, integer(1), "steps run in one compiled call", resumable=True)
     strategy: str = setting(
         "auto", choice(STRATEGIES),
         "tf.distribute strategy (TensorFlow; auto: TPU, TF_CONFIG cluster, several GPUs, else default), or on JAX "
@@ -233,6 +242,7 @@ class Setting:
     rule: Rule
     help: str
     reporting: bool
+    resumable: bool
     since: int
 
 
@@ -253,6 +263,7 @@ def _settings():
 
 SETTINGS = _settings()
 REPORTING_SETTINGS = tuple(name for name, s in SETTINGS.items() if s.reporting)
+RESUMABLE_SETTINGS = tuple(name for name, s in SETTINGS.items() if s.resumable)
 
 
 def defaults():
@@ -299,7 +310,12 @@ def parse_value(text):
 
 
 class SettingError(ValueError):
-    """A setting (or a relation between settings) is not allowed; the message is one line naming it."""
+    """A setting (or a relation between settings) is not allowed; the message is one line naming it. ``name``: the
+    setting (the first one a relation names), ``value``: its value (None when not known)."""
+
+    def __init__(self, message, name=None, value=None):
+        super().__init__(message)
+        self.name, self.value = name, value
 
 
 # Names other trainers give some settings.
@@ -310,11 +326,11 @@ class UnknownSettingError(SettingError):
     """A preset or override names a setting the schema does not have; ``name`` and ``suggestion`` say which."""
 
     def __init__(self, name, where):
-        self.name = name
         close = difflib.get_close_matches(name, SETTINGS, n=1)
-        self.suggestion = OTHER_NAMES.get(name) or (close[0] if close else None)
-        hint = f" Did you mean {self.suggestion!r}?" if self.suggestion else ""
-        super().__init__(f"Unknown setting {name!r} {where}.{hint} Settings: {', '.join(sorted(SETTINGS))}.")
+        suggestion = OTHER_NAMES.get(name) or (close[0] if close else None)
+        hint = f" Did you mean {suggestion!r}?" if suggestion else ""
+        super().__init__(f"Unknown setting {name!r} {where}.{hint} Settings: {', '.join(sorted(SETTINGS))}.", name)
+        self.suggestion = suggestion
 
 
 def preset_names():
@@ -381,45 +397,51 @@ def resolve_loop(loop, backend):
 
 
 def _relations(config, backend):
-    """(message) for each broken relation between settings (``backend``: the Keras backend, when known)."""
+    """(setting name, message) for each broken relation between settings (``backend``: the Keras backend, when known)."""
     steps, warmup = config["steps"], config["warmup_steps"]
     if config["decay"] == "constant" and warmup > steps:
-        yield f"warmup_steps={warmup} is not allowed: expected at most steps={steps}."
+        yield "warmup_steps", f"warmup_steps={warmup} is not allowed: expected at most steps={steps}."
     if config["decay"] != "constant" and warmup >= steps:
-        yield f"warmup_steps={warmup} is not allowed: expected fewer than steps={steps} (decay={config['decay']!r} needs steps after the warmup)."
+        yield "warmup_steps", f"warmup_steps={warmup} is not allowed: expected fewer than steps={steps} (decay={config['decay']!r} needs steps after the warmup)."
     if config["batch_size"] % config["accumulation_steps"]:
-        yield (
+        yield "accumulation_steps", (
             f"accumulation_steps={config['accumulation_steps']} is not allowed: expected a divisor of "
             f"batch_size={config['batch_size']}."
         )
     for key in ("classes", "channels"):
         if config.get(key) is not None and not config["dataset"].startswith("folder:"):
-            yield f"{key}={config[key]!r} is not allowed with dataset={config['dataset']!r}: it is for image folders (dataset='folder:PATH')."
+            yield key, f"{key}={config[key]!r} is not allowed with dataset={config['dataset']!r}: it is for image folders (dataset='folder:PATH')."
+    if config["lora_rank"] and config["weights"] is None:
+        yield "lora_rank", (f"lora_rank={config['lora_rank']} is not allowed with weights=null: LoRA fine-tunes pretrained weights (the "
+               "rest stays frozen at its random initialisation); give weights, or set lora_rank=0.")
+    if config["lora_rank"] and config["task"] != "classify":
+        yield "lora_rank", (f"lora_rank={config['lora_rank']} is not allowed with task={config['task']!r}: pre-training learns every "
+               "weight; set lora_rank=0 (LoRA is for fine-tuning the resulting model).")
     if config.get("eval_image_sizes") and config["task"] != "classify":
-        yield f"eval_image_sizes={config['eval_image_sizes']!r} is not allowed with task={config['task']!r}: it evaluates classifiers."
+        yield "eval_image_sizes", f"eval_image_sizes={config['eval_image_sizes']!r} is not allowed with task={config['task']!r}: it evaluates classifiers."
     if config.get("mesh_shape") is not None and config["strategy"] not in JAX_STRATEGIES:
-        yield f"mesh_shape={config['mesh_shape']!r} is not allowed with strategy={config['strategy']!r}: it is the device mesh of jax_data, jax_fsdp and jax_tensor."
+        yield "mesh_shape", f"mesh_shape={config['mesh_shape']!r} is not allowed with strategy={config['strategy']!r}: it is the device mesh of jax_data, jax_fsdp and jax_tensor."
     clashing = sorted({"image_size", "classes", "include_top", "weights"} & set(config["model_overrides"]))
     if clashing:
-        yield f"model_overrides={config['model_overrides']!r} is not allowed: set {clashing} as top-level settings."
+        yield "model_overrides", f"model_overrides={config['model_overrides']!r} is not allowed: set {clashing} as top-level settings."
     if backend is None:
         return
     loop = resolve_loop(config["loop"], backend)
     if loop == "trainer" and backend != "tensorflow":
-        yield f"loop='trainer' is not allowed on the {backend} backend: it is a tf.distribute loop; use loop='fit' (or 'auto')."
+        yield "loop", f"loop='trainer' is not allowed on the {backend} backend: it is a tf.distribute loop; use loop='fit' (or 'auto')."
     jax_strategy = config["strategy"] in JAX_STRATEGIES
     if jax_strategy and backend != "jax":
-        yield (
+        yield "strategy", (
             f"strategy={config['strategy']!r} is not allowed on the {backend} backend: keras.distribution layouts "
             "run on JAX; set KERAS_BACKEND=jax, or use a tf.distribute strategy (auto, tpu, multi_worker, mirrored)."
         )
     if backend != "tensorflow" and not jax_strategy and config["strategy"] not in ("auto", "default"):
-        yield (
+        yield "strategy", (
             f"strategy={config['strategy']!r} is not allowed on the {backend} backend: tf.distribute strategies need "
             f"KERAS_BACKEND=tensorflow; use strategy='auto'{' or jax_data, jax_fsdp, jax_tensor' if backend == 'jax' else ''}."
         )
     if loop == "fit" and config["accumulation_steps"] > 1:
-        yield (
+        yield "accumulation_steps", (
             f"accumulation_steps={config['accumulation_steps']} is not allowed with loop='fit': Keras' fit loop "
             "updates once per batch; use loop='trainer' (TensorFlow) or a smaller batch_size."
         )
@@ -436,9 +458,9 @@ def validate(config, backend=None):
             raise UnknownSettingError(name, "in the configuration")
     for name, described in SETTINGS.items():
         if name in config and not described.rule.check(config[name]):
-            raise SettingError(f"{name}={config[name]!r} is not allowed: expected {described.rule.allowed}.")
-    for message in _relations(config, backend):
-        raise SettingError(message)
+            raise SettingError(f"{name}={config[name]!r} is not allowed: expected {described.rule.allowed}.", name, config[name])
+    for name, message in _relations(config, backend):
+        raise SettingError(message, name, config.get(name))
     return config
 
 
