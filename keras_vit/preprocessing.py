@@ -42,6 +42,15 @@ def decode_image(data, channels):
     )
 
 
+def load_images(paths, image_size, channels=3):
+    """Image files -> float32 (N, H, W, ``channels``) in [-1, 1]: decoded (``decode_image``), resized to
+    ``image_size`` (H, W) (bilinear) and mapped by ``preprocess_input``. TensorFlow."""
+    import tensorflow as tf
+
+    pixels = [tf.image.resize(decode_image(tf.io.read_file(str(path)), channels), image_size) for path in paths]
+    return np.asarray(ops.convert_to_numpy(preprocess_input(np.stack(pixels))))
+
+
 @functools.cache
 def imagenet1k_classes():
     """The 1000 ImageNet-1k classes as ``[(wordnet_id, names), ...]`` in index order."""

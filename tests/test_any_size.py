@@ -193,3 +193,19 @@ def test_a_padding_model_exports_right_at_sizes_that_pad(format, tmp_path):
     result = export.export(model, tmp_path / f"vit.{format}", format=format, images=batches)
     assert result["max_abs_diff"] < 1e-4
     assert export.export(model, tmp_path / f"default.{format}", format=format)["max_abs_diff"] < 1e-4
+
+
+def test_a_model_of_any_size_resizes_and_its_file_interpolates(tmp_path):
+    from keras_vit.cli import interpolate_main
+
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), input_shape=(None, None, 3))
+    images = _images((48, 32))
+    fixed = keras_vit.resize_model(model, (48, 32))
+    assert fixed.grid == (12, 8)
+    np.testing.assert_allclose(_numpy(fixed(images)), _numpy(model(images)), atol=1e-5)
+    still_open = keras_vit.resize_model(model, (None, None))
+    np.testing.assert_allclose(_numpy(still_open(images)), _numpy(model(images)), atol=1e-6)
+    model.save(tmp_path / "any.keras")
+    assert interpolate_main([str(tmp_path / "any.keras"), str(tmp_path / "fixed.keras"), "--image-size", "48,32"]) == 0
+    np.testing.assert_allclose(_numpy(keras.models.load_model(tmp_path / "fixed.keras")(images)), _numpy(model(images)),
+                               atol=1e-5)

@@ -140,11 +140,12 @@ def _read(source, model_name, image_size, like):
 
 
 def _grid(model):
-    return model.grid if isinstance(model, VisionTransformer) else None
+    """The grid of a model's learned position-embedding table (its native grid for a model of any size)."""
+    return model.architecture.posemb_grid if isinstance(model, VisionTransformer) else None
 
 
 def model_source(model, label):
-    """A ``Source`` of a keras_vit model's own weights (its grid known even when it is rectangular)."""
+    """A ``Source`` of a keras_vit model's own weights (the grid of its table known even when it is rectangular)."""
     return Source(official_arrays(model), label, _grid(model))
 
 
