@@ -10,7 +10,7 @@ from pathlib import Path
 from keras_vit import configs
 from keras_vit.architecture import token_stride, unknown_arguments_error
 from keras_vit.layers import to_pair
-from keras_vit.models import BUILDER_ARGUMENTS, VisionTransformer, vision_transformer
+from keras_vit.models import BUILDER_ARGUMENTS, VisionTransformer, holds_codes, quantize_like, vision_transformer
 from keras_vit.pretrained import load as loading
 from keras_vit.pretrained.config import infer_config
 from keras_vit.pretrained.registry import families_for
@@ -181,13 +181,15 @@ def resize_model(model, image_size, patch_size=None):
     pipeline: position embeddings interpolated the official way, the patch kernel resampled (FlexiViT) when
     ``patch_size`` is given. ``image_size=(None, None)`` (or one open side) gives the same model for any image
     size: its position embeddings keep their grid and are resampled at each call. A plain functional model
-    from an older keras_vit ``.keras`` file is accepted (its configuration is read off its weights). ``model``
-    is unchanged.
+    from an older keras_vit ``.keras`` file is accepted (its configuration is read off its weights). A model
+    quantized to int8 or int4 is resized from its effective weights and quantized the same way (the codes of
+    layers the resizing does not touch stay). ``model`` is unchanged.
     """
     source = loading.model_source(model, f"model {model.name}")
+    requantize = holds_codes(model)  # built in float, loaded, then quantized as ``model`` is
     if isinstance(model, VisionTransformer):
         config = model.vit_config
-        config.update(name=model.name, dtype=model.get_config()["dtype"])
+        config.update(name=model.name, dtype=model.dtype_policy.name if requantize else model.get_config()["dtype"])
     else:  # a keras_vit model saved before VisionTransformer existed
         config = infer_config(source.arrays)
         config.update(include_top=config["classes"] is not None, classes=config["classes"] or 1000, name=model.name)
@@ -199,7 +201,10 @@ def resize_model(model, image_size, patch_size=None):
     config["variant"] = None
     if patch_size is not None:
         config["patch_size"] = to_pair(patch_size, "patch size")
-    return loading.assign(VisionTransformer(**config), source)
+    resized = loading.assign(VisionTransformer(**config), source)
+    if requantize:
+        quantize_like(resized, model)
+    return resized
 
 
 _CONSTRUCTOR_DOC = """Instantiates the {official} architecture ({description}).

@@ -47,6 +47,7 @@ from keras_vit.pretrained.names import official_scope
 _FEATURE_MODELS = weakref.WeakKeyDictionary()  # model -> {key: sub-model sharing its layers}
 _LORA_TARGETS = ("query", "value")
 _QUANTIZABLE = (keras.layers.Dense, keras.layers.EinsumDense)
+_CODE_MODES = ("int8", "int4", "gptq", "awq")  # quantization modes whose kernels hold integer codes
 
 
 def _nested_layers(layers):
@@ -68,10 +69,11 @@ def _nested_layers(layers):
 
 
 def _resolved_policy(layer):
-    """A layer's own ``DTypePolicy`` (the entry for its path when it was given a ``DTypePolicyMap``)."""
+    """A layer's own ``DTypePolicy``: the entry for its path when it was given a ``DTypePolicyMap``, the map's
+    default for a layer that has no path (one never built, such as a ``Dropout``), as Keras resolves it."""
     policy = layer.dtype_policy
     if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
-        return policy[layer.path]
+        return policy[layer.path] if layer.path else policy.default_policy
     return policy
 
 
@@ -196,6 +198,12 @@ class VisionTransformer(keras.Model):
             if arch.classes is not None and len(class_names) != arch.classes:
                 raise ValueError(f"class_names has {len(class_names)} names for {arch.classes} classes.")
         policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
+        if not isinstance(policy, keras.dtype_policies.DTypePolicyMap) and policy.quantization_mode is not None:
+            raise ValueError(
+                f"dtype={policy.name!r} is a quantized policy: build the model with its source precision "
+                f"(dtype={policy.name.split('_from_')[-1]!r}), load its weights, then call "
+                f"model.quantize({policy.quantization_mode!r})."
+            )
 
         inputs = input_tensor if input_tensor is not None else keras.Input((*arch.image_size, channels), name="image")
         x = inputs
@@ -234,6 +242,13 @@ class VisionTransformer(keras.Model):
         self._architecture = arch
         self._token_layer_names = [layer.name for layer in token_layers]
         self._base_policy = policy.default_policy if isinstance(policy, keras.dtype_policies.DTypePolicyMap) else policy
+        # The model's own policy is the layers' (Keras' compile reads it: a mixed_float16 model gets loss scaling).
+        self.dtype_policy = self._base_policy
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):  # a quantized model's config (a reloaded file)
+            # Every layer gets its own entry as its policy, as Keras' functional models have: Keras' quantized
+            # layers read their mode off their own policy when they save (a map would say "not quantized").
+            for layer in _nested_layers(self.layers):
+                layer._dtype_policy = _resolved_policy(layer)
         self._vit_config = dict(
             image_size=arch.image_size,
             patch_size=arch.patch_size,
@@ -584,8 +599,54 @@ def official_weights(model):
 
 
 def official_arrays(model):
-    """The weights of a keras_vit model as ``{official name: float32 array}``, ready to save as an official .npz."""
+    """The weights of a keras_vit model as ``{official name: float32 array}``, ready to save as an official .npz.
+
+    A layer quantized to integer codes (``holds_codes``) gives its effective weights, the float kernel it applies
+    (``dequantized_copy``), never its codes.
+    """
+    if holds_codes(model):
+        model = dequantized_copy(as_vision_transformer(model, "Reading the weights of a quantized model"))
     return {name: np.asarray(keras.ops.convert_to_numpy(v), np.float32) for name, v in official_weights(model).items()}
+
+
+def _code_layers(model):
+    """The layers of ``model`` whose kernels hold integer codes (``holds_codes``), by path."""
+    return {layer.path: layer for layer in _nested_layers(model.layers) if layer.quantization_mode in _CODE_MODES}
+
+
+def holds_codes(model):
+    """Whether a layer of ``model`` is quantized to integer codes (int8, int4, GPTQ, AWQ): its ``kernel`` variable
+    then holds codes, not weights (float8 layers keep float kernels)."""
+    return bool(_code_layers(model))
+
+
+def _quantization_config(layer):
+    """The ``QuantizationConfig`` that quantizes another layer as ``layer`` was: its own when it has one, else
+    (a layer reloaded from a file) what its dtype policy says (an int4 block size); None for Keras' default."""
+    config = getattr(layer, "quantization_config", None)
+    block_size = getattr(_resolved_policy(layer), "block_size", None)
+    if config is None and layer.quantization_mode == "int4" and block_size not in (None, -1):
+        config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+    return config
+
+
+def quantize_like(model, reference):
+    """Quantizes the float layers of ``model`` that are quantized in ``reference`` (same paths), each in its mode
+    and configuration, with Keras' own ``quantize`` (float8 layers start with fresh scales). GPTQ and AWQ need
+    calibration data: a ``ValueError``."""
+    groups = {}
+    quantized = {layer.path: layer for layer in _nested_layers(reference.layers) if layer.quantization_mode}
+    for path, layer in quantized.items():
+        if layer.quantization_mode in ("gptq", "awq"):
+            raise ValueError(
+                f"{reference.name} is {layer.quantization_mode.upper()}-quantized, which needs calibration data to "
+                "quantize again: load the weights into the float model, then quantize it."
+            )
+        config = _quantization_config(layer)
+        groups.setdefault((layer.quantization_mode, id(config)), (config, set()))[1].add(path)
+    for (mode, _), (config, paths) in groups.items():
+        keras.Model.quantize(model, mode, config=config, filters=lambda layer, paths=paths: layer.path in paths)
+    _FEATURE_MODELS.pop(model, None)
 
 
 def _effective_kernel(quantized, shape):

@@ -18,7 +18,15 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_vit.models import VisionTransformer, official_arrays, official_weights
+from keras_vit.models import (
+    VisionTransformer,
+    as_vision_transformer,
+    dequantized_copy,
+    holds_codes,
+    official_arrays,
+    official_weights,
+    quantize_like,
+)
 from keras_vit.pretrained import adapt as adapt_lib
 from keras_vit.pretrained import checks, download, registry
 from keras_vit.pretrained.config import architecture, architecture_summary, infer_config
@@ -171,8 +179,19 @@ def assign(model, source, adapt=True):
     Strict: every model weight not kept by ``adapt`` gets an array and every
     array is used, with equal shapes; otherwise a ``CheckpointMismatchError``
     says what the file and the model are, and nothing is assigned. Each
-    adaptation is logged once after success. Returns ``model``.
+    adaptation is logged once after success. A model quantized to integer codes (int8, int4) gets them through
+    its float twin: the arrays are assigned to ``dequantized_copy(model)``, which is quantized as ``model`` is
+    (``quantize_like``), and its weights are copied. Returns ``model``.
     """
+    if holds_codes(model):
+        twin = dequantized_copy(as_vision_transformer(model, "Loading weights into a quantized model"))
+        assign(twin, source, adapt)
+        quantize_like(twin, model)
+        weights = {weight.path: weight for weight in twin.weights}
+        for weight in model.weights:
+            if weight.path in weights:  # LoRA factors of the model (not in the twin) stay
+                weight.assign(weights[weight.path])
+        return model
     variables = official_weights(model)
     shapes = {name: tuple(variable.shape) for name, variable in variables.items()}
     arrays = normalize_names(source.arrays)
