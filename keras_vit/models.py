@@ -20,6 +20,8 @@ before; the features API needs a ``VisionTransformer``: convert such a file once
 """
 
 import copy
+import hashlib
+import numbers
 import re
 import weakref
 
@@ -42,7 +44,7 @@ from keras_vit.layers import (
 from keras_vit.layers import heads as heads_lib
 from keras_vit.layers.embedding import PadToMultiple, position_embedding
 from keras_vit.layers.tokens import prefix_token_layers
-from keras_vit.pretrained.names import official_scope
+from keras_vit.pretrained.names import CheckpointMismatchError, official_scope
 
 _FEATURE_MODELS = weakref.WeakKeyDictionary()  # model -> {key: sub-model sharing its layers}
 _LORA_TARGETS = ("query", "value")
@@ -66,6 +68,24 @@ def _nested_layers(layers):
 
     for layer in layers:
         yield from visit(layer)
+
+
+def _lora_rank_limit(layer):
+    """The largest rank a LoRA update of ``layer`` can have: Keras factors its kernel (..., out) as (..., r) @ (r, out),
+    a matrix of (product of the leading axes, out)."""
+    shape = tuple(layer.kernel.shape)
+    return min(int(np.prod(shape[:-1])), shape[-1])
+
+
+def _lora_base_digest(layers):
+    """SHA-256 of the frozen weights (kernels and biases) that the LoRA factors of ``layers`` adapt, by path."""
+    digest = hashlib.sha256()
+    for layer in sorted(layers, key=lambda layer: layer.path):
+        digest.update(layer.path.encode())
+        for weight in (layer._kernel, layer.bias):  # ``_kernel``: the base, without the LoRA update
+            if weight is not None:
+                digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()
 
 
 def _resolved_policy(layer):
@@ -387,10 +407,12 @@ class VisionTransformer(keras.Model):
         ``mode``: ``"int8"``, ``"int4"`` or ``"float8"`` (or a ``config``). By default only ``Dense`` and
         ``EinsumDense`` layers are visited (convolutions, normalizations and embeddings stay as they are);
         ``filters`` is Keras' argument and replaces that choice. The quantized model saves to ``.keras`` and
-        reloads quantized (its config holds the layers' dtype policies).
+        reloads quantized (its config holds the layers' dtype policies). LoRA factors are merged into their
+        kernels first and removed (``merge_lora``), so the quantized model computes what its file holds.
         """
         if filters is None:
             filters = lambda layer: isinstance(layer, _QUANTIZABLE)  # noqa: E731
+        self.merge_lora()
         super().quantize(mode, config=config, filters=filters, **kwargs)
         _FEATURE_MODELS.pop(self, None)
 
@@ -401,27 +423,65 @@ class VisionTransformer(keras.Model):
         (attention ``query``/``key``/``value``/``out``, the MLP's ``Dense_0``/``Dense_1``) and, with
         ``train_head``, the classifier ``head`` (and ``pre_logits``). The outputs are unchanged right after
         enabling (the second factor starts at zero). Saving a ``.keras`` file merges the factors into the
-        kernels; ``save_lora_weights`` stores the factors alone.
+        kernels; ``save_lora_weights`` stores the factors alone. ``rank``: a positive int, at most the rank a
+        target's update can have (its kernel's output size per head, e.g. the head size for ``query``); a name
+        that is no projection of the model, or a rank out of range, is a ``ValueError`` before anything changes.
         """
-        if not isinstance(rank, int) or rank < 1:
+        names = (target_names,) if isinstance(target_names, str) else tuple(target_names)
+        projections = [layer for layer in _nested_layers(self.layers) if hasattr(layer, "enable_lora")]
+        unknown = sorted(set(names) - {layer.name for layer in projections})
+        if unknown or not names:
+            raise ValueError(
+                f"target_names {unknown or names} name no projection of {self.name}: LoRA targets are "
+                f"{', '.join(sorted({layer.name for layer in projections}))}."
+            )
+        self._enable_lora(rank, [layer for layer in projections if layer.name in names], train_head)
+
+    def _enable_lora(self, rank, targets, train_head=True):
+        """LoRA of ``rank`` on the layers ``targets`` (see ``enable_lora``); checked before anything changes."""
+        if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"The LoRA rank must be a positive int, got {rank!r}.")
-        targets = [layer for layer in _nested_layers(self.layers)
-                   if layer.name in target_names and hasattr(layer, "enable_lora")]
-        if not targets:
-            raise ValueError(f"No layer of {self.name} is named one of {tuple(target_names)}.")
+        widest = min(targets, key=_lora_rank_limit)
+        limit = _lora_rank_limit(widest)
+        if rank > limit:
+            raise ValueError(
+                f"LoRA rank {rank} is above {limit}, the rank of an update of the {widest.name!r} projection (kernel "
+                f"{tuple(widest.kernel.shape)}): a higher rank adds factors, not expressiveness; use rank <= {limit}."
+            )
+        enabled = [layer.path for layer in targets if layer.lora_enabled]
+        if enabled:
+            raise ValueError(f"LoRA is already enabled on {enabled[0]}: enable it once per model.")
         self.trainable = True
         for layer in _nested_layers(self.layers):
             layer.trainable = False
         for layer in targets:
             layer.trainable = True
-            layer.enable_lora(rank)
+            layer.enable_lora(int(rank))
             if layer.bias is not None:
                 layer.bias.trainable = False
         if train_head:
             for name in ("pre_logits", "head"):
                 if any(layer.name == name for layer in self.layers):
                     self.get_layer(name).trainable = True
-        self._lora = {"rank": rank, "paths": [layer.path for layer in targets]}
+        self._lora = {"rank": int(rank), "paths": [layer.path for layer in targets]}
+
+    def merge_lora(self):
+        """Adds each LoRA update to its layer's kernel (what saving a ``.keras`` file does) and removes the factors:
+        the model computes the same and has no LoRA left (its layers stay as trainable as they were). Nothing to
+        do without LoRA. ``quantize`` calls it first."""
+        if not getattr(self, "_lora", None):
+            return
+        for layer in self._lora_layers():
+            if layer.quantization_mode is not None:
+                raise ValueError(
+                    f"{layer.path} is quantized: its LoRA update merges when the model is saved (model.save), "
+                    "which quantizes the merged kernel again."
+                )
+            layer._kernel.assign(layer.kernel)  # Keras' kernel property: kernel + (alpha / rank) * A @ B
+            del layer.lora_kernel_a, layer.lora_kernel_b  # untracked by Keras' Layer.__delattr__
+            layer.lora_enabled, layer.lora_rank, layer.lora_alpha = False, None, None
+        del self._lora
+        _FEATURE_MODELS.pop(self, None)
 
     def _lora_layers(self):
         paths = getattr(self, "_lora", {}).get("paths")
@@ -431,35 +491,69 @@ class VisionTransformer(keras.Model):
         return [by_path[path] for path in paths]
 
     def save_lora_weights(self, path):
-        """Writes the LoRA factors (and rank) to ``path`` (``.lora.h5``), keyed by layer path."""
+        """Writes the LoRA factors (and rank) to ``path`` (``.lora.h5``), keyed by layer path, with a digest of the
+        frozen weights they adapt (``load_lora_weights`` checks it)."""
         path = str(path)
         if not path.endswith(".lora.h5"):
             raise ValueError(f"LoRA weights go to a file named '*.lora.h5', got {path!r}.")
+        layers = self._lora_layers()
         with h5py.File(path, "w") as file:
-            file.attrs["rank"] = self._lora["rank"] if hasattr(self, "_lora") else 0
-            for layer in self._lora_layers():
+            file.attrs["rank"] = self._lora["rank"]
+            file.attrs["base_sha256"] = _lora_base_digest(layers)
+            for layer in layers:
                 group = file.create_group(layer.path)
                 group["a"] = keras.ops.convert_to_numpy(layer.lora_kernel_a)
                 group["b"] = keras.ops.convert_to_numpy(layer.lora_kernel_b)
 
     def load_lora_weights(self, path):
-        """Reads factors written by ``save_lora_weights`` (enabling LoRA with their rank first when needed)."""
+        """Reads factors written by ``save_lora_weights`` (enabling LoRA on their layers with their rank first when
+        the model has none).
+
+        Checked before anything changes (a refused file leaves the model as it was): the factors must be those
+        of this model's layers, rank and shapes (else a ``CheckpointMismatchError`` with the ``missing``,
+        ``unexpected`` and ``mis_shaped`` factors), and have been trained on this base model: the frozen weights
+        they adapt must be the ones they were saved with (files that carry their digest).
+        """
+        factors = {}
         with h5py.File(str(path), "r") as file:
-            rank = int(file.attrs["rank"])
-            paths = []
-            file.visititems(lambda name, item: paths.append(name) if isinstance(item, h5py.Group) and "a" in item else None)
-            if not hasattr(self, "_lora"):
-                names = sorted({p.rsplit("/", 1)[-1] for p in paths})
-                self.enable_lora(rank, target_names=names)
-            layers = {layer.path: layer for layer in self._lora_layers()}
-            if sorted(layers) != sorted(paths) or self._lora["rank"] != rank:
-                raise ValueError(
-                    f"{path} holds rank-{rank} LoRA factors for {len(paths)} layers; this model has rank "
-                    f"{self._lora['rank']} on {len(layers)}: enable LoRA with the same rank and targets."
-                )
-            for name in paths:
-                layers[name].lora_kernel_a.assign(file[name]["a"][()])
-                layers[name].lora_kernel_b.assign(file[name]["b"][()])
+            rank, base = int(file.attrs["rank"]), file.attrs.get("base_sha256")
+
+            def read(name, item):
+                if isinstance(item, h5py.Group) and "a" in item:
+                    factors[name] = (item["a"][()], item["b"][()])
+
+            file.visititems(read)
+        current = getattr(self, "_lora", None)
+        projections = {layer.path: layer for layer in _nested_layers(self.layers) if hasattr(layer, "enable_lora")}
+        targets = current["paths"] if current else [name for name in factors if name in projections]
+        model_rank = current["rank"] if current else rank
+        missing = [f"{name}/lora_kernel_{part}" for name in targets if name not in factors for part in "ab"]
+        unexpected = [f"{name}/lora_kernel_{part}" for name in factors if name not in targets for part in "ab"]
+        mis_shaped = []
+        for name in set(targets) & set(factors):
+            shape = tuple(projections[name].kernel.shape)
+            wanted = (shape[:-1] + (model_rank,), (model_rank, shape[-1]))
+            mis_shaped += [(f"{name}/lora_kernel_{part}", array.shape, want)
+                           for part, array, want in zip("ab", factors[name], wanted) if array.shape != want]
+        if missing or unexpected or mis_shaped:
+            raise CheckpointMismatchError(
+                str(path), missing, unexpected, mis_shaped,
+                summary=f"it holds rank-{rank} LoRA factors of {len(factors)} layers",
+                advice="Load LoRA factors onto the model they were trained on, without LoRA enabled or with the "
+                "same rank and targets.",
+            )
+        if base is not None and base != _lora_base_digest([projections[name] for name in targets]):
+            raise CheckpointMismatchError(
+                str(path), summary="its factors were trained on another base model (the frozen weights they adapt "
+                "differ from this model's)",
+                advice="Load them onto the model they were trained from (the same pretrained or fine-tuned weights).",
+            )
+        if not current:
+            self._enable_lora(rank, [projections[name] for name in targets])
+        layers = {layer.path: layer for layer in self._lora_layers()}
+        for name, (a, b) in factors.items():
+            layers[name].lora_kernel_a.assign(a)
+            layers[name].lora_kernel_b.assign(b)
 
     # --- features -------------------------------------------------------------------------------------------
 

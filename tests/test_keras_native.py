@@ -227,6 +227,62 @@ def test_lora_weights_save_and_load_into_a_model_with_the_same_base(tmp_path):
         model.enable_lora(0)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4", "float8"])
+def test_quantizing_a_lora_model_merges_its_factors_first_and_reloads_identically(mode, tmp_path):
+    model = _random_model()
+    model.enable_lora(2)
+    for variable in model.trainable_variables:
+        if "lora_kernel_b" in variable.path:
+            variable.assign(np.full(variable.shape, 0.05, "float32"))  # trained factors
+    images = _images()
+    adapted = keras.ops.convert_to_numpy(model(images))
+    model.quantize(mode)
+    assert not any(getattr(layer, "lora_enabled", False) for layer in model._flatten_layers())
+    quantized = keras.ops.convert_to_numpy(model(images))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(images)), quantized)  # float8: every call runs
+    error = np.abs(quantized - adapted).max() / np.abs(adapted).max()
+    assert error < {"int8": 0.05, "int4": 0.5, "float8": 0.2}[mode]  # the merged kernels, quantized
+    model.save(tmp_path / "q.keras")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.models.load_model(tmp_path / "q.keras")(images)),
+                                  quantized)
+
+
+def test_enable_lora_refuses_a_rank_or_target_it_cannot_use_and_changes_nothing():
+    model = _random_model()
+    for rank in (True, 0, 2.0, 17):  # 17: above the head size 16, the rank of a query update
+        with pytest.raises(ValueError):
+            model.enable_lora(rank)
+    with pytest.raises(ValueError, match="valeu"):
+        model.enable_lora(2, target_names=("query", "valeu"))
+    assert not hasattr(model, "_lora") and len(model.trainable_variables) == len(model.weights)
+    model.enable_lora(16, target_names="query")  # one name as a string; rank up to the head size
+    assert {path.split("/")[-1] for path in model._lora["paths"]} == {"query"}
+    with pytest.raises(ValueError):
+        model.enable_lora(2, target_names="query")  # once per model
+
+
+def test_a_refused_lora_file_leaves_the_model_as_it_was(tmp_path):
+    trained = _random_model(seed=3)
+    trained.enable_lora(2)
+    trained.save_lora_weights(tmp_path / "adapter.lora.h5")
+    other_base = _random_model(seed=4)
+    with pytest.raises(keras_vit.CheckpointMismatchError, match="another base") as caught:
+        other_base.load_lora_weights(tmp_path / "adapter.lora.h5")
+    assert caught.value.missing == caught.value.unexpected == caught.value.mis_shaped == []
+    assert not any(getattr(layer, "lora_enabled", False) for layer in other_base._flatten_layers())
+    assert len(other_base.trainable_variables) == len(other_base.weights)  # nothing frozen
+    wider = _random_model(hidden_size=96)
+    with pytest.raises(keras_vit.CheckpointMismatchError) as caught:
+        wider.load_lora_weights(tmp_path / "adapter.lora.h5")
+    assert caught.value.mis_shaped[0][1:] == ((48, 3, 2), (96, 3, 2))
+    assert not any(getattr(layer, "lora_enabled", False) for layer in wider._flatten_layers())
+    deeper = _random_model(seed=3, num_layers=3)
+    deeper.enable_lora(2)
+    with pytest.raises(keras_vit.CheckpointMismatchError) as caught:
+        deeper.load_lora_weights(tmp_path / "adapter.lora.h5")
+    assert [name.split("/")[0] for name in caught.value.missing] == ["encoderblock_2"] * 4
+
+
 # --- dtype policies -----------------------------------------------------------------------------------------------
 
 
