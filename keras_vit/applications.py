@@ -52,6 +52,11 @@ def _input_geometry(input_shape, image_size, channels, native_size=_DEFAULT_IMAG
     return shape[:2], shape[2], None
 
 
+def _has_open_side(input_shape):
+    """Whether a keras.applications ``input_shape`` leaves its height or width open (None)."""
+    return isinstance(input_shape, (tuple, list)) and len(input_shape) == 3 and None in tuple(input_shape)[:2]
+
+
 def _default_name(official_name):
     """The official name as a valid Keras/TensorFlow scope name: ``"R50+ViT-B_16"`` -> ``"R50_ViT-B_16"``."""
     return official_name.replace("+", "_")
@@ -137,7 +142,8 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     classes, image size from the position-embedding grid) is inferred from the arrays. A file without a head
     (a SigLIP image tower) gives its pooled representation (``include_top=False``, ``pooling`` = its
     classifier, e.g. ``"map"``) unless ``classes`` asks for a new head. Fixed (sin-cos) position embeddings
-    hold no grid: pass ``image_size``. ``image_size``, ``classes``, ``patch_size`` and ``channels`` may differ
+    hold no grid: pass ``image_size``, or an ``input_shape`` with open sides (any size; its native size is then
+    224 rounded to the token stride unless ``image_size`` says otherwise). ``image_size``, ``classes``, ``patch_size`` and ``channels`` may differ
     from the checkpoint's (adapted, see ``keras_vit.pretrained.adapt``). ``input_shape=(None, None, C)`` makes a
     model of any image size whose position embeddings keep the checkpoint's grid (or ``image_size``'s).
     ``allow_nonfinite=True`` loads arrays that hold NaN or infinite values (refused by default). Other keyword
@@ -152,7 +158,12 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     if config["image_size"] is None and source.grid is not None:
         stride = token_stride(config["patch_size"], config.get("resnet_layers"))
         config["image_size"] = (source.grid[0] * stride[0], source.grid[1] * stride[1])
-    if image_size is None and config["image_size"] is None:
+    native_size = config["image_size"]
+    if native_size is None and config["posemb"] == "sincos2d" and _has_open_side(input_shape):
+        # fixed embeddings are computed for each call's grid: the native size only lays out position_embeddings()
+        stride = token_stride(config["patch_size"], config.get("resnet_layers"))
+        native_size = tuple(max(_DEFAULT_IMAGE_SIZE // step, 1) * step for step in stride)
+    if image_size is None and native_size is None:
         raise ValueError(f"{path}: the image size cannot be read off its arrays: pass image_size=(height, width).")
     if include_top and classes is None and config["classes"] is None:
         # A file without a head describes its pooled representation (a SigLIP image tower: the MAP output).
@@ -160,12 +171,12 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
         overrides.setdefault("pooling", config["classifier"])
     if not (include_top and classes in (None, config["classes"])):
         config["representation_size"] = None  # a new head or none: the pre-logits layer goes too
-    size, channels, native = _input_geometry(input_shape, image_size, config["channels"], config["image_size"])
+    size, channels, native = _input_geometry(input_shape, image_size, config["channels"], native_size)
     config.update(
         image_size=size,
         native_image_size=native,
         channels=channels,
-        classes=classes or config["classes"] or 1000,
+        classes=classes if classes is not None else config["classes"] or 1000,
         include_top=include_top,
         name=Path(str(path)).stem.replace(".", "_"),
         dtype=dtype,

@@ -44,6 +44,7 @@ from keras_vit.layers import (
 from keras_vit.layers import heads as heads_lib
 from keras_vit.layers.embedding import PadToMultiple, position_embedding
 from keras_vit.layers.tokens import prefix_token_layers
+from keras_vit.preprocessing import check_pixels
 from keras_vit.pretrained.names import CheckpointMismatchError, official_scope
 
 _FEATURE_MODELS = weakref.WeakKeyDictionary()  # model -> {key: sub-model sharing its layers}
@@ -77,12 +78,17 @@ def _lora_rank_limit(layer):
     return min(int(np.prod(shape[:-1])), shape[-1])
 
 
+def _base_kernel(layer):
+    """The kernel variable of a LoRA layer, without the update (its ``kernel`` property adds the update)."""
+    return next(weight for weight in layer.weights if weight.name == "kernel")
+
+
 def _lora_base_digest(layers):
     """SHA-256 of the frozen weights (kernels and biases) that the LoRA factors of ``layers`` adapt, by path."""
     digest = hashlib.sha256()
     for layer in sorted(layers, key=lambda layer: layer.path):
         digest.update(layer.path.encode())
-        for weight in (layer._kernel, layer.bias):  # ``_kernel``: the base, without the LoRA update
+        for weight in (_base_kernel(layer), layer.bias):
             if weight is not None:
                 digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     return digest.hexdigest()
@@ -214,10 +220,15 @@ class VisionTransformer(keras.Model):
                 "leave it None, it is inferred."
             )
         if class_names is not None:
+            if isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__iter__"):
+                raise ValueError(f"class_names must be a list of names, one per class, got {class_names!r}.")
             class_names = [str(n) for n in class_names]
             if arch.classes is not None and len(class_names) != arch.classes:
                 raise ValueError(f"class_names has {len(class_names)} names for {arch.classes} classes.")
         policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
+        quantized = _quantized_entries(policy)
+        if quantized:  # a quantized model's config (``_dtype_config``): built in float, then quantized by Keras
+            policy = policy.default_policy
         if not isinstance(policy, keras.dtype_policies.DTypePolicyMap) and policy.quantization_mode is not None:
             raise ValueError(
                 f"dtype={policy.name!r} is a quantized policy: build the model with its source precision "
@@ -264,11 +275,9 @@ class VisionTransformer(keras.Model):
         self._base_policy = policy.default_policy if isinstance(policy, keras.dtype_policies.DTypePolicyMap) else policy
         # The model's own policy is the layers' (Keras' compile reads it: a mixed_float16 model gets loss scaling).
         self.dtype_policy = self._base_policy
-        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):  # a quantized model's config (a reloaded file)
-            # Every layer gets its own entry as its policy, as Keras' functional models have: Keras' quantized
-            # layers read their mode off their own policy when they save (a map would say "not quantized").
-            for layer in _nested_layers(self.layers):
-                layer._dtype_policy = _resolved_policy(layer)
+        # Each quantized layer gets its own policy from its own ``quantize``, as in the model that was saved (a
+        # layer under a map would not save: Keras' layers read their mode off the policy they hold).
+        _quantize_paths(self, quantized)
         self._vit_config = dict(
             image_size=arch.image_size,
             patch_size=arch.patch_size,
@@ -313,16 +322,14 @@ class VisionTransformer(keras.Model):
         }
 
     def _dtype_config(self):
-        """The policy name; with quantized layers a serialized ``DTypePolicyMap`` of every layer that differs."""
-        layers = list(_nested_layers(self.layers))
-        if not any(layer.quantization_mode is not None for layer in layers):
+        """The policy name; with quantized layers a serialized ``DTypePolicyMap`` of their policies by path."""
+        policies = {layer.path: _resolved_policy(layer) for layer in _nested_layers(self.layers)
+                    if layer.quantization_mode is not None}
+        if not policies:
             return self._base_policy.name
-        policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=self._base_policy)
-        for layer in layers:
-            policy = _resolved_policy(layer)
-            if layer.path and (policy.quantization_mode is not None or policy.name != self._base_policy.name):
-                policy_map[layer.path] = policy
-        return keras.dtype_policies.serialize(policy_map)
+        return keras.dtype_policies.serialize(
+            keras.dtype_policies.DTypePolicyMap(default_policy=self._base_policy, policy_map=policies)
+        )
 
     @classmethod
     def from_config(cls, config):
@@ -388,7 +395,11 @@ class VisionTransformer(keras.Model):
                     )
 
     def __call__(self, *args, **kwargs):
-        self._check_images(args[0] if args else kwargs.get("inputs"))
+        images = args[0] if args else kwargs.get("inputs")
+        self._check_images(images)
+        if self._vit_config["include_preprocessing"] and isinstance(images, np.ndarray):
+            # NumPy input only: its range is at hand (graphs, predict and fit are never checked)
+            check_pixels(images, f"{self.name} (include_preprocessing=True)")
         return super().__call__(*args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
@@ -477,7 +488,7 @@ class VisionTransformer(keras.Model):
                     f"{layer.path} is quantized: its LoRA update merges when the model is saved (model.save), "
                     "which quantizes the merged kernel again."
                 )
-            layer._kernel.assign(layer.kernel)  # Keras' kernel property: kernel + (alpha / rank) * A @ B
+            _base_kernel(layer).assign(layer.kernel)  # Keras' kernel property: kernel + (alpha / rank) * A @ B
             del layer.lora_kernel_a, layer.lora_kernel_b  # untracked by Keras' Layer.__delattr__
             layer.lora_enabled, layer.lora_rank, layer.lora_alpha = False, None, None
         del self._lora
@@ -703,44 +714,47 @@ def official_arrays(model):
     return {name: np.asarray(keras.ops.convert_to_numpy(v), np.float32) for name, v in official_weights(model).items()}
 
 
-def _code_layers(model):
-    """The layers of ``model`` whose kernels hold integer codes (``holds_codes``), by path."""
-    return {layer.path: layer for layer in _nested_layers(model.layers) if layer.quantization_mode in _CODE_MODES}
-
-
 def holds_codes(model):
     """Whether a layer of ``model`` is quantized to integer codes (int8, int4, GPTQ, AWQ): its ``kernel`` variable
     then holds codes, not weights (float8 layers keep float kernels)."""
-    return bool(_code_layers(model))
-
-
-def _quantization_config(layer):
-    """The ``QuantizationConfig`` that quantizes another layer as ``layer`` was: its own when it has one, else
-    (a layer reloaded from a file) what its dtype policy says (an int4 block size); None for Keras' default."""
-    config = getattr(layer, "quantization_config", None)
-    block_size = getattr(_resolved_policy(layer), "block_size", None)
-    if config is None and layer.quantization_mode == "int4" and block_size not in (None, -1):
-        config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
-    return config
+    return any(layer.quantization_mode in _CODE_MODES for layer in _nested_layers(model.layers))
 
 
 def quantize_like(model, reference):
     """Quantizes the float layers of ``model`` that are quantized in ``reference`` (same paths), each in its mode
-    and configuration, with Keras' own ``quantize`` (float8 layers start with fresh scales). GPTQ and AWQ need
-    calibration data: a ``ValueError``."""
+    and configuration, with Keras' own ``quantize`` (float8 layers start with fresh scales)."""
+    _quantize_paths(model, {layer.path: _resolved_policy(layer) for layer in _nested_layers(reference.layers)
+                            if layer.quantization_mode})
+
+
+def _quantized_entries(policy):
+    """``{path: quantized DTypePolicy}`` of a ``DTypePolicyMap`` (a quantized model's config); {} otherwise.
+
+    Its other entries are left out: the builder gives those layers their policies (the head's float32)."""
+    if not isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return {}
+    return {path: policy[path] for path in policy if policy[path].quantization_mode is not None}
+
+
+def _quantize_paths(model, policies):
+    """Quantizes the layers of ``model`` at the paths of ``policies`` ({path: quantized DTypePolicy}) with Keras'
+    own ``quantize``, each in its policy's mode and int4 block size. GPTQ and AWQ need calibration data: a
+    ``ValueError``."""
     groups = {}
-    quantized = {layer.path: layer for layer in _nested_layers(reference.layers) if layer.quantization_mode}
-    for path, layer in quantized.items():
-        if layer.quantization_mode in ("gptq", "awq"):
+    for path, policy in policies.items():
+        mode = policy.quantization_mode
+        if mode in ("gptq", "awq"):
             raise ValueError(
-                f"{reference.name} is {layer.quantization_mode.upper()}-quantized, which needs calibration data to "
-                "quantize again: load the weights into the float model, then quantize it."
+                f"{path} is {mode.upper()}-quantized, which needs calibration data to quantize again: load the "
+                "weights into the float model, then quantize it."
             )
-        config = _quantization_config(layer)
-        groups.setdefault((layer.quantization_mode, id(config)), (config, set()))[1].add(path)
-    for (mode, _), (config, paths) in groups.items():
+        block_size = getattr(policy, "block_size", None) if mode == "int4" else None
+        groups.setdefault((mode, block_size), set()).add(path)
+    for (mode, block_size), paths in groups.items():
+        config = None if block_size in (None, -1) else keras.quantizers.Int4QuantizationConfig(block_size=block_size)
         keras.Model.quantize(model, mode, config=config, filters=lambda layer, paths=paths: layer.path in paths)
-    _FEATURE_MODELS.pop(model, None)
+    if policies:
+        _FEATURE_MODELS.pop(model, None)
 
 
 def _effective_kernel(quantized, shape):

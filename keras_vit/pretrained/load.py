@@ -30,7 +30,7 @@ from keras_vit.models import (
 from keras_vit.pretrained import adapt as adapt_lib
 from keras_vit.pretrained import checks, download, registry
 from keras_vit.pretrained.config import architecture, architecture_summary, infer_config
-from keras_vit.pretrained.names import CheckpointMismatchError, mismatch, normalize_names
+from keras_vit.pretrained.names import CheckpointMismatchError, mismatch, model_arrays, normalize_names
 from keras_vit.pretrained.npz import READ_ANYWAY_BYTES, read_npz, stand_ins
 
 Source = collections.namedtuple("Source", "arrays label grid")
@@ -106,12 +106,12 @@ def read(source, model_name=None, image_size=None, like=None, allow_nonfinite=Fa
     ``.npz``, a ``.keras`` model or a ``.weights.h5`` file (needs ``like``,
     a model of the file's architecture, since the file holds none). With
     ``like``, an ``.npz`` far larger than that model is refused before it is
-    read. Arrays with NaN or infinite values are a ``ValueError`` naming
-    them unless ``allow_nonfinite=True``.
+    read. Arrays a model reads (``names.model_arrays``: not optimizer state, not the text tower of a two-tower
+    file) with NaN or infinite values are a ``ValueError`` naming them unless ``allow_nonfinite=True``.
     """
     result = _read(source, model_name, image_size, like)
     if not allow_nonfinite:
-        checks.check_finite(result.arrays, result.label)
+        checks.check_finite(model_arrays(result.arrays), result.label)
     return result
 
 
