@@ -137,7 +137,8 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     """Builds the model a checkpoint describes and loads it; no other argument is needed.
 
     ``path``: an official ``.npz`` (google-research/vision_transformer or big_vision, the image tower of a
-    two-tower SigLIP file included), a keras_vit ``.keras`` file or an URL. The architecture (hidden size,
+    two-tower SigLIP file included), a keras_vit ``.keras`` file (of a quantized model: the float weights its
+    layers apply) or an URL. The architecture (hidden size,
     layers, heads, MLP size, patch size, classifier, registers, position embeddings, representation size,
     classes, image size from the position-embedding grid) is inferred from the arrays. A file without a head
     (a SigLIP image tower) gives its pooled representation (``include_top=False``, ``pooling`` = its

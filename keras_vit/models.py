@@ -158,7 +158,8 @@ class VisionTransformer(keras.Model):
             ``preprocessing``), so the model takes pixels in [0, 255]. Default False: the model takes [-1, 1].
         variant: the official variant this geometry is (e.g. ``"ViT-B_16"``), which picks weights families;
             inferred from the geometry when None (stored in the config either way).
-        class_names: optional names of the K classes, stored with the model (``decode_predictions`` reads them).
+        class_names: optional list of the K class names, stored with the model
+            (``decode_predictions(scores, model=model)`` reads them).
         input_tensor: optional ``keras.Input`` to use as the model's input (not serialized: a reloaded model gets
             its own input).
         name: model name.
