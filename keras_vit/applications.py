@@ -10,7 +10,7 @@ from pathlib import Path
 from keras_vit import configs
 from keras_vit.architecture import token_stride, unknown_arguments_error
 from keras_vit.layers import to_pair
-from keras_vit.models import BUILDER_ARGUMENTS, VisionTransformer, vision_transformer
+from keras_vit.models import BUILDER_ARGUMENTS, VisionTransformer, holds_codes, quantize_like, vision_transformer
 from keras_vit.pretrained import load as loading
 from keras_vit.pretrained.config import infer_config
 from keras_vit.pretrained.registry import families_for
@@ -50,6 +50,11 @@ def _input_geometry(input_shape, image_size, channels, native_size=_DEFAULT_IMAG
             "(input_shape wins in keras.applications; here neither is guessed)."
         )
     return shape[:2], shape[2], None
+
+
+def _has_open_side(input_shape):
+    """Whether a keras.applications ``input_shape`` leaves its height or width open (None)."""
+    return isinstance(input_shape, (tuple, list)) and len(input_shape) == 3 and None in tuple(input_shape)[:2]
 
 
 def _default_name(official_name):
@@ -132,12 +137,14 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     """Builds the model a checkpoint describes and loads it; no other argument is needed.
 
     ``path``: an official ``.npz`` (google-research/vision_transformer or big_vision, the image tower of a
-    two-tower SigLIP file included), a keras_vit ``.keras`` file or an URL. The architecture (hidden size,
+    two-tower SigLIP file included), a keras_vit ``.keras`` file (of a quantized model: the float weights its
+    layers apply) or an URL. The architecture (hidden size,
     layers, heads, MLP size, patch size, classifier, registers, position embeddings, representation size,
     classes, image size from the position-embedding grid) is inferred from the arrays. A file without a head
     (a SigLIP image tower) gives its pooled representation (``include_top=False``, ``pooling`` = its
     classifier, e.g. ``"map"``) unless ``classes`` asks for a new head. Fixed (sin-cos) position embeddings
-    hold no grid: pass ``image_size``. ``image_size``, ``classes``, ``patch_size`` and ``channels`` may differ
+    hold no grid: pass ``image_size``, or an ``input_shape`` with open sides (any size; its native size is then
+    224 rounded to the token stride unless ``image_size`` says otherwise). ``image_size``, ``classes``, ``patch_size`` and ``channels`` may differ
     from the checkpoint's (adapted, see ``keras_vit.pretrained.adapt``). ``input_shape=(None, None, C)`` makes a
     model of any image size whose position embeddings keep the checkpoint's grid (or ``image_size``'s).
     ``allow_nonfinite=True`` loads arrays that hold NaN or infinite values (refused by default). Other keyword
@@ -152,7 +159,12 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     if config["image_size"] is None and source.grid is not None:
         stride = token_stride(config["patch_size"], config.get("resnet_layers"))
         config["image_size"] = (source.grid[0] * stride[0], source.grid[1] * stride[1])
-    if image_size is None and config["image_size"] is None:
+    native_size = config["image_size"]
+    if native_size is None and config["posemb"] == "sincos2d" and _has_open_side(input_shape):
+        # fixed embeddings are computed for each call's grid: the native size only lays out position_embeddings()
+        stride = token_stride(config["patch_size"], config.get("resnet_layers"))
+        native_size = tuple(max(_DEFAULT_IMAGE_SIZE // step, 1) * step for step in stride)
+    if image_size is None and native_size is None:
         raise ValueError(f"{path}: the image size cannot be read off its arrays: pass image_size=(height, width).")
     if include_top and classes is None and config["classes"] is None:
         # A file without a head describes its pooled representation (a SigLIP image tower: the MAP output).
@@ -160,12 +172,12 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
         overrides.setdefault("pooling", config["classifier"])
     if not (include_top and classes in (None, config["classes"])):
         config["representation_size"] = None  # a new head or none: the pre-logits layer goes too
-    size, channels, native = _input_geometry(input_shape, image_size, config["channels"], config["image_size"])
+    size, channels, native = _input_geometry(input_shape, image_size, config["channels"], native_size)
     config.update(
         image_size=size,
         native_image_size=native,
         channels=channels,
-        classes=classes or config["classes"] or 1000,
+        classes=classes if classes is not None else config["classes"] or 1000,
         include_top=include_top,
         name=Path(str(path)).stem.replace(".", "_"),
         dtype=dtype,
@@ -181,13 +193,15 @@ def resize_model(model, image_size, patch_size=None):
     pipeline: position embeddings interpolated the official way, the patch kernel resampled (FlexiViT) when
     ``patch_size`` is given. ``image_size=(None, None)`` (or one open side) gives the same model for any image
     size: its position embeddings keep their grid and are resampled at each call. A plain functional model
-    from an older keras_vit ``.keras`` file is accepted (its configuration is read off its weights). ``model``
-    is unchanged.
+    from an older keras_vit ``.keras`` file is accepted (its configuration is read off its weights). A model
+    quantized to int8 or int4 is resized from its effective weights and quantized the same way (the codes of
+    layers the resizing does not touch stay). ``model`` is unchanged.
     """
     source = loading.model_source(model, f"model {model.name}")
+    requantize = holds_codes(model)  # built in float, loaded, then quantized as ``model`` is
     if isinstance(model, VisionTransformer):
         config = model.vit_config
-        config.update(name=model.name, dtype=model.get_config()["dtype"])
+        config.update(name=model.name, dtype=model.dtype_policy.name if requantize else model.get_config()["dtype"])
     else:  # a keras_vit model saved before VisionTransformer existed
         config = infer_config(source.arrays)
         config.update(include_top=config["classes"] is not None, classes=config["classes"] or 1000, name=model.name)
@@ -199,7 +213,10 @@ def resize_model(model, image_size, patch_size=None):
     config["variant"] = None
     if patch_size is not None:
         config["patch_size"] = to_pair(patch_size, "patch size")
-    return loading.assign(VisionTransformer(**config), source)
+    resized = loading.assign(VisionTransformer(**config), source)
+    if requantize:
+        quantize_like(resized, model)
+    return resized
 
 
 _CONSTRUCTOR_DOC = """Instantiates the {official} architecture ({description}).

@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import numbers
 
+import numpy as np
+
 from keras_vit.layers.common import GELU_FORMS, to_pair
 from keras_vit.layers.heads import POOLINGS as POOLING_KINDS
 from keras_vit.resnet import stem_stride
@@ -92,6 +94,13 @@ class Architecture:
         if representation_size and not include_top and pooling is None:
             raise ValueError("representation_size applies to a pooled vector: set pooling='token', 'avg', 'max' or 'map'.")
         _check_int("num_register_tokens", num_register_tokens, minimum=0)
+        for name, value in (("include_top", include_top), ("posemb_class_token", posemb_class_token),
+                            ("dynamic_padding", dynamic_padding)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
+        if include_top and classes is None:
+            raise ValueError("classes must be a positive int with include_top=True, got None: give the number of "
+                             "classes, or build with include_top=False.")
         prefix = ((("class", 1),) if classifier == "token" else ()) + (
             (("register", num_register_tokens),) if num_register_tokens else ()
         )

@@ -362,7 +362,7 @@ def _input_description(format, height, width, channels):
 def _sample_batches(model, images):
     """The batches (B, H, W, C) an export is checked on: ``images`` (an array, or a list of arrays of different
     sizes), else 8 random images at the model's size; a model of any size is checked at two sizes (its native
-    one and a rectangular other)."""
+    one and a rectangular other, whose sides are not multiples of the token stride when the model pads)."""
     if images is not None:
         return [np.asarray(batch, np.float32) for batch in (images if isinstance(images, (list, tuple)) else [images])]
     height, width, channels = _input_size(model)
@@ -370,8 +370,9 @@ def _sample_batches(model, images):
     sizes = [(height, width)]
     if None in (height, width):
         native, step = arch.native_image_size, arch.token_stride
+        pad = 1 if arch.dynamic_padding else 0  # one pixel short of a multiple: the model pads it
         sizes = [tuple(n if s is None else s for s, n in zip((height, width), native)),
-                 tuple(n + k * t if s is None else s for s, n, t, k in zip((height, width), native, step, (1, 2)))]
+                 tuple(n + k * t - pad if s is None else s for s, n, t, k in zip((height, width), native, step, (1, 2)))]
     rng = np.random.default_rng(0)
     return [rng.uniform(-1, 1, (4 if len(sizes) > 1 else 8, *size, channels)).astype(np.float32) for size in sizes]
 

@@ -9,6 +9,7 @@ the channels a model takes (TensorFlow).
 """
 
 import functools
+import numbers
 from importlib import resources
 
 import numpy as np
@@ -22,8 +23,37 @@ OFFICIAL_INPUT = dict(mean=0.5, std=0.5, interpolation="bilinear", crop_pct=1.0,
 
 
 def preprocess_input(images):
-    """(..., H, W, C) pixels in [0, 255] (uint8 or float) -> float32 in [-1, 1]: ``(x - 127.5) / 127.5``."""
+    """(..., H, W, C) pixels in [0, 255] (uint8 or float) -> float32 in [-1, 1]: ``(x - 127.5) / 127.5``.
+
+    NumPy arrays (and lists) are checked first (``check_pixels``): values outside [0, 255] (images already
+    mapped to [-1, 1], 16-bit pixels) and floats in [0, 1] are a ``ValueError`` that says what to do. Tensors are
+    taken as they are (nothing is added to a graph or a ``tf.data`` pipeline).
+    """
+    if isinstance(images, (np.ndarray, list, tuple)):
+        check_pixels(images)
     return (ops.cast(images, "float32") - 127.5) / 127.5
+
+
+def check_pixels(images, what="preprocess_input"):
+    """Refuses (``ValueError``) NumPy ``images`` that are not pixels in [0, 255]: values below 0 (already in
+    [-1, 1]?) or above 255 (16-bit pixels?), or floats all in [0, 1] that are not whole numbers (images scaled to
+    [0, 1]). Black and near-black pixel images pass."""
+    values = np.asarray(images)
+    if values.size == 0 or values.dtype == bool:
+        return
+    low, high = values.min(), values.max()
+    if low < 0:
+        raise ValueError(
+            f"{what} takes pixels in [0, 255], got values down to {low:.3g}: these images look already mapped to "
+            "[-1, 1] (pass them to a model without include_preprocessing, and do not preprocess them again)."
+        )
+    if high > 255:
+        raise ValueError(
+            f"{what} takes pixels in [0, 255], got values up to {high:.6g} ({values.dtype}): scale them to 8 bits "
+            "first (16-bit pixels: // 257)."
+        )
+    if values.dtype.kind == "f" and 0 < high <= 1 and np.any(values != np.round(values)):
+        raise ValueError(f"{what} takes pixels in [0, 255], got floats in [0, 1]: multiply them by 255 first.")
 
 
 def decode_image(data, channels):
@@ -48,6 +78,15 @@ def decode_image(data, channels):
     )
 
 
+def load_images(paths, image_size, channels=3):
+    """Image files -> float32 (N, H, W, ``channels``) in [-1, 1]: decoded (``decode_image``), resized to
+    ``image_size`` (H, W) (bilinear) and mapped by ``preprocess_input``. TensorFlow."""
+    import tensorflow as tf
+
+    pixels = [tf.image.resize(decode_image(tf.io.read_file(str(path)), channels), image_size) for path in paths]
+    return np.asarray(ops.convert_to_numpy(preprocess_input(np.stack(pixels))))
+
+
 @functools.cache
 def imagenet1k_classes():
     """The 1000 ImageNet-1k classes as ``[(wordnet_id, names), ...]`` in index order."""
@@ -55,16 +94,24 @@ def imagenet1k_classes():
     return [tuple(line.split("\t", 1)) for line in text.splitlines()]
 
 
-def decode_predictions(predictions, top=5, class_names=None):
+def decode_predictions(predictions, top=5, class_names=None, model=None):
     """Top classes of (B, K) scores as ``[[(class_id, name, score), ...], ...]``, best first.
 
     Without ``class_names``: a 1000-way ImageNet-1k head; ``class_id`` is the
     WordNet id and ``name`` the first of the class's names (e.g.
     ``"goldfish"``). With ``class_names`` (the K names in output order, e.g.
     ``report.json``'s ``"class_names"`` of a model trained on an image
-    folder): ``class_id`` is the output index. Scores are returned as given
-    (logits or probabilities).
+    folder), or ``model=`` a model built with ``class_names`` (its
+    ``model.class_names``): ``class_id`` is the output index. ``top``: a
+    positive int (at most K classes are returned). Scores are returned as
+    given (logits or probabilities).
     """
+    if not isinstance(top, numbers.Integral) or isinstance(top, bool) or top < 1:
+        raise ValueError(f"top must be a positive int (how many classes per image), got {top!r}.")
+    if model is not None:
+        if class_names is not None:
+            raise ValueError("Give class_names or model (whose class_names are read), not both.")
+        class_names = getattr(model, "class_names", None)
     scores = np.asarray(ops.convert_to_numpy(predictions))
     if class_names is None:
         classes = [(wordnet_id, names.split(",")[0]) for wordnet_id, names in imagenet1k_classes()]

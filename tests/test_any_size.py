@@ -167,3 +167,45 @@ def test_exports_keep_the_open_sides(format, tmp_path):
 
         dims = onnx.load(str(tmp_path / "vit.onnx")).graph.input[0].type.tensor_type.shape.dim
         assert [d.dim_param != "" for d in dims] == [True, True, True, False]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="exports run on TensorFlow")
+def test_the_export_check_of_a_padding_model_covers_sizes_that_pad():
+    from keras_vit import export
+
+    model = keras_vit.vision_transformer(image_size=(None, None), native_image_size=16, patch_size=4, hidden_size=12,
+                                         num_layers=1, num_heads=3, mlp_dim=24, classes=3, dynamic_padding=True)
+    sizes = [batch.shape[1:3] for batch in export._sample_batches(model, None)]
+    assert (16, 16) in sizes and any(h % 4 and w % 4 for h, w in sizes)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="exports run on TensorFlow")
+@pytest.mark.parametrize("format", ["onnx", "tflite"])
+def test_a_padding_model_exports_right_at_sizes_that_pad(format, tmp_path):
+    # ONNX's Mod of a negative size is not Python's (the padding was cut instead of added); TFLite needs the
+    # channels of the padded images.
+    from keras_vit import export
+
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), input_shape=(None, None, 3),
+                                               dynamic_padding=True)
+    batches = [_images((33, 35)), _images((31, 32), seed=1), _images((5, 8), seed=2)]
+    result = export.export(model, tmp_path / f"vit.{format}", format=format, images=batches)
+    assert result["max_abs_diff"] < 1e-4
+    assert export.export(model, tmp_path / f"default.{format}", format=format)["max_abs_diff"] < 1e-4
+
+
+def test_a_model_of_any_size_resizes_and_its_file_interpolates(tmp_path):
+    from keras_vit.cli import interpolate_main
+
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), input_shape=(None, None, 3))
+    images = _images((48, 32))
+    fixed = keras_vit.resize_model(model, (48, 32))
+    assert fixed.grid == (12, 8)
+    np.testing.assert_allclose(_numpy(fixed(images)), _numpy(model(images)), atol=1e-5)
+    still_open = keras_vit.resize_model(model, (None, None))
+    np.testing.assert_allclose(_numpy(still_open(images)), _numpy(model(images)), atol=1e-6)
+    model.save(tmp_path / "any.keras")
+    assert interpolate_main([str(tmp_path / "any.keras"), str(tmp_path / "fixed.keras"), "--image-size", "48,32"]) == 0
+    np.testing.assert_allclose(_numpy(keras.models.load_model(tmp_path / "fixed.keras")(images)), _numpy(model(images)),
+                               atol=1e-5)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import keras_vit
+from conftest import fixture_path
 from keras_vit.architecture import Architecture
 
 SMALL = dict(image_size=16, patch_size=4, hidden_size=12, num_layers=2, num_heads=3, mlp_dim=24, classes=5)
@@ -166,6 +167,15 @@ def test_from_official_checkpoint_infers_the_new_options(tmp_path):
         (lambda: keras_vit.vision_transformer(**{**SMALL, "hidden_size": 10, "num_heads": 2}, posemb="sincos2d"),
          ValueError, ["multiple of 4", "10"]),
         (lambda: keras_vit.vision_transformer(**SMALL, class_names=["a", "b"]), ValueError, ["class_names", "5"]),
+        (lambda: keras_vit.vision_transformer(**{**SMALL, "classes": 3}, class_names="abc"), ValueError,
+         ["class_names", "'abc'"]),
+        (lambda: keras_vit.vision_transformer(**SMALL, posemb_class_token="no"), ValueError,
+         ["posemb_class_token", "'no'"]),
+        (lambda: keras_vit.vision_transformer(**SMALL, dynamic_padding="yes"), ValueError, ["dynamic_padding"]),
+        (lambda: keras_vit.vision_transformer(**{**SMALL, "classes": None}), ValueError, ["classes", "None"]),
+        (lambda: keras_vit.ViT_Ti16(image_size=32, num_layers=1, classes=0), ValueError, ["classes", "0"]),
+        (lambda: keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), classes=0), ValueError,
+         ["classes", "0"]),
     ],
 )
 def test_bad_arguments_name_themselves(call, error, words):

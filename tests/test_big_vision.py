@@ -261,6 +261,26 @@ def test_sincos_model_has_no_position_embedding_weights():
         keras_vit.from_official_checkpoint(big_vision_path("bv_gap_sincos", "ckpt"))
 
 
+def test_a_sincos_file_of_any_size_needs_no_image_size():
+    ref, _ = big_vision_reference("bv_gap_sincos")
+    model = keras_vit.from_official_checkpoint(big_vision_path("bv_gap_sincos", "ckpt"), input_shape=(None, None, 3))
+    assert model.input.shape == (None, None, None, 3)
+    np.testing.assert_allclose(n(model(ref["images"])), ref["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_values_are_refused_only_in_the_arrays_a_model_reads(tmp_path):
+    ref, _ = big_vision_reference("siglip_img_like")
+    arrays = npz.read_npz(big_vision_path("siglip_img_like", "ckpt"))
+    text = next(name for name in arrays if name.startswith("params/txt/") and arrays[name].dtype.kind == "f")
+    np.savez(tmp_path / "nan_text.npz", **{**arrays, text: np.full_like(arrays[text], np.nan)})
+    model = keras_vit.from_official_checkpoint(tmp_path / "nan_text.npz")  # the text tower is never read
+    np.testing.assert_allclose(n(model(ref["images"])), ref["logits"], atol=1e-5, rtol=1e-5)
+    image = "params/img/MAPHead_0/probe"
+    np.savez(tmp_path / "nan_image.npz", **{**arrays, image: np.full_like(arrays[image], np.nan)})
+    with pytest.raises(ValueError, match="MAPHead_0/probe"):
+        keras_vit.from_official_checkpoint(tmp_path / "nan_image.npz")
+
+
 # --- registry: a family resolves by the model's variant; the file decides the classifier ---------------------------
 
 _TINY = dict(patch_size=4, hidden_size=48, num_layers=2, num_heads=3, mlp_dim=96, image_size=32)

@@ -251,3 +251,22 @@ def test_converter_output_goes_to_a_log_named_by_a_one_line_error(tmp_path, monk
     os.unlink(log_path)
     assert dump in logged and "python-level converter chatter" in logged
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_tools_take_image_files_for_a_model_of_any_size(tmp_path, capsys):
+    import runpy
+
+    model = keras_vit.from_official_checkpoint(fixture_path("vit_tiny_token", "ckpt"), input_shape=(None, None, 3))
+    model.save(tmp_path / "any.keras")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    visualize = runpy.run_path(str(REPO / "tools" / "visualize.py"))["main"]
+    assert visualize([str(tmp_path / "any.keras"), str(tmp_path / "a.png"), "--out", str(tmp_path / "figures")]) == 0
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 4
+    capsys.readouterr()
+    export_tool = runpy.run_path(str(REPO / "tools" / "export.py"))["main"]
+    output = tmp_path / "vit.tflite"
+    assert export_tool([str(tmp_path / "any.keras"), str(output), "--format", "tflite", "--images", str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[: out.rindex("}") + 1])
+    assert result["max_abs_diff"] < 1e-4 and output.is_file()

@@ -95,6 +95,66 @@ def test_quantized_model_saves_and_reloads_in_a_fresh_process_with_identical_out
     )
 
 
+@pytest.mark.parametrize("mode", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
+def test_a_reloaded_quantized_model_saves_again_resizes_and_interpolates(mode, tmp_path):
+    from keras_vit.cli import interpolate_main
+
+    model = _random_model()
+    model.quantize(mode)
+    images = _images()
+    expected = keras.ops.convert_to_numpy(model(images))
+    model.save(tmp_path / "q.keras")
+    reloaded = keras.models.load_model(tmp_path / "q.keras")
+    assert reloaded.get_config()["dtype"] == model.get_config()["dtype"]  # a DTypePolicyMap of the quantized layers
+    reloaded.save(tmp_path / "again.keras")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.models.load_model(tmp_path / "again.keras")(images)),
+                                  expected)
+    resized = keras_vit.resize_model(reloaded, 16)  # the same size: the same codes
+    assert {layer.quantization_mode for layer in _quantized_layers(resized)} == {mode}
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(resized(images)), expected, atol=1e-5)
+    bigger = keras_vit.resize_model(reloaded, 24)
+    assert bigger(_images(size=24)).shape == (4, 5)
+    assert interpolate_main([str(tmp_path / "q.keras"), str(tmp_path / "q24.keras"), "--image-size", "24"]) == 0
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.models.load_model(tmp_path / "q24.keras")(_images(size=24))),
+                               keras.ops.convert_to_numpy(bigger(_images(size=24))), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
+def test_the_weights_of_a_quantized_model_are_read_as_its_effective_float_weights(mode, tmp_path):
+    from keras_vit.models import official_arrays
+
+    model = _random_model()
+    original = official_arrays(model)
+    model.quantize(mode)
+    arrays = official_arrays(model)  # never the integer codes
+    step = {"int8": 1 / 127, "int4": 1 / 7}[mode]
+    for name, array in arrays.items():
+        bound = step * np.abs(original[name]).max() * 0.51 + 1e-6 if name.endswith("kernel") else 0
+        assert np.abs(array - original[name]).max() <= bound, name
+    model.save(tmp_path / "q.keras")
+    rebuilt = keras_vit.from_official_checkpoint(tmp_path / "q.keras")  # a float model of those weights
+    assert not _quantized_layers(rebuilt)
+    for name, array in official_arrays(rebuilt).items():
+        np.testing.assert_allclose(array, arrays[name], atol=1e-6, err_msg=name)
+
+
+def test_load_weights_into_a_quantized_model_quantizes_the_loaded_weights():
+    ref, _ = load_reference("vit_tiny_token")
+    path = fixture_path("vit_tiny_token", "ckpt")
+    quantized_after_loading = keras_vit.from_official_checkpoint(path)
+    quantized_after_loading.quantize("int8")
+    expected = keras.ops.convert_to_numpy(quantized_after_loading(ref["images"]))
+    model = keras_vit.from_official_checkpoint(path)
+    model.quantize("int8")
+    for weight in model.weights:  # other weights, codes and scales in it before loading
+        weight.assign(np.random.default_rng(0).normal(0, 1, weight.shape).astype(weight.dtype))
+    keras_vit.load_weights(model, path)
+    assert {layer.quantization_mode for layer in _quantized_layers(model)} == {"int8"}
+    actual = keras.ops.convert_to_numpy(model(ref["images"]))
+    np.testing.assert_allclose(actual, expected, atol=1e-6)
+    assert np.abs(actual - ref["logits"]).max() < 0.1  # int8's own error against the official logits
+
+
 @pytest.mark.slow
 @tensorflow_only
 def test_quantized_model_exports_with_keras_and_the_project_exporter(tmp_path):
@@ -113,7 +173,9 @@ def test_quantized_model_exports_with_keras_and_the_project_exporter(tmp_path):
     result = export.export(model, tmp_path / "vit.tflite", format="tflite", images=images)
     assert result["quantization"] == "int8"  # TFLite's own int8 of the layers' effective weights
     assert result["top1_agreement"] == 1.0 and result["max_abs_diff"] < 0.05 * np.abs(expected).max()
-    saved = export.export(model, tmp_path / "served", format="saved_model", images=images)
+    model.save(tmp_path / "q.keras")  # a reloaded quantized model exports too
+    saved = export.export(keras.models.load_model(tmp_path / "q.keras"), tmp_path / "served", format="saved_model",
+                          images=images)
     assert saved["max_abs_diff"] < 1e-4  # Keras' quantized computation itself
 
 
@@ -167,6 +229,62 @@ def test_lora_weights_save_and_load_into_a_model_with_the_same_base(tmp_path):
         model.enable_lora(0)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4", "float8"])
+def test_quantizing_a_lora_model_merges_its_factors_first_and_reloads_identically(mode, tmp_path):
+    model = _random_model()
+    model.enable_lora(2)
+    for variable in model.trainable_variables:
+        if "lora_kernel_b" in variable.path:
+            variable.assign(np.full(variable.shape, 0.05, "float32"))  # trained factors
+    images = _images()
+    adapted = keras.ops.convert_to_numpy(model(images))
+    model.quantize(mode)
+    assert not any(getattr(layer, "lora_enabled", False) for layer in model._flatten_layers())
+    quantized = keras.ops.convert_to_numpy(model(images))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(images)), quantized)  # float8: every call runs
+    error = np.abs(quantized - adapted).max() / np.abs(adapted).max()
+    assert error < {"int8": 0.05, "int4": 0.5, "float8": 0.2}[mode]  # the merged kernels, quantized
+    model.save(tmp_path / "q.keras")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.models.load_model(tmp_path / "q.keras")(images)),
+                                  quantized)
+
+
+def test_enable_lora_refuses_a_rank_or_target_it_cannot_use_and_changes_nothing():
+    model = _random_model()
+    for rank in (True, 0, 2.0, 17):  # 17: above the head size 16, the rank of a query update
+        with pytest.raises(ValueError):
+            model.enable_lora(rank)
+    with pytest.raises(ValueError, match="valeu"):
+        model.enable_lora(2, target_names=("query", "valeu"))
+    assert not hasattr(model, "_lora") and len(model.trainable_variables) == len(model.weights)
+    model.enable_lora(16, target_names="query")  # one name as a string; rank up to the head size
+    assert {path.split("/")[-1] for path in model._lora["paths"]} == {"query"}
+    with pytest.raises(ValueError):
+        model.enable_lora(2, target_names="query")  # once per model
+
+
+def test_a_refused_lora_file_leaves_the_model_as_it_was(tmp_path):
+    trained = _random_model(seed=3)
+    trained.enable_lora(2)
+    trained.save_lora_weights(tmp_path / "adapter.lora.h5")
+    other_base = _random_model(seed=4)
+    with pytest.raises(keras_vit.CheckpointMismatchError, match="another base") as caught:
+        other_base.load_lora_weights(tmp_path / "adapter.lora.h5")
+    assert caught.value.missing == caught.value.unexpected == caught.value.mis_shaped == []
+    assert not any(getattr(layer, "lora_enabled", False) for layer in other_base._flatten_layers())
+    assert len(other_base.trainable_variables) == len(other_base.weights)  # nothing frozen
+    wider = _random_model(hidden_size=96)
+    with pytest.raises(keras_vit.CheckpointMismatchError) as caught:
+        wider.load_lora_weights(tmp_path / "adapter.lora.h5")
+    assert caught.value.mis_shaped[0][1:] == ((48, 3, 2), (96, 3, 2))
+    assert not any(getattr(layer, "lora_enabled", False) for layer in wider._flatten_layers())
+    deeper = _random_model(seed=3, num_layers=3)
+    deeper.enable_lora(2)
+    with pytest.raises(keras_vit.CheckpointMismatchError) as caught:
+        deeper.load_lora_weights(tmp_path / "adapter.lora.h5")
+    assert [name.split("/")[0] for name in caught.value.missing] == ["encoderblock_2"] * 4
+
+
 # --- dtype policies -----------------------------------------------------------------------------------------------
 
 
@@ -179,6 +297,19 @@ def test_dtype_argument_reaches_every_layer_and_the_config():
             assert layer.compute_dtype == "bfloat16", layer.path
     assert model.get_layer("head").compute_dtype == "float32"
     assert keras.backend.standardize_dtype(model(_images(size=32)).dtype) == "float32"
+
+
+def test_a_mixed_float16_model_is_compiled_with_loss_scaling():
+    model = _random_model(dtype="mixed_float16")
+    assert model.dtype_policy.name == "mixed_float16" and model.compute_dtype == "float16"
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)  # Keras' compile reads the model's policy
+    assert keras_vit.vision_transformer(**SMALL, dtype="mixed_bfloat16").dtype_policy.name == "mixed_bfloat16"
+
+
+def test_a_quantized_dtype_is_refused_before_anything_is_built():
+    with pytest.raises(ValueError, match=r"model\.quantize\('int8'\)"):
+        keras_vit.vision_transformer(**SMALL, dtype="int8_from_float32")
 
 
 @pytest.mark.slow

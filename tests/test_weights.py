@@ -56,8 +56,11 @@ def test_interpolation_equals_scipy_zoom_on_rectangular_grids(source, target, pr
 
 
 def test_a_source_that_is_not_a_grid_is_an_error():
-    with pytest.raises(ValueError, match="63 position embeddings do not form a square grid"):
+    with pytest.raises(ValueError):
+        keras_vit.interpolate_posemb(np.zeros((1, 63, 4)), (4, 4))  # 62 grid rows after the class token
+    with pytest.raises(ValueError, match="no class-token row"):  # 64 = 8 x 8: big_vision's table, no class row
         keras_vit.interpolate_posemb(np.zeros((1, 64, 4)), (4, 4))
+    assert keras_vit.interpolate_posemb(np.zeros((1, 64, 4)), (4, 4), num_prefix_tokens=0).shape == (1, 16, 4)
 
 
 # --- loading paths that reproduce the official 48 px outputs ---------------------------------------------------
@@ -432,6 +435,36 @@ def test_preprocess_input_maps_pixels_to_minus_one_one():
     pixels = np.array([[0, 127.5, 255]], "float32")
     np.testing.assert_allclose(n(keras_vit.preprocess_input(pixels)), [[-1, 0, 1]])
     np.testing.assert_allclose(n(keras_vit.preprocess_input(np.array([0, 255], "uint8"))), [-1, 1])
+    np.testing.assert_allclose(n(keras_vit.preprocess_input(np.zeros((2, 4, 4, 3), "float32"))), -1)  # black
+
+
+@pytest.mark.parametrize("images", [
+    np.array([[-1.0, 0.0, 1.0]], "float32"),  # already preprocessed: applied twice
+    np.array([[0.0, 0.25, 1.0]], "float32"),  # floats in [0, 1]
+    np.array([[0, 1000, 65535]], "uint16"),  # 16-bit pixels
+])
+def test_preprocess_input_refuses_what_is_not_pixels_in_0_255(images):
+    with pytest.raises(ValueError):
+        keras_vit.preprocess_input(images)
+
+
+def test_a_model_with_include_preprocessing_refuses_images_in_minus_one_one():
+    model = keras_vit.vision_transformer(image_size=8, patch_size=4, hidden_size=12, num_layers=1, num_heads=3,
+                                         mlp_dim=24, classes=3, include_preprocessing=True)
+    with pytest.raises(ValueError, match="include_preprocessing"):
+        model(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)).astype("float32"))
+    assert model(np.full((2, 8, 8, 3), 200, "uint8")).shape == (2, 3)
+
+
+def test_decode_predictions_takes_a_positive_top_and_reads_a_models_class_names():
+    scores = np.array([[0.5, 2.0, -1.0]], "float32")
+    for top in (-1, 0, True, 1.5):
+        with pytest.raises(ValueError):
+            keras_vit.decode_predictions(scores, top=top, class_names=["ant", "bee", "cat"])
+    assert len(keras_vit.decode_predictions(scores, top=10, class_names=["ant", "bee", "cat"])[0]) == 3
+    model = keras_vit.vision_transformer(image_size=8, patch_size=4, hidden_size=12, num_layers=1, num_heads=3,
+                                         mlp_dim=24, classes=3, class_names=["ant", "bee", "cat"])
+    assert keras_vit.decode_predictions(scores, top=1, model=model) == [[(1, "bee", 2.0)]]
 
 
 def test_decode_predictions_uses_the_shipped_class_names():

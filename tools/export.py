@@ -15,8 +15,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 
 def main(argv=None):
     from keras_vit.export import FORMATS
@@ -28,27 +26,27 @@ def main(argv=None):
     parser.add_argument("output", help="output path (a folder for saved_model, a file otherwise)")
     parser.add_argument("--format", choices=FORMATS, default="saved_model", help="what each takes: see below")
     parser.add_argument("--quantization", choices=["float16", "int8"], help="TFLite only")
-    parser.add_argument("--images", nargs="*", default=[], help="image files to compare on (default: 8 random images)")
+    parser.add_argument("--images", nargs="*", default=[], help="image files to compare on, resized to the model's (native) size (default: 8 random images)")
     parser.add_argument("--top-k", type=int, default=5, help="SavedModel: classes returned by the signatures")
     parser.add_argument("--force", action="store_true", help="replace an existing output (never the input model)")
     args = parser.parse_args(argv)
 
     import keras
-    import tensorflow as tf
 
     import keras_vit
     from keras_vit import export
+    from keras_vit.preprocessing import load_images
+    from keras_vit.pretrained.load import architecture_of
 
     try:
         model = keras_vit.from_official_checkpoint(args.model) if args.model.endswith(".npz") else keras.models.load_model(args.model)
     except (OSError, ValueError) as error:
         print(f"error: cannot load {args.model}: {error}", file=sys.stderr)
         return 1
-    height, width, channels = model.input.shape[1:]
     images = None
     if args.images:
-        decoded = [tf.io.decode_image(tf.io.read_file(p), channels=channels, expand_animations=False) for p in args.images]
-        images = np.stack([keras.ops.convert_to_numpy(keras_vit.preprocess_input(tf.image.resize(d, (height, width)))) for d in decoded])
+        arch = architecture_of(model)  # a model of any size is compared at its native size
+        images = load_images(args.images, arch.native_image_size, arch.channels)
     try:
         result = export.export(
             model, args.output, args.format, args.quantization, images, args.top_k, args.force, inputs=[args.model]

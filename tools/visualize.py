@@ -14,24 +14,25 @@ import numpy as np
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a .keras model or an official .npz checkpoint")
-    parser.add_argument("images", nargs="*", help="image files (default: 4 random images)")
+    parser.add_argument("images", nargs="*", help="image files, resized to the model's (native) size (default: 4 random images)")
     parser.add_argument("--out", required=True, help="output folder for the PNG figures")
     args = parser.parse_args(argv)
 
     import keras
-    import tensorflow as tf
 
     import keras_vit
     from keras_vit import plotting
+    from keras_vit.preprocessing import load_images
+    from keras_vit.pretrained.load import architecture_of
 
     model = keras_vit.from_official_checkpoint(args.model) if args.model.endswith(".npz") else keras.models.load_model(args.model)
-    height, width, channels = model.input.shape[1:]
+    arch = architecture_of(model)  # a model of any size: the figures are drawn at its native size
+    (height, width), channels = arch.native_image_size, arch.channels
     if args.images:
-        pixels = [tf.image.resize(tf.io.decode_image(tf.io.read_file(p), channels=channels, expand_animations=False), (height, width)) for p in args.images]
-        images = keras_vit.preprocess_input(np.stack(pixels))
+        images = load_images(args.images, (height, width), channels)
     else:
         images = np.random.default_rng(0).uniform(-1, 1, (4, height, width, channels)).astype("float32")
-    for path in plotting.write_figures(model, keras.ops.convert_to_numpy(images), args.out):
+    for path in plotting.write_figures(model, images, args.out):
         print(f"wrote {path}")
     return 0
 

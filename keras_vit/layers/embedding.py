@@ -260,9 +260,12 @@ class PadToMultiple(keras.layers.Layer):
         self.multiple = to_pair(multiple, "multiple")
 
     def call(self, images):
-        shape = ops.shape(images)
-        pads = [(0, 0)] + [(0, (-size) % step) for size, step in zip(shape[1:3], self.multiple)] + [(0, 0)]
-        return ops.pad(images, pads)
+        batch, height, width = ops.shape(images)[:3]
+        # (step - size % step) % step, not (-size) % step: ONNX's Mod of a negative size is not Python's
+        pads = [(0, (step - size % step) % step) for size, step in zip((height, width), self.multiple)]
+        padded = ops.pad(images, [(0, 0), *pads, (0, 0)])
+        # the channels stay static (a padding known only at run time loses them in TensorFlow; TFLite needs them)
+        return ops.reshape(padded, (batch, *ops.shape(padded)[1:3], images.shape[-1]))
 
     def compute_output_shape(self, input_shape):
         batch, height, width, channels = input_shape

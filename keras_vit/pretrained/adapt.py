@@ -79,11 +79,9 @@ def _adapt_posemb(arrays, arch, source_grid, notes):
     prefix = arch.posemb_prefix_rows
     if ("cls" in arrays) != arch.class_token or posemb.shape[1] == target[1]:
         return  # a token checkpoint for a gap model (or the reverse) is an architecture mismatch, not a grid
-    arrays[POSEMB] = interpolate_posemb(posemb, arch.grid, num_prefix_tokens=prefix, source_grid=source_grid)
-    notes.append(
-        f"Interpolated position embeddings from {posemb.shape[1] - prefix} grid tokens to a "
-        f"{arch.grid[0]}x{arch.grid[1]} grid."
-    )
+    grid = arch.posemb_grid  # the model's grid; a model of any size: the grid its table is laid out for
+    arrays[POSEMB] = interpolate_posemb(posemb, grid, num_prefix_tokens=prefix, source_grid=source_grid)
+    notes.append(f"Interpolated position embeddings from {posemb.shape[1] - prefix} grid tokens to a {grid[0]}x{grid[1]} grid.")
 
 
 def adapt(arrays, arch, source_grid=None):

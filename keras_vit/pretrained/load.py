@@ -18,11 +18,19 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_vit.models import VisionTransformer, official_arrays, official_weights
+from keras_vit.models import (
+    VisionTransformer,
+    as_vision_transformer,
+    dequantized_copy,
+    holds_codes,
+    official_arrays,
+    official_weights,
+    quantize_like,
+)
 from keras_vit.pretrained import adapt as adapt_lib
 from keras_vit.pretrained import checks, download, registry
 from keras_vit.pretrained.config import architecture, architecture_summary, infer_config
-from keras_vit.pretrained.names import CheckpointMismatchError, mismatch, normalize_names
+from keras_vit.pretrained.names import CheckpointMismatchError, mismatch, model_arrays, normalize_names
 from keras_vit.pretrained.npz import READ_ANYWAY_BYTES, read_npz, stand_ins
 
 Source = collections.namedtuple("Source", "arrays label grid")
@@ -98,12 +106,12 @@ def read(source, model_name=None, image_size=None, like=None, allow_nonfinite=Fa
     ``.npz``, a ``.keras`` model or a ``.weights.h5`` file (needs ``like``,
     a model of the file's architecture, since the file holds none). With
     ``like``, an ``.npz`` far larger than that model is refused before it is
-    read. Arrays with NaN or infinite values are a ``ValueError`` naming
-    them unless ``allow_nonfinite=True``.
+    read. Arrays a model reads (``names.model_arrays``: not optimizer state, not the text tower of a two-tower
+    file) with NaN or infinite values are a ``ValueError`` naming them unless ``allow_nonfinite=True``.
     """
     result = _read(source, model_name, image_size, like)
     if not allow_nonfinite:
-        checks.check_finite(result.arrays, result.label)
+        checks.check_finite(model_arrays(result.arrays), result.label)
     return result
 
 
@@ -140,11 +148,12 @@ def _read(source, model_name, image_size, like):
 
 
 def _grid(model):
-    return model.grid if isinstance(model, VisionTransformer) else None
+    """The grid of a model's learned position-embedding table (its native grid for a model of any size)."""
+    return model.architecture.posemb_grid if isinstance(model, VisionTransformer) else None
 
 
 def model_source(model, label):
-    """A ``Source`` of a keras_vit model's own weights (its grid known even when it is rectangular)."""
+    """A ``Source`` of a keras_vit model's own weights (the grid of its table known even when it is rectangular)."""
     return Source(official_arrays(model), label, _grid(model))
 
 
@@ -170,8 +179,19 @@ def assign(model, source, adapt=True):
     Strict: every model weight not kept by ``adapt`` gets an array and every
     array is used, with equal shapes; otherwise a ``CheckpointMismatchError``
     says what the file and the model are, and nothing is assigned. Each
-    adaptation is logged once after success. Returns ``model``.
+    adaptation is logged once after success. A model quantized to integer codes (int8, int4) gets them through
+    its float twin: the arrays are assigned to ``dequantized_copy(model)``, which is quantized as ``model`` is
+    (``quantize_like``), and its weights are copied. Returns ``model``.
     """
+    if holds_codes(model):
+        twin = dequantized_copy(as_vision_transformer(model, "Loading weights into a quantized model"))
+        assign(twin, source, adapt)
+        quantize_like(twin, model)
+        weights = {weight.path: weight for weight in twin.weights}
+        for weight in model.weights:
+            if weight.path in weights:  # LoRA factors of the model (not in the twin) stay
+                weight.assign(weights[weight.path])
+        return model
     variables = official_weights(model)
     shapes = {name: tuple(variable.shape) for name, variable in variables.items()}
     arrays = normalize_names(source.arrays)

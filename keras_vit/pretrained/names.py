@@ -84,20 +84,8 @@ def normalize_names(arrays):
     flattens GroupNorm parameters stored as (1, 1, 1, C) to (C,). Returns a new dict; a scan layout whose arrays
     disagree on the number of layers is a ``ValueError``.
     """
-    stripped = {}
-    for name, array in arrays.items():
-        if name.startswith(_OPTIMIZER_STATE):
-            continue
-        for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-                break
-        stripped[name] = array
-    if any(name.startswith(_IMAGE_TOWER) for name in stripped):
-        stripped = {name.removeprefix(_IMAGE_TOWER): array for name, array in stripped.items()
-                    if name.startswith(_IMAGE_TOWER)}
     decoded = {}
-    for name, array in _unstack_scan({name: decode_array(array) for name, array in stripped.items()}).items():
+    for name, array in _unstack_scan({name: decode_array(array) for name, array in model_arrays(arrays).items()}).items():
         if name == _BIG_VISION_POSEMB:
             name = POSEMB
         if _GROUP_NORM_KEY.search(name) and array.ndim == 4:
@@ -113,6 +101,25 @@ def normalize_names(arrays):
             name = f"{match[1]}/{_LINEN_TO_PRE_LINEN.get(match[2], match[2])}/{match[3]}"
         normalized[name] = array
     return normalized
+
+
+def model_arrays(arrays):
+    """The arrays of a checkpoint that a model reads, as stored (not decoded), their ``opt/target/`` and ``params/``
+    prefixes stripped: optimizer state (``opt/state/...``) and, in a two-tower checkpoint, everything but the image
+    tower (``img/...``, prefix stripped too) are left out."""
+    stripped = {}
+    for name, array in arrays.items():
+        if name.startswith(_OPTIMIZER_STATE):
+            continue
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        stripped[name] = array
+    if any(name.startswith(_IMAGE_TOWER) for name in stripped):
+        stripped = {name.removeprefix(_IMAGE_TOWER): array for name, array in stripped.items()
+                    if name.startswith(_IMAGE_TOWER)}
+    return stripped
 
 
 def _unstack_scan(arrays):

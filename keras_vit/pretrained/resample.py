@@ -41,7 +41,19 @@ def interpolate_posemb(posemb, target_grid, num_prefix_tokens=1, source_grid=Non
     if posemb.ndim != 3 or posemb.shape[0] != 1:
         raise ValueError(f"Position embeddings must be shaped (1, tokens, hidden), got {posemb.shape}.")
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:].astype(np.float64)
-    source_grid = tuple(source_grid) if source_grid is not None else square_grid(grid.shape[0])
+    if source_grid is None:
+        try:
+            source_grid = square_grid(grid.shape[0])
+        except ValueError:
+            side = int(round(np.sqrt(posemb.shape[1])))
+            if num_prefix_tokens and side * side == posemb.shape[1]:
+                raise ValueError(
+                    f"The {posemb.shape[1]} position embeddings form a {side}x{side} grid with no class-token row "
+                    f"(big_vision's layout), not {num_prefix_tokens} prefix row(s) and a grid: pass "
+                    "num_prefix_tokens=0."
+                ) from None
+            raise
+    source_grid = tuple(source_grid)
     if source_grid[0] * source_grid[1] != grid.shape[0]:
         raise ValueError(f"Source grid {source_grid} does not hold the {grid.shape[0]} position embeddings given.")
     grid = grid.reshape(*source_grid, -1)
