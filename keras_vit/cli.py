@@ -228,7 +228,8 @@ def _save_weights(parser, args):
         return save_weights(keras.models.load_model(args.input), args.output, layout=args.to, overwrite=args.force,
                             dequantize=args.dequantize)
     except (ValueError, TypeError, OSError) as error:  # ended by tool_main in one line, with the flags' names
-        raise ValueError(str(error).replace("overwrite=True", "--force").replace("dequantize=True", "--dequantize")) from None
+        message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ValueError(message.replace("overwrite=True", "--force").replace("dequantize=True", "--dequantize")) from None
 
 
 def _interpolate_npz(source, target, image_size, patch_size, architecture):
