@@ -300,7 +300,10 @@ def keep_mask(shape, rate, seed, salt, dtype):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        seed = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), tf.int32.max - 1), tf.int32) + tf.constant([0, salt])
+        seed = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), tf.int32.max - 1), tf.int32)
+        # The salt folded in, not added to the counter: SeedGenerator.next() steps the counter by 1, so (counter
+        # + salt) was the next call's seed, and a mask repeated one call later (or a prefix of another mask's bits).
+        seed = tf.random.experimental.stateless_fold_in(seed, tf.constant(salt, tf.int32), alg="philox")
         threshold = min(max(round(keep * 65536), 1), 65535)
         count = tf.reduce_prod(tf.cast(tf.stack(shape), tf.int32))
         bits = tf.random.stateless_uniform([(count + 1) // 2], seed, minval=None, maxval=None, dtype=tf.uint32,

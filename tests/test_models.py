@@ -64,6 +64,29 @@ def test_initialisers_follow_official_code():
     assert not n(logits).any()  # zero-initialised head
 
 
+@pytest.mark.parametrize("initializer", ["glorot_uniform", keras.initializers.GlorotUniform(seed=3)])
+def test_attention_projections_are_independent_xavier_draws(initializer):
+    # flax draws query, key, value and out apart, each xavier-uniform over its flattened (D, D) matrix: bound
+    # sqrt(6 / (D + D)), standard deviation bound / sqrt(3). One initializer instance repeats its values, which
+    # had made all four equal (the main job's pre-training started from q = k = v).
+    hidden, heads = 64, 4
+    attention = keras_vit.layers.MultiHeadSelfAttention(heads, kernel_initializer=initializer)
+    attention.build((None, 17, hidden))
+    limit = np.sqrt(6 / (hidden + hidden))
+    kernels = {}
+    for name in ("query", "key", "value", "out"):
+        kernel = keras.ops.convert_to_numpy(getattr(attention, name).kernel).reshape(hidden, hidden)
+        assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.95 * limit
+        sigma = limit / np.sqrt(3)
+        assert abs(kernel.std() - sigma) < 5 * sigma / np.sqrt(2 * kernel.size)
+        kernels[name] = kernel.ravel()
+    names = list(kernels)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            correlation = np.corrcoef(kernels[first], kernels[second])[0, 1]
+            assert abs(correlation) < 5 / np.sqrt(hidden * hidden), (first, second, correlation)
+
+
 def test_include_top_and_pooling_outputs():
     assert keras_vit.vision_transformer(**TINY, classes=5).output.shape == (None, 5)
     assert keras_vit.vision_transformer(**TINY, include_top=False).output.shape == (None, 17, 12)

@@ -117,6 +117,20 @@ def test_keep_mask_is_reproducible_from_the_seed_and_differs_between_draws_and_s
     assert (first != salted).mean() > 0.2  # as do two salts of one seed
 
 
+def test_keep_mask_of_each_salt_and_draw_is_its_own():
+    # A block draws its masks from one seed per call, told apart by salts: no (draw, salt) may repeat another's
+    # mask, e.g. the MLP's drop path (salt 1) of one call as the attention's (salt 0) of the next, which
+    # SeedGenerator's counter stepping by 1 had made identical on TensorFlow.
+    rate, size = 0.5, 4096
+    masks = {(draw, salt): mask.ravel()
+             for salt in range(6) for draw, mask in enumerate(_masks(rate, (size, 1, 1), draws=4, salt=salt))}
+    keys = list(masks)
+    for i, first in enumerate(keys):
+        for second in keys[i + 1:]:
+            disagree = (masks[first] != masks[second]).mean()  # 2 * rate * (1 - rate) for independent masks
+            assert abs(disagree - 0.5) < 5 * np.sqrt(0.25 / size), (first, second, disagree)
+
+
 @tensorflow_only
 def test_keep_mask_is_the_same_inside_and_outside_xla():
     import tensorflow as tf

@@ -30,6 +30,18 @@ class _FlattenedFans(keras.initializers.Initializer):
         return ops.reshape(self.initializer((self.fan_in, self.fan_out), dtype=dtype), shape)
 
 
+def _fresh(initializer, index):
+    """A new instance of ``initializer`` for projection ``index``: one instance draws the same values on every call
+    (an integer seed, or the default seed it picked), so q, k, v and out would start equal; flax draws each apart.
+    A given integer seed is offset by ``index``; one seeded by a ``SeedGenerator`` draws anew on every call as it is."""
+    if isinstance(getattr(initializer, "seed", None), keras.random.SeedGenerator):
+        return initializer
+    config = initializer.get_config()
+    if isinstance(config.get("seed"), int):
+        config["seed"] += index
+    return initializer.__class__.from_config(config)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Projection(keras.layers.EinsumDense):
     """An ``EinsumDense`` projection of ``MultiHeadSelfAttention`` (quantization and LoRA are Keras').
@@ -86,12 +98,13 @@ class MultiHeadSelfAttention(keras.layers.Layer):
                 "choose a number of heads that divides the hidden size."
             )
         heads, head_dim = self.num_heads, hidden // self.num_heads
-        # Glorot fan-in/out over the flattened (D, N*dh) matrix, as flax's DenseGeneral.
-        initializer = _FlattenedFans(self.kernel_initializer, fan_in=hidden, fan_out=hidden)
 
         def projection(name, equation, output_shape, bias_axes):
-            return Projection(equation, output_shape, bias_axes=bias_axes, kernel_initializer=initializer,
-                              bias_initializer=self.bias_initializer, dtype=self.dtype_policy, name=name)
+            # Glorot fan-in/out over the flattened (D, N*dh) matrix, as flax's DenseGeneral; each projection its own draw.
+            index = _PROJECTIONS.index(name)
+            kernel_initializer = _FlattenedFans(_fresh(self.kernel_initializer, index), fan_in=hidden, fan_out=hidden)
+            return Projection(equation, output_shape, bias_axes=bias_axes, kernel_initializer=kernel_initializer,
+                              bias_initializer=_fresh(self.bias_initializer, index), dtype=self.dtype_policy, name=name)
 
         self.query = projection("query", "btd,dnh->btnh", (None, heads, head_dim), "nh")
         self.key = projection("key", "btd,dnh->btnh", (None, heads, head_dim), "nh")
