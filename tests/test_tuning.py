@@ -94,10 +94,11 @@ def test_hyperband(tmp_path):
     assert "retracing" not in output and "I0000" not in output
 
 
-def test_the_tuner_recipe_hides_only_tensorflow_s_retracing_warning(caplog):
+def test_the_tuner_recipe_hides_only_tensorflow_s_retracing_warning(caplog, monkeypatch):
     import logging
     import runpy
 
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))  # as when the script runs: its folder first (for _launch)
     tune = runpy.run_path(str(REPO / "recipes" / "tune.py"))
     logger = logging.getLogger("tensorflow.test_tuning")
     logger.addFilter(tune["RetracingNotice"]())
