@@ -414,3 +414,42 @@ def test_a_training_checkpoint_written_at_410d757_restores_with_identical_output
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"], training=False)),
                                outputs["ckpt_logits"], atol=1e-5)
     assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 2
+
+
+# --- files written by d3246bf (tests/data/main_d3246bf, made by its make_main.py) -----------------------------------
+
+MAIN = REPO / "tests" / "data" / "main_d3246bf"
+
+
+@pytest.mark.parametrize("name", ["plain", "int8", "lora", "map_reg_sincos"])
+def test_keras_files_written_at_d3246bf_load_with_identical_outputs_and_configs(name):
+    import json
+
+    outputs = np.load(MAIN / "outputs.npz")
+    model = keras.models.load_model(MAIN / f"{name}.keras")
+    actual = keras.ops.convert_to_numpy(model(outputs["images"], training=False)).astype("float32")
+    np.testing.assert_allclose(actual, outputs[name], atol=1e-6, rtol=1e-6)
+    written = json.loads((MAIN / "configs.json").read_text())[name]
+    assert json.loads(json.dumps(model.get_config())) == written
+
+
+def test_lora_factors_written_at_d3246bf_load_onto_their_base_with_identical_outputs():
+    outputs = np.load(MAIN / "outputs.npz")
+    model = keras.models.load_model(MAIN / "plain.keras")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"])), outputs["lora_base"], atol=1e-6)
+    model.load_lora_weights(MAIN / "lora.lora.h5")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"])), outputs["lora"], atol=1e-5)
+
+
+def test_a_training_checkpoint_written_at_d3246bf_restores_with_identical_outputs():
+    from keras_vit.train import checkpointing
+
+    outputs = np.load(MAIN / "outputs.npz")
+    model = keras.models.load_model(MAIN / "plain.keras")
+    optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.05)
+    optimizer.build(model.trainable_variables)
+    state = checkpointing.CheckpointManager(MAIN / "ckpt").restore(model, optimizer, run_id="main")
+    assert state["step"] == 2
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"], training=False)),
+                               outputs["ckpt_logits"], atol=1e-6)
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 2
