@@ -419,6 +419,8 @@ def test_a_training_checkpoint_written_at_410d757_restores_with_identical_output
 # --- files written by d3246bf (tests/data/main_d3246bf, made by its make_main.py) -----------------------------------
 
 MAIN = REPO / "tests" / "data" / "main_d3246bf"
+# Written on TensorFlow: the same backend reproduces them to float32 rounding, the others to 1e-5 (other kernels).
+SAME = 1e-6 if keras.backend.backend() == "tensorflow" else 1e-5
 
 
 @pytest.mark.parametrize("name", ["plain", "int8", "lora", "map_reg_sincos"])
@@ -428,7 +430,7 @@ def test_keras_files_written_at_d3246bf_load_with_identical_outputs_and_configs(
     outputs = np.load(MAIN / "outputs.npz")
     model = keras.models.load_model(MAIN / f"{name}.keras")
     actual = keras.ops.convert_to_numpy(model(outputs["images"], training=False)).astype("float32")
-    np.testing.assert_allclose(actual, outputs[name], atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(actual, outputs[name], atol=SAME, rtol=SAME)
     written = json.loads((MAIN / "configs.json").read_text())[name]
     assert json.loads(json.dumps(model.get_config())) == written
 
@@ -436,7 +438,7 @@ def test_keras_files_written_at_d3246bf_load_with_identical_outputs_and_configs(
 def test_lora_factors_written_at_d3246bf_load_onto_their_base_with_identical_outputs():
     outputs = np.load(MAIN / "outputs.npz")
     model = keras.models.load_model(MAIN / "plain.keras")
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"])), outputs["lora_base"], atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"])), outputs["lora_base"], atol=SAME)
     model.load_lora_weights(MAIN / "lora.lora.h5")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"])), outputs["lora"], atol=1e-5)
 
@@ -451,5 +453,5 @@ def test_a_training_checkpoint_written_at_d3246bf_restores_with_identical_output
     state = checkpointing.CheckpointManager(MAIN / "ckpt").restore(model, optimizer, run_id="main")
     assert state["step"] == 2
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"], training=False)),
-                               outputs["ckpt_logits"], atol=1e-6)
+                               outputs["ckpt_logits"], atol=SAME)
     assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 2
