@@ -8,9 +8,11 @@ They decode a name (``keras_vit.configs``), build a ``VisionTransformer`` and lo
 from pathlib import Path
 
 from keras_vit import configs
-from keras_vit.architecture import token_stride, unknown_arguments_error
+from keras_vit.architecture import token_stride
+from keras_vit.arguments import unknown_arguments_error
 from keras_vit.layers import to_pair
-from keras_vit.models import BUILDER_ARGUMENTS, VisionTransformer, holds_codes, quantize_like, vision_transformer
+from keras_vit.backbone import holds_codes, quantize_like
+from keras_vit.models import ARGUMENTS, VisionTransformer, vision_transformer
 from keras_vit.pretrained import load as loading
 from keras_vit.pretrained.config import infer_config
 from keras_vit.pretrained.registry import families_for
@@ -88,9 +90,9 @@ def create_model(
     classifier (e.g. ``"map"`` for a SigLIP image tower), register tokens and the position-embedding layout.
     ``allow_nonfinite=True`` loads weights that hold NaN or infinite values (refused by default).
     """
-    unknown = set(overrides) - (set(BUILDER_ARGUMENTS) - set(_SET_BY_CREATE_MODEL))
+    unknown = set(overrides) - (set(ARGUMENTS) - set(_SET_BY_CREATE_MODEL))
     if unknown:
-        raise unknown_arguments_error(unknown, set(BUILDER_ARGUMENTS) - set(_SET_BY_CREATE_MODEL), "create_model")
+        raise unknown_arguments_error(unknown, set(ARGUMENTS) - set(_SET_BY_CREATE_MODEL), "create_model")
     config = configs.model_config(model_name)
     official_name, variant = config.pop("name"), config.pop("variant")
     chosen = set(overrides) | configs.options_of(model_name)
@@ -151,9 +153,9 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     arguments are
     ``VisionTransformer`` arguments.
     """
-    unknown = set(overrides) - set(BUILDER_ARGUMENTS)
+    unknown = set(overrides) - set(ARGUMENTS)
     if unknown:
-        raise unknown_arguments_error(unknown, BUILDER_ARGUMENTS, "from_official_checkpoint")
+        raise unknown_arguments_error(unknown, ARGUMENTS, "from_official_checkpoint")
     source = loading.read(path, allow_nonfinite=allow_nonfinite)
     config = infer_config(source.arrays)
     if config["image_size"] is None and source.grid is not None:

@@ -191,13 +191,13 @@ def _convert_main(argv):
     if Path(args.output).exists() and not args.force:
         parser.error(f"{args.output} exists; pass --force to overwrite it")
 
-    from keras_vit import applications, models
+    from keras_vit import applications, official_names
     from keras_vit.pretrained import config
 
     model = applications.from_official_checkpoint(
         args.input, image_size=args.image_size, classes=args.classes, include_top=not args.no_top
     )
-    built = {k: v for k, v in config.infer_config(models.official_arrays(model)).items() if v is not None}
+    built = {k: v for k, v in config.infer_config(official_names.official_arrays(model)).items() if v is not None}
     print(_describe(model, built))
     with atomic_output(args.output, args.force, inputs=[args.input]) as temporary:
         if str(temporary).endswith(".keras"):

@@ -134,7 +134,7 @@ ARCHITECTURE_KEYS = ("image_size", "patch_size", "hidden_size", "num_layers", "n
 
 
 def test_from_official_checkpoint_infers_the_new_options(tmp_path):
-    from keras_vit.models import official_arrays
+    from keras_vit.official_names import official_arrays
 
     for option in ("map", "registers", "sincos", "big_vision_token"):
         model = _random(keras_vit.vision_transformer(**SMALL, **OPTIONS[option]))

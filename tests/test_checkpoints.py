@@ -197,7 +197,7 @@ def test_a_checkpoint_far_larger_than_the_model_is_refused_unread(tmp_path, monk
     from keras_vit.pretrained import load, names
 
     big = tmp_path / "b16.npz"
-    arrays = keras_vit.models.official_arrays(keras_vit.create_model("B/16", num_layers=1, image_size=32))
+    arrays = keras_vit.official_names.official_arrays(keras_vit.create_model("B/16", num_layers=1, image_size=32))
     np.savez(big, **arrays)
     model, _ = _tiny_token_model()
     values, weights = sum(a.size for a in arrays.values()), model.count_params()

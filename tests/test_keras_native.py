@@ -121,7 +121,7 @@ def test_a_reloaded_quantized_model_saves_again_resizes_and_interpolates(mode, t
 
 @pytest.mark.parametrize("mode", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
 def test_the_weights_of_a_quantized_model_are_read_as_its_effective_float_weights(mode, tmp_path):
-    from keras_vit.models import official_arrays
+    from keras_vit.official_names import official_arrays
 
     model = _random_model()
     original = official_arrays(model)
@@ -386,7 +386,7 @@ def test_keras_files_written_at_410d757_load_with_identical_outputs(name):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_dequantized_copy_holds_the_effective_weights_of_a_quantized_model(mode):
-    from keras_vit.models import dequantized_copy
+    from keras_vit.backbone import dequantized_copy
 
     model = _random_model()
     original = {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}

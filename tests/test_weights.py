@@ -17,7 +17,7 @@ import scipy.ndimage
 import keras_vit
 from conftest import PLAIN_FIXTURES, REPO, builder_kwargs, fixture_path, flexivit_resize_matrix, grow_patches, load_reference
 from keras_vit import cli
-from keras_vit.models import official_arrays
+from keras_vit.official_names import official_arrays
 from keras_vit.pretrained import download, names, npz, registry
 
 n = keras.ops.convert_to_numpy

@@ -38,7 +38,6 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_vit.models import current_variable_path
 from keras_vit.train.jax_distribute import host_array, process
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,16 @@ PREFIX = "ckpt-"
 
 class IncompatibleCheckpointError(ValueError):
     """A checkpoint does not fit the model or optimizer it is restored into (names, shapes or run id)."""
+
+
+_LEGACY_PROJECTION = re.compile(r"^(.*/MultiHeadDotProductAttention_\d+)/(query|key|value|out)_(kernel|bias)$")
+
+
+def current_variable_path(path):
+    """Today's ``variable.path`` for one written by keras_vit <= 0.1.0 at 410d757, whose attention layers held their
+    projections as variables (``.../MultiHeadDotProductAttention_1/query_kernel`` is now
+    ``.../MultiHeadDotProductAttention_1/query/kernel``); other paths unchanged."""
+    return _LEGACY_PROJECTION.sub(r"\1/\2/\3", path)
 
 
 SEED_STATE = re.compile(r"seed_generator(_\d+)?/seed_generator_state")
