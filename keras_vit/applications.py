@@ -11,6 +11,7 @@ from keras_vit import configs
 from keras_vit.architecture import token_stride
 from keras_vit.arguments import unknown_arguments_error
 from keras_vit.layers import to_pair
+from keras_vit.layers.embedding import POSEMBS
 from keras_vit.backbone import holds_codes, quantize_like
 from keras_vit.models import ARGUMENTS, VisionTransformer, vision_transformer
 from keras_vit.pretrained import load as loading
@@ -162,7 +163,7 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
         stride = token_stride(config["patch_size"], config.get("resnet_layers"))
         config["image_size"] = (source.grid[0] * stride[0], source.grid[1] * stride[1])
     native_size = config["image_size"]
-    if native_size is None and config["posemb"] == "sincos2d" and _has_open_side(input_shape):
+    if native_size is None and not POSEMBS[config["posemb"]].learned and _has_open_side(input_shape):
         # fixed embeddings are computed for each call's grid: the native size only lays out position_embeddings()
         stride = token_stride(config["patch_size"], config.get("resnet_layers"))
         native_size = tuple(max(_DEFAULT_IMAGE_SIZE // step, 1) * step for step in stride)
@@ -270,8 +271,10 @@ def _constructor(official, export_name):
     def constructor(include_top=True, weights=None, input_tensor=None, input_shape=None, pooling=None, classes=1000,
                     classifier_activation=None, include_preprocessing=False, name=None, image_size=None, dtype=None,
                     **overrides):
-        return create_model(official, include_top, weights, input_tensor, input_shape, pooling, classes,
-                            classifier_activation, include_preprocessing, name, image_size, dtype, **overrides)
+        return create_model(official, include_top=include_top, weights=weights, input_tensor=input_tensor,
+                            input_shape=input_shape, pooling=pooling, classes=classes,
+                            classifier_activation=classifier_activation, include_preprocessing=include_preprocessing,
+                            name=name, image_size=image_size, dtype=dtype, **overrides)
 
     config = configs.model_config(official)
     stem = f"ResNet stages {tuple(config['resnet_layers'])}, " if "resnet_layers" in config else ""

@@ -11,8 +11,11 @@ from these two declarations. Every argument is checked here, once, with an error
 import dataclasses
 import numbers
 
+import keras
+
 from keras_vit import arguments as args
-from keras_vit.arguments import ArgumentError, argument, unknown_arguments_error  # noqa: F401  (re-exported)
+from keras_vit import configs
+from keras_vit.arguments import ArgumentError, argument
 from keras_vit.layers.common import GELU_FORMS, to_pair
 from keras_vit.layers.embedding import POSEMBS as POSEMB_KINDS
 from keras_vit.layers.heads import POOLINGS as POOLING_KINDS
@@ -250,12 +253,18 @@ class Architecture:
         return dataclasses.replace(self, **changes)
 
 
+def _activation_config(activation):
+    """A head activation as a config stores it: a name as given, a function by Keras' serialization."""
+    return activation if isinstance(activation, str) else keras.activations.serialize(keras.activations.get(activation))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     """The builder's arguments besides the structure: regularization, remat, the head's activation, preprocessing,
     labels and the variant. Each declared once, as ``Architecture``'s fields are."""
 
-    classifier_activation: str = argument(None, "activation of the head; None gives logits (e.g. `\"softmax\"`).")
+    classifier_activation: str = argument(None, "activation of the head; None gives logits (e.g. `\"softmax\"`).",
+                                          given=True, to_config=_activation_config)
     include_preprocessing: bool = argument(False, "adds `(x - 127.5) / 127.5` as the first layer, so the model "
                                            "takes pixels in [0, 255] (default: [-1, 1]).", check=args.boolean)
     dropout_rate: float = argument(0.0, "dropout after the position embeddings, the attention output and both MLP "
@@ -270,6 +279,25 @@ class ModelOptions:
 
     def __post_init__(self):
         args.check_declared(self)
+
+    def resolved_for(self, arch):
+        """``(variant, class_names)`` of a model of ``arch``: the official variant of its geometry (a ``variant``
+        given must be it) and ``class_names`` as a list of str, one per class (None when not given)."""
+        found = configs.variant_of(arch)
+        if self.variant is not None and self.variant != found:
+            raise ArgumentError("variant", self.variant, f"the variant of this geometry ({found or 'no official variant'})",
+                                f"variant={self.variant!r} does not describe this geometry "
+                                f"({found or 'no official variant'}): leave it None, it is inferred.")
+        names = self.class_names
+        if names is None:
+            return found, None
+        if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+            raise ArgumentError("class_names", names, "a list of names, one per class")
+        names = [str(name) for name in names]
+        if arch.classes is not None and len(names) != arch.classes:
+            raise ArgumentError("class_names", names, f"{arch.classes} names (one per class)",
+                                f"class_names has {len(names)} names for {arch.classes} classes.")
+        return found, names
 
 
 def token_stride(patch_size, resnet_layers=None):

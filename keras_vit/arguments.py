@@ -42,21 +42,42 @@ def unknown_arguments_error(unknown, valid, where):
     return UnknownArgumentsError(unknown, valid, where)
 
 
-def argument(default, doc, check=None, given=False, compare=True):
+def argument(default, doc, check=None, given=False, compare=True, to_config=None):
     """A dataclass field declaring one builder argument.
 
     ``doc``: one sentence for the documentation (signature, docstring, README table). ``check(name, value)``:
     raises for a value the argument cannot take (run on the value as given). ``given``: the model's config keeps
     the value as given rather than the dataclass's resolved value (for arguments resolved against others, such as
     ``classes`` without a head). ``compare=False``: left out of equality (an argument whose effect another field
-    holds).
+    holds). ``to_config(value)``: the value as the config stores it (JSON-ready), when not the value itself.
     """
-    return dataclasses.field(default=default, compare=compare, metadata={"doc": doc, "check": check, "given": given})
+    return dataclasses.field(default=default, compare=compare,
+                             metadata={"doc": doc, "check": check, "given": given, "to_config": to_config})
 
 
 def declared(*classes):
     """The declared builder arguments of ``classes`` (dataclasses), in order: their ``argument`` fields."""
     return [field for cls in classes for field in dataclasses.fields(cls) if "doc" in field.metadata]
+
+
+def config_of(given, *instances):
+    """``{argument: value}`` a model's config stores for the declared arguments of ``instances`` (dataclasses): the
+    value as ``given`` (a dict) for ``given=True`` fields (a bool as bool), else the instance's resolved value;
+    each through its field's ``to_config``."""
+    config = {}
+    for instance in instances:
+        for field in declared(type(instance)):
+            value = given[field.name] if field.metadata["given"] else getattr(instance, field.name)
+            if field.metadata["given"] and isinstance(field.default, bool):
+                value = bool(value)
+            convert = field.metadata["to_config"]
+            config[field.name] = value if convert is None or value is None else convert(value)
+    return config
+
+
+def make(cls, given):
+    """An instance of the dataclass ``cls`` from its declared arguments' values in ``given`` (a dict)."""
+    return cls(**{field.name: given[field.name] for field in declared(cls)})
 
 
 def check_declared(instance):
@@ -71,6 +92,31 @@ def signature(fields, extra=(), self_parameter=True):
     parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] if self_parameter else []
     parameters += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default) for f in fields]
     return inspect.Signature([*parameters, *extra])
+
+
+def set_signature(cls, fields, extra):
+    """Gives ``cls`` and its ``__init__`` the signature of ``fields`` then ``extra`` (``inspect.Parameter``s), for
+    ``help`` and ``inspect.signature``; fills the ``{args}`` of its docstring with the fields' documentation."""
+    init = signature(fields, extra)
+    cls.__init__.__signature__ = init
+    cls.__signature__ = init.replace(parameters=list(init.parameters.values())[1:])
+    cls.__doc__ = cls.__doc__.format(args=docstring_args(fields))
+
+
+def bind(fields, args, kwargs, where, extra=()):
+    """``{argument: value}`` of every field (defaults filled) from a call's positional ``args`` and keyword
+    ``kwargs``; the fields' keywords are taken out of ``kwargs``. A keyword that is neither a field nor in ``extra``
+    is an ``UnknownArgumentsError`` naming the closest valid one."""
+    names = [field.name for field in fields]
+    unknown = set(kwargs) - set(names) - set(extra)
+    if unknown:
+        raise unknown_arguments_error(unknown, [*names, *extra], where)
+    if len(args) > len(names):
+        raise TypeError(f"{where} takes at most {len(names)} positional arguments, got {len(args)}.")
+    given = {field.name: field.default for field in fields}
+    given.update(zip(names, args))
+    given.update((name, kwargs.pop(name)) for name in names if name in kwargs)
+    return given
 
 
 def docstring_args(fields, indent="        "):

@@ -88,6 +88,14 @@ def model_policy(dtype):
     return policy, quantized
 
 
+def head_policy(policy):
+    """The classifier head's dtype under a model's ``policy``: float32 under a mixed policy (logits are always
+    float32); a policy map says it itself."""
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return policy
+    return "float32" if policy.compute_dtype != policy.variable_dtype else policy
+
+
 class Backbone(keras.Model):
     """A functional ``keras.Model`` with Keras' quantization and LoRA reaching every projection, and their state
     (quantized layers' policies, LoRA factors) kept through ``.keras`` files and ``.lora.h5`` files."""

@@ -1,25 +1,14 @@
 """The Vision Transformer model: ``VisionTransformer``, a functional ``keras.Model`` built from its arguments.
 
-``VisionTransformer`` is a registered functional ``keras.Model`` subclass (the style of keras-hub's
-``Backbone``; quantization and LoRA come from ``keras_vit.backbone.Backbone``): its layer names mirror the
+A registered functional ``keras.Model`` subclass (as keras-hub's ``Backbone``; quantization and LoRA come from
+``keras_vit.backbone.Backbone``, checkpoint names from ``keras_vit.official_names``). Its layer names mirror the
 official module tree (``embedding``, ``cls``, ``posembed_input``, ``encoderblock_0`` ..., ``encoder_norm``,
-``pre_logits``, ``head``; their checkpoint names: ``keras_vit.official_names``), its config is the builder's
-arguments, its structure is one ``keras_vit.architecture.Architecture`` (``model.architecture``), and it answers
-for itself: ``features`` (pooled pre-logits, token sequence, every block's output and attention weights on
-request), ``official_weights``, ``patch_embedding_model`` and ``encoder_model``.
-
-The arguments are declared once, as the fields of ``Architecture`` (structure) and ``ModelOptions`` (the rest):
-the signature, docstring, config and unknown-argument suggestions derive from them (``ARGUMENTS``).
-
-Why a subclass and not a function over a model: the model already knows its own structure when it is built, so
-the features are sub-graphs of its own graph (no ``Lambda`` layers, no code elsewhere walking ``model.layers``);
-the configuration survives ``.keras`` saving as plain builder arguments; and a functional model keeps Keras'
-summary, plotting, ``model.layers`` and weight layout (``.weights.h5`` files written before this class existed
-still load).
-
-``.keras`` files saved before ``VisionTransformer`` existed load as plain functional models that predict as
-before; the features API needs a ``VisionTransformer``: convert such a file once with
-``keras_vit.from_official_checkpoint(path).save(new_path)``.
+``pre_logits``, ``head``); its config is the builder's arguments, declared once as the fields of ``Architecture``
+(structure, ``model.architecture``) and ``ModelOptions`` (the rest), from which the signature, docstring, config
+and unknown-argument suggestions derive (``ARGUMENTS``). It answers for itself: ``features`` (sub-graphs of its
+own graph: no ``Lambda`` layers, no code elsewhere walking ``model.layers``), ``patch_embedding_model``,
+``encoder_model``. ``.keras`` files saved before it existed load as plain functional models that predict as
+before; convert one once with ``keras_vit.from_official_checkpoint(path).save(new_path)`` for the features API.
 """
 
 import copy
@@ -29,9 +18,9 @@ import weakref
 import keras
 import numpy as np
 
-from keras_vit import arguments, configs, official_names, resnet
+from keras_vit import arguments, official_names, resnet
 from keras_vit.architecture import Architecture, ModelOptions
-from keras_vit.backbone import Backbone, model_policy
+from keras_vit.backbone import Backbone, head_policy, model_policy
 from keras_vit.layers import LAYER_NORM_EPSILON, PACKAGE, AttentionWeights, Dropout, Patches, TokenPooling, TransformerBlock
 from keras_vit.layers import heads as heads_lib
 from keras_vit.layers.embedding import PadToMultiple, position_embedding
@@ -40,38 +29,6 @@ from keras_vit.preprocessing import check_pixels
 
 _FEATURE_MODELS = weakref.WeakKeyDictionary()  # model -> {key: sub-model sharing its layers}
 _KERAS_ARGUMENTS = ("input_tensor", "name", "dtype")
-
-
-def _output_dtype(policy):
-    """The head's dtype: float32 under a mixed policy (logits are always float32); a policy map says it itself."""
-    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
-        return policy
-    return "float32" if policy.compute_dtype != policy.variable_dtype else policy
-
-
-def _check_class_names(class_names, classes):
-    """``class_names`` as a list of str, one per class (``classes``, None without a head)."""
-    if class_names is None:
-        return None
-    if isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__iter__"):
-        raise arguments.ArgumentError("class_names", class_names, "a list of names, one per class")
-    class_names = [str(n) for n in class_names]
-    if classes is not None and len(class_names) != classes:
-        raise arguments.ArgumentError("class_names", class_names, f"{classes} names (one per class)",
-                                      f"class_names has {len(class_names)} names for {classes} classes.")
-    return class_names
-
-
-def _config_value(field, arch, options, given):
-    """What the config stores for one declared argument: the value as given for arguments resolved against
-    others (``given=True`` fields), else the resolved one; the head's activation serialized."""
-    name = field.name
-    if name == "classifier_activation":
-        value = given[name]
-        return keras.activations.serialize(keras.activations.get(value)) if value is not None and not isinstance(value, str) else value
-    if field.metadata["given"]:
-        return bool(given[name]) if isinstance(field.default, bool) else given[name]
-    return getattr(arch if name in Architecture.arguments() else options, name)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -98,16 +55,9 @@ class VisionTransformer(Backbone):
     """
 
     def __init__(self, *args, input_tensor=None, name="vit", dtype=None, **kwargs):
-        given = _bind(args, kwargs)
-        arch = Architecture(**{key: given[key] for key in Architecture.arguments()})
-        options = ModelOptions(**{key: given[key] for key in _OPTION_ARGUMENTS})
-        found_variant = configs.variant_of(arch)
-        if options.variant is not None and options.variant != found_variant:
-            raise arguments.ArgumentError(
-                "variant", options.variant, f"the variant of this geometry ({found_variant or 'no official variant'})",
-                f"variant={options.variant!r} does not describe this geometry ({found_variant or 'no official variant'}):"
-                " leave it None, it is inferred.")
-        class_names = _check_class_names(options.class_names, arch.classes)
+        given = arguments.bind(ARGUMENT_FIELDS, args, kwargs, "VisionTransformer", (*_KERAS_ARGUMENTS, "trainable"))
+        arch, options = arguments.make(Architecture, given), arguments.make(ModelOptions, given)
+        variant, class_names = options.resolved_for(arch)
         policy, quantized = model_policy(dtype)
 
         inputs = input_tensor if input_tensor is not None else keras.Input((*arch.image_size, arch.channels), name="image")
@@ -142,13 +92,12 @@ class VisionTransformer(Backbone):
                 name=f"encoderblock_{i}",
             )(x)
         x = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, dtype=policy, name="encoder_norm")(x)
-        x = heads_lib.head(x, arch, options.classifier_activation, dtype=policy, output_dtype=_output_dtype(policy))
+        x = heads_lib.head(x, arch, options.classifier_activation, dtype=policy, output_dtype=head_policy(policy))
         super().__init__(inputs, x, name=name, **kwargs)
         self._architecture = arch
         self._token_layer_names = [layer.name for layer in token_layers]
         self._init_backbone(policy, quantized)
-        config = {field.name: _config_value(field, arch, options, given) for field in ARGUMENT_FIELDS}
-        self._vit_config = {**config, "variant": found_variant, "class_names": class_names}
+        self._vit_config = {**arguments.config_of(given, arch, options), "variant": variant, "class_names": class_names}
 
     # --- configuration ------------------------------------------------------------------------------------------
 
@@ -338,38 +287,12 @@ class VisionTransformer(Backbone):
         return self._cached(("encoder",), build)
 
 
-
 ARGUMENT_FIELDS = arguments.declared(Architecture, ModelOptions)
-_OPTION_ARGUMENTS = tuple(field.name for field in arguments.declared(ModelOptions))
 ARGUMENTS = (*(field.name for field in ARGUMENT_FIELDS), *_KERAS_ARGUMENTS)
-BUILDER_ARGUMENTS = ARGUMENTS  # the name earlier versions exported
-VisionTransformer.__init__.__signature__ = arguments.signature(ARGUMENT_FIELDS, [
-    inspect.Parameter("input_tensor", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-    inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="vit"),
-    inspect.Parameter("dtype", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-    inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
-])
-VisionTransformer.__signature__ = VisionTransformer.__init__.__signature__.replace(
-    parameters=list(VisionTransformer.__init__.__signature__.parameters.values())[1:])
-VisionTransformer.__doc__ = VisionTransformer.__doc__.format(args=arguments.docstring_args(ARGUMENT_FIELDS))
-
-
-def _bind(args, kwargs):
-    """``{argument: value}`` of every declared argument (defaults filled) from a call's positional and keyword
-    arguments; an unknown keyword (besides Keras' ``trainable``, which stays in ``kwargs``) is a ``TypeError``
-    naming the closest valid one."""
-    unknown = set(kwargs) - set(ARGUMENTS) - {"trainable"}
-    if unknown:
-        raise arguments.unknown_arguments_error(unknown, ARGUMENTS, "VisionTransformer")
-    names = [field.name for field in ARGUMENT_FIELDS]
-    if len(args) > len(names):
-        raise TypeError(f"VisionTransformer takes at most {len(names)} positional arguments, got {len(args)}.")
-    given = {field.name: field.default for field in ARGUMENT_FIELDS}
-    given.update(zip(names, args))
-    for name in names:
-        if name in kwargs:
-            given[name] = kwargs.pop(name)
-    return given
+arguments.set_signature(VisionTransformer, ARGUMENT_FIELDS, [
+    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+    for name, default in (("input_tensor", None), ("name", "vit"), ("dtype", None))
+] + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
 
 
 def as_vision_transformer(model, what="this function"):
@@ -392,7 +315,7 @@ def vision_transformer(*args, input_tensor=None, **config):
     """
     if input_tensor is None:
         return VisionTransformer(*args, **config)
-    config = {**dict(zip(BUILDER_ARGUMENTS, args)), **config}
+    config = {**dict(zip(ARGUMENTS, args)), **config}
     if not keras.backend.is_keras_tensor(input_tensor):
         raise TypeError(f"input_tensor must be a Keras tensor (e.g. keras.Input(...)), got {type(input_tensor).__name__}.")
     shape = tuple(input_tensor.shape[1:])
