@@ -18,14 +18,14 @@ status 2, as argparse's own errors (``tool_main``; ``tools/*.py`` use it too).
 import argparse
 import contextlib
 import logging
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from keras_vit.files import atomic_file
 
 OUTPUT_SUFFIXES = (".keras", ".weights.h5")
 STALE_AFTER_S = 3600.0  # a temporary nobody wrote to for this long belongs to a killed command
@@ -114,18 +114,8 @@ def atomic_output(output, force, inputs=()):
         raise FileExistsError(f"{output} exists; pass --force to overwrite it.")
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(output)
-    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=_suffix(output), dir=output.parent)
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's permissions
-    temporary = Path(temporary)
-    try:
+    with atomic_file(output, suffix=_suffix(output)) as temporary:
         yield temporary
-        os.replace(temporary, output)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _describe(model, config):

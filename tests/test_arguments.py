@@ -60,7 +60,8 @@ def test_the_readme_argument_table_is_the_declarations():
     table = re.search(r"<!-- builder arguments: keras_vit.arguments.table -->\n(.*?)\n<!-- end builder arguments -->",
                       readme, re.S)
     assert table is not None
-    assert table.group(1) == arguments.table(models.ARGUMENT_FIELDS)
+    expected = arguments.table(models.ARGUMENT_FIELDS)
+    assert table.group(1) == expected, f"Regenerate the README's argument table (keras_vit.arguments.table):\n{expected}"
 
 
 _NEW_OPTION = (
