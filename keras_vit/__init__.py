@@ -6,8 +6,9 @@ TensorFlow, JAX and PyTorch backends.
 """
 
 from keras_vit import analysis, distribution, evaluation
+from keras_vit._speed import reference_ops
 from keras_vit.analysis import attention_maps, attention_rollout
-from keras_vit.pretrained.names import CheckpointMismatchError
+from keras_vit.errors import CheckpointMismatchError
 from keras_vit.pretrained.resample import interpolate_posemb, resample_patch_kernel
 from keras_vit.pretrained.save import LayoutError, save_weights
 from keras_vit.configs import list_models, model_config
@@ -94,6 +95,7 @@ __all__ = [
     "load_weights",
     "model_config",
     "preprocess_input",
+    "reference_ops",
     "resample_patch_kernel",
     "resize_model",
     "save_weights",

@@ -1,49 +1,88 @@
-"""The training-speed machinery of the Transformer block, kept beside it: lean gradients, fast dropout masks,
-rematerialisation with replayed randomness.
+"""The speed machinery of the model's layers, kept beside them: lean gradients, fused kernels, fast dropout masks,
+rematerialisation with replayed randomness, and the switch that turns every speed path off (``reference_ops``).
 
-Every function here computes the same numbers as the plain computation it replaces (the same forward ops); only
-what the backward pass keeps, or how fast a random mask is drawn, differs:
+Every speed path computes what the plain formula computes (the same forward ops, or the same numbers within
+rounding); only what the backward pass keeps, which kernel runs, or how fast a random mask is drawn, differs.
+``SPEED_PATHS`` names them:
 
-* ``gelu``, ``layer_norm`` and ``attention`` have gradients (``keras.ops.custom_gradient``, so on TensorFlow, JAX
-  and PyTorch) that keep only their inputs and recompute the rest in the backward pass. Plain autodiff of a
-  tanh-GELU keeps four (B*T, M) tensors per block, of a LayerNorm a float32 copy of its input and a (B, T, D)
-  scale, of the attention its (B, N, T, T) probabilities (twice under mixed precision). Half-precision gradients
-  are computed in float32 and cast back. ``plain_autodiff()`` switches them off (tests compare both).
-* ``keep_mask`` draws a dropout mask from a seed tensor (stateless), on TensorFlow with Philox and 16 bits per
-  entry: TF's default algorithm is lowered by XLA on CPU to a generator about 100x slower.
-* ``fused_attention`` says where ``keras.ops.dot_product_attention`` is the faster core (PyTorch).
-* ``native_gradients`` says where the backend's own GELU and LayerNorm kernels are already lean (PyTorch: they
-  keep their input and per-row statistics and run one fused backward kernel), so the custom gradients are not used.
-* ``dense`` is a product plus bias, one fused kernel where keras.ops has none (PyTorch's ``addmm``).
-* ``remat`` recomputes a function in the backward pass; the random masks inside it are drawn from a seed passed in
-  as an argument, so the recomputation replays the same masks.
+* ``lean_gradients``: ``gelu``, ``layer_norm`` and ``attention`` have gradients (``keras.ops.custom_gradient``, so
+  on TensorFlow, JAX and PyTorch) that keep only their inputs and recompute the rest in the backward pass. Plain
+  autodiff of a tanh-GELU keeps four (B*T, M) tensors per block, of a LayerNorm a float32 copy of its input and a
+  (B, T, D) scale, of the attention its (B, N, T, T) probabilities (twice under mixed precision). Half-precision
+  gradients are computed in float32 and cast back.
+* ``native_layer_norm``: PyTorch's own LayerNorm kernel on half-precision input (``layer_norm``).
+* ``fused_projections``: the attention's q, k and v as one product and its output projection as one product.
+* ``fused_attention``: the backend's fused attention kernel where it is faster (PyTorch's SDPA).
+* ``fused_bias``: a product plus bias as one kernel where keras.ops has none (PyTorch's ``addmm``).
+* ``half_softmax``: the attention softmax on half-precision logits where the backend's kernel measurably computes
+  in float32 inside (``half_softmax``).
+* ``gelu_swap``: the tanh GELU of bfloat16 computed by PyTorch's exact kernel on CPUs (within bfloat16 rounding).
+
+``reference_ops()`` turns them all off within a ``with`` block (a context variable: the models traced or called
+inside it take the plain path); ``plain_autodiff()`` only the lean gradients. Also here: ``keep_mask`` draws a
+dropout mask from a seed tensor (stateless; on TensorFlow with Philox and 16 bits per entry: TF's default algorithm
+is lowered by XLA on CPU to a generator about 100x slower), and ``remat`` recomputes a function in the backward
+pass with the same random masks.
 
 Shapes: B = batch, T = tokens, N = heads, dh = head size, M = MLP size.
 """
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
-_LEAN_GRADIENTS = contextvars.ContextVar("keras_vit_lean_gradients", default=True)
+SPEED_PATHS = ("lean_gradients", "native_layer_norm", "fused_projections", "fused_attention", "fused_bias",
+               "half_softmax", "gelu_swap")
+_OFF = contextvars.ContextVar("keras_vit_speed_paths_off", default=frozenset())
 
 
 @contextlib.contextmanager
-def plain_autodiff():
-    """Within the context, models traced or called use the plain autodiff gradients of GELU, LayerNorm and attention."""
-    token = _LEAN_GRADIENTS.set(False)
+def speed_paths_off(*names):
+    """Within the context, the speed paths ``names`` (of ``SPEED_PATHS``) are off for models traced or called."""
+    unknown = set(names) - set(SPEED_PATHS)
+    if unknown:
+        raise ValueError(f"Unknown speed paths {sorted(unknown)}: the paths are {SPEED_PATHS}.")
+    token = _OFF.set(_OFF.get() | frozenset(names))
     try:
         yield
     finally:
-        _LEAN_GRADIENTS.reset(token)
+        _OFF.reset(token)
+
+
+def reference_ops():
+    """A context manager: models traced or called within it compute the plain formulas, every speed path off.
+
+    ``softmax(q k^T / sqrt(dh)) v`` with q, k, v from their own projections, LayerNorm and GELU by ``keras.ops``,
+    plain autodiff gradients; the softmax in float32 under mixed precision, as on the fast path. Use it to check
+    the fast path, or a new backend or device, against the formulas. State lives in a context variable: nothing
+    outside the ``with`` block changes (a model traced inside keeps the plain path it was traced with).
+    """
+    return speed_paths_off(*SPEED_PATHS)
+
+
+def plain_autodiff():
+    """A context manager: within it models use the plain autodiff gradients of GELU, LayerNorm and attention."""
+    return speed_paths_off("lean_gradients")
+
+
+def enabled(path):
+    """Whether the speed path ``path`` (of ``SPEED_PATHS``) is on here (all are, outside ``speed_paths_off``)."""
+    return path not in _OFF.get()
 
 
 def lean_gradients():
-    """Whether the lean gradients are on (the default; off inside ``plain_autodiff()``)."""
-    return _LEAN_GRADIENTS.get()
+    """Whether the lean gradients are on (the default; off inside ``plain_autodiff()`` and ``reference_ops()``)."""
+    return enabled("lean_gradients")
+
+
+def fused_projections():
+    """Whether the attention may fuse its projections (off inside ``reference_ops()``)."""
+    return enabled("fused_projections")
 
 
 def after(upstream, *tensors):
@@ -87,7 +126,7 @@ _GELU_CUBIC = 0.044715
 # the tanh form of a bfloat16 tensor is computed by the exact kernel, at its speed (benchmarks/RESULTS.md, "CPU speed
 # with AMX"). float32 and float16 keep the tanh form exactly.
 def _exact_kernel_for_tanh(x):
-    return (keras.backend.backend() == "torch" and keras.backend.standardize_dtype(x.dtype) == "bfloat16"
+    return (enabled("gelu_swap") and keras.backend.backend() == "torch" and keras.backend.standardize_dtype(x.dtype) == "bfloat16"
             and x.device.type == "cpu")
 
 
@@ -147,7 +186,7 @@ def layer_norm(x, gamma, beta, epsilon):
     ``beta``, computes the statistics in float32 and rounds once: the same numbers as casting ``x`` to float32
     first, without the two casts).
     """
-    if native_gradients():
+    if native_gradients() and enabled("native_layer_norm"):
         import torch
 
         x = ops.convert_to_tensor(x)
@@ -157,7 +196,7 @@ def layer_norm(x, gamma, beta, epsilon):
         if x.dtype != gamma.dtype and gamma.dtype != torch.float32:
             gamma, beta = gamma.float(), beta.float()
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), gamma, beta, epsilon)
-    if not lean_gradients():
+    if native_gradients() or not lean_gradients():
         return ops.layer_normalization(x, gamma, beta, axis=-1, epsilon=epsilon)
 
     @ops.custom_gradient
@@ -192,18 +231,64 @@ def attention_weights(q, k):
     return ops.softmax(ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), compute_dtype(q)), axis=-1)
 
 
-# Backends whose softmax kernel takes half-precision logits and computes in float32 inside (TensorFlow: oneDNN's
-# softmax on CPUs, tested to give the float32 softmax rounded): there the attention core's softmax runs on the
+# Backends whose softmax kernel may take half-precision logits and compute in float32 inside (TensorFlow: oneDNN's
+# softmax on CPUs with native bfloat16, AVX-512 BF16 or AMX): there the attention core's softmax runs on the
 # half-precision logits as they are, without casting the (B, N, Tq, Tk) tensor to float32 and back
-# (benchmarks/RESULTS.md, "Attention core per backend").
+# (benchmarks/RESULTS.md, "Attention core per backend"), where ``half_softmax`` measures that it does.
 HALF_SOFTMAX_BACKENDS = ("tensorflow",)
+_MANTISSA_BITS = {"bfloat16": 7, "float16": 10}
+
+
+@functools.cache
+def _softmax_keeps_float32(dtype):
+    """Whether TensorFlow's softmax of ``dtype`` logits is the float32 softmax rounded to ``dtype`` here, eager and
+    in a graph: measured once per process on 257 logits in [-6, 6] (a bfloat16-inside kernel, as oneDNN's on CPUs
+    without native bfloat16, is off by up to 4% there; a float32-inside one by at most the rounding step)."""
+    import tensorflow as tf
+
+    with tf.init_scope():  # eager, also when called while a graph is traced
+        logits = tf.cast(tf.constant(np.linspace(-6.0, 6.0, 257, dtype=np.float32)[None]), dtype)
+        expected = tf.cast(tf.cast(tf.nn.softmax(tf.cast(logits, tf.float32)), dtype), tf.float32).numpy()
+        softmax = lambda t: tf.cast(tf.nn.softmax(t), tf.float32)  # noqa: E731
+        outputs = (softmax(logits).numpy(), tf.function(softmax)(logits).numpy())
+    step = 2.0 ** (np.floor(np.log2(np.maximum(expected, 2.0**-126))) - _MANTISSA_BITS[dtype])
+    return all(bool(np.all(np.abs(output - expected) <= step)) for output in outputs)
+
+
+def half_softmax(dtype):
+    """Whether the attention softmax runs on ``dtype`` logits as they are: on ``HALF_SOFTMAX_BACKENDS``, for half
+    precision, where the kernel computes in float32 inside (``_softmax_keeps_float32``); else logits are cast to
+    float32 and the probabilities back."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return (dtype in _MANTISSA_BITS and enabled("half_softmax") and keras.backend.backend() in HALF_SOFTMAX_BACKENDS
+            and _softmax_keeps_float32(dtype))
 
 
 def _probabilities(q, k):
     """``softmax(q k^T)`` in q's dtype, computed in float32 for half-precision q: (B, N, Tq, Tk)."""
-    if keras.backend.backend() in HALF_SOFTMAX_BACKENDS:
+    if half_softmax(q.dtype):
         return ops.softmax(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), axis=-1)
     return ops.cast(attention_weights(q, k), q.dtype)
+
+
+def dot_product_attention(q, k, v, return_weights=False, dropout=None):
+    """The attention core, ``softmax(q k^T) v`` per head: q (B, N, Tq, dh) already scaled by 1/sqrt(dh), k and v
+    (B, N, Tk, dh) -> (context (B, N, Tq, dh), weights (B, N, Tq, Tk) float32 or None).
+
+    ``return_weights``: also the softmax weights (in float32 for half-precision inputs). ``dropout``: a function
+    of the probabilities (B, N, Tq, Tk) in q's dtype (attention dropout) applied before the product with v. With
+    neither, the fastest path here: the backend's fused kernel (``fused_attention``) or ``attention`` (lean
+    gradient, half softmax); with either, or inside ``reference_ops()``, the formula as written.
+    """
+    if return_weights or dropout is not None:
+        weights = attention_weights(q, k)
+        probabilities = ops.cast(weights, q.dtype)
+        if dropout is not None:
+            probabilities = dropout(probabilities)
+        return ops.matmul(probabilities, v), (weights if return_weights else None)
+    if fused_attention():
+        return fused_attention_core(q, k, v), None
+    return attention(q, k, v), None
 
 
 def attention(q, k, v):
@@ -245,7 +330,7 @@ FUSED_ATTENTION_BACKENDS = ("torch",)
 
 def fused_attention():
     """Whether the attention core runs through the backend's fused kernel (``fused_attention_core``) here."""
-    return keras.backend.backend() in FUSED_ATTENTION_BACKENDS
+    return enabled("fused_attention") and keras.backend.backend() in FUSED_ATTENTION_BACKENDS
 
 
 def fused_attention_core(q, k, v):
@@ -272,7 +357,7 @@ FUSED_BIAS_BACKENDS = ("torch",)
 
 def fused_bias():
     """Whether ``dense`` is one fused kernel on this backend (where it is worth calling instead of a Dense layer)."""
-    return keras.backend.backend() in FUSED_BIAS_BACKENDS
+    return enabled("fused_bias") and keras.backend.backend() in FUSED_BIAS_BACKENDS
 
 
 def dense(x, kernel, bias):

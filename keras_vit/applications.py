@@ -8,9 +8,12 @@ They decode a name (``keras_vit.configs``), build a ``VisionTransformer`` and lo
 from pathlib import Path
 
 from keras_vit import configs
-from keras_vit.architecture import token_stride, unknown_arguments_error
+from keras_vit.architecture import token_stride
+from keras_vit.arguments import unknown_arguments_error
 from keras_vit.layers import to_pair
-from keras_vit.models import BUILDER_ARGUMENTS, VisionTransformer, holds_codes, quantize_like, vision_transformer
+from keras_vit.layers.embedding import POSEMBS
+from keras_vit.backbone import holds_codes, quantize_like
+from keras_vit.models import ARGUMENTS, VisionTransformer, vision_transformer
 from keras_vit.pretrained import load as loading
 from keras_vit.pretrained.config import infer_config
 from keras_vit.pretrained.registry import families_for
@@ -88,9 +91,9 @@ def create_model(
     classifier (e.g. ``"map"`` for a SigLIP image tower), register tokens and the position-embedding layout.
     ``allow_nonfinite=True`` loads weights that hold NaN or infinite values (refused by default).
     """
-    unknown = set(overrides) - (set(BUILDER_ARGUMENTS) - set(_SET_BY_CREATE_MODEL))
+    unknown = set(overrides) - (set(ARGUMENTS) - set(_SET_BY_CREATE_MODEL))
     if unknown:
-        raise unknown_arguments_error(unknown, set(BUILDER_ARGUMENTS) - set(_SET_BY_CREATE_MODEL), "create_model")
+        raise unknown_arguments_error(unknown, set(ARGUMENTS) - set(_SET_BY_CREATE_MODEL), "create_model")
     config = configs.model_config(model_name)
     official_name, variant = config.pop("name"), config.pop("variant")
     chosen = set(overrides) | configs.options_of(model_name)
@@ -151,16 +154,16 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     arguments are
     ``VisionTransformer`` arguments.
     """
-    unknown = set(overrides) - set(BUILDER_ARGUMENTS)
+    unknown = set(overrides) - set(ARGUMENTS)
     if unknown:
-        raise unknown_arguments_error(unknown, BUILDER_ARGUMENTS, "from_official_checkpoint")
+        raise unknown_arguments_error(unknown, ARGUMENTS, "from_official_checkpoint")
     source = loading.read(path, allow_nonfinite=allow_nonfinite)
     config = infer_config(source.arrays)
     if config["image_size"] is None and source.grid is not None:
         stride = token_stride(config["patch_size"], config.get("resnet_layers"))
         config["image_size"] = (source.grid[0] * stride[0], source.grid[1] * stride[1])
     native_size = config["image_size"]
-    if native_size is None and config["posemb"] == "sincos2d" and _has_open_side(input_shape):
+    if native_size is None and not POSEMBS[config["posemb"]].learned and _has_open_side(input_shape):
         # fixed embeddings are computed for each call's grid: the native size only lays out position_embeddings()
         stride = token_stride(config["patch_size"], config.get("resnet_layers"))
         native_size = tuple(max(_DEFAULT_IMAGE_SIZE // step, 1) * step for step in stride)
@@ -268,8 +271,10 @@ def _constructor(official, export_name):
     def constructor(include_top=True, weights=None, input_tensor=None, input_shape=None, pooling=None, classes=1000,
                     classifier_activation=None, include_preprocessing=False, name=None, image_size=None, dtype=None,
                     **overrides):
-        return create_model(official, include_top, weights, input_tensor, input_shape, pooling, classes,
-                            classifier_activation, include_preprocessing, name, image_size, dtype, **overrides)
+        return create_model(official, include_top=include_top, weights=weights, input_tensor=input_tensor,
+                            input_shape=input_shape, pooling=pooling, classes=classes,
+                            classifier_activation=classifier_activation, include_preprocessing=include_preprocessing,
+                            name=name, image_size=image_size, dtype=dtype, **overrides)
 
     config = configs.model_config(official)
     stem = f"ResNet stages {tuple(config['resnet_layers'])}, " if "resnet_layers" in config else ""

@@ -2,21 +2,25 @@
 hold, how position embeddings and heads are laid out. The model builder, ``keras_vit.pretrained`` (inference
 from files, adaptation), the command-line tools and the tuner all read it; none re-derives any of it.
 
-It is made from the builder's arguments (``from_arguments``), which are also what a saved model's config holds.
-Every argument is checked here, once, with an error that names it.
+Its fields are the builder's structural arguments, each declared once (``keras_vit.arguments.argument``: default,
+documentation, check); ``ModelOptions`` declares the others (regularization, remat, the head's activation,
+preprocessing, labels). The builder's signature, config, unknown-argument suggestions and documentation derive
+from these two declarations. Every argument is checked here, once, with an error that names it.
 """
 
 import dataclasses
-import difflib
 import numbers
 
-import numpy as np
+import keras
 
+from keras_vit import arguments as args
+from keras_vit import configs
+from keras_vit.arguments import ArgumentError, argument
 from keras_vit.layers.common import GELU_FORMS, to_pair
+from keras_vit.layers.embedding import POSEMBS as POSEMB_KINDS
 from keras_vit.layers.heads import POOLINGS as POOLING_KINDS
+from keras_vit.layers.tokens import PREFIX_TOKENS
 from keras_vit.resnet import stem_stride
-
-POSEMBS = ("learn", "sincos2d")
 
 
 def classifiers():
@@ -29,129 +33,140 @@ def poolings():
     return (None, "avg", *POOLING_KINDS)
 
 
+def posembs():
+    """The position-embedding kinds (``keras_vit.layers.embedding.POSEMBS``)."""
+    return tuple(POSEMB_KINDS)
+
+
+def _size(name, value):
+    _pair(name, value, dynamic=True)
+
+
+def _resnet_layers(name, value):
+    if value is not None:
+        for units in value:
+            args.positive_int("units per ResNet stage")(name, units)
+
+
+def _width_factor(name, value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0:
+        raise ArgumentError(name, value, "a positive number")
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """A ViT's structure. Tokens are laid out as ``prefix_tokens`` (class token, registers), then the grid.
+    """A ViT's structure, made from the builder's structural arguments (its fields, each declared once).
 
-    Attributes:
-        image_size: (height, width) of the input in pixels; None for a side that may vary from call to call.
-        native_image_size: (height, width) the learned position-embedding table is laid out for (the image size
-            of a fixed-size model); other sizes resample the table on the fly.
-        dynamic_padding: whether inputs whose sides are not multiples of the token stride are padded (zeros at
-            the bottom and right, timm's ``dynamic_img_pad``) instead of refused.
-        patch_size: (height, width) of a patch (on a hybrid's feature map).
-        hidden_size, num_layers, num_heads, mlp_dim: D, L, N, M.
-        channels: input channels.
-        prefix_tokens: ``((kind, count), ...)`` in order, kinds of ``keras_vit.layers.PREFIX_TOKENS``.
-        posemb: "learn" (a learned (1, rows, D) table) or "sincos2d" (fixed, computed).
-        posemb_class_token: whether the class token has a learned position-embedding row (the 2020 models) or
-            the table covers the grid only and is added before any prefix token (big_vision).
-        pooling: a kind of ``keras_vit.layers.POOLINGS`` ("token", "gap", "max", "map"), or None for the tokens.
-        representation_size: R of the ``pre_logits`` layer (Dense + tanh after pooling), or None.
-        classes: K of the classifier ``head``, or None without one.
-        gelu: "tanh" or "erf".
-        resnet_layers, resnet_width_factor: a hybrid's ResNet stem (None: a plain ViT).
+    Resolved on creation: sizes as (height, width) pairs; ``pooling`` as the pooling kind the model applies
+    (the classifier's with a head, None for the token sequence; "avg" is "gap"); ``classes`` None without a
+    head; ``posemb_class_token`` True where it has no meaning (so that equal models compare equal);
+    ``native_image_size`` the image size of a fixed-size model. Tokens are laid out as ``prefix_tokens``
+    (``((kind, count), ...)`` of ``keras_vit.layers.PREFIX_TOKENS``, derived from the registry), then the grid.
     """
 
-    image_size: tuple
-    patch_size: tuple
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    mlp_dim: int
-    channels: int = 3
-    prefix_tokens: tuple = (("class", 1),)
-    posemb: str = "learn"
-    posemb_class_token: bool = True
-    pooling: str | None = "token"
-    representation_size: int | None = None
-    classes: int | None = 1000
-    gelu: str = "tanh"
-    resnet_layers: tuple | None = None
-    resnet_width_factor: float = 1
-    native_image_size: tuple | None = None
-    dynamic_padding: bool = False
+    image_size: tuple = argument(224, "int or (height, width); each a multiple of the token stride (None for a "
+                                 "side of any size, with native_image_size).", check=_size)
+    patch_size: tuple = argument(16, "int or (height, width).", check=lambda name, value: _pair(name, value))
+    hidden_size: int = argument(768, "D, the width of the tokens.", check=args.positive)
+    num_layers: int = argument(12, "L, the number of Transformer blocks.", check=args.positive)
+    num_heads: int = argument(12, "N, attention heads (dividing D).", check=args.positive)
+    mlp_dim: int = argument(3072, "M, the hidden size of each block's MLP.", check=args.positive)
+    classifier: str = argument("token", "`\"token\"` (class token, read at position 0), `\"gap\"` (mean of the grid "
+                               "tokens), `\"max\"`, `\"map\"` (big_vision's attention pooling) or `\"unpooled\"` (no "
+                               "pooling; needs include_top=False).", check=args.choice(classifiers), given=True,
+                               compare=False)  # its effect: prefix_tokens and pooling
+    representation_size: int = argument(None, "adds the official pre-logits layer (Dense + tanh) of this size "
+                                        "before the head.", given=True)
+    include_top: bool = argument(True, "whether to add the classification head `head`.", check=args.boolean,
+                                 compare=False)  # its effect: classes
+    classes: int = argument(1000, "number of head outputs.", given=True)
+    pooling: str = argument(None, "with include_top=False: None (token sequence), `\"token\"`, `\"avg\"` (alias "
+                            "`\"gap\"`), `\"max\"` or `\"map\"`; the classifier decides with a head.",
+                            check=args.choice(poolings), given=True)
+    num_register_tokens: int = argument(0, "K learned register tokens after the class token (no position "
+                                        "embedding; no head reads them).", check=args.count,
+                                        compare=False)  # its effect: prefix_tokens
+    posemb: str = argument("learn", "`\"learn\"` (learned table, the 2020 models) or `\"sincos2d\"` (fixed 2-D "
+                           "sin-cos, big_vision's).", check=args.choice(posembs))
+    posemb_class_token: bool = argument(True, "with a learned table and a class token: whether the class token has "
+                                        "a row (the 2020 models) or the table covers the grid only (big_vision).",
+                                        check=args.boolean, given=True)
+    gelu: str = argument("tanh", "`\"tanh\"` (official approximation) or `\"erf\"` (exact).",
+                         check=args.choice(lambda: GELU_FORMS))
+    channels: int = argument(3, "input channels.", check=args.positive)
+    resnet_layers: tuple = argument(None, "units per stage of a hybrid's ResNet stem, e.g. (3, 4, 9); () the root "
+                                    "alone; None a plain ViT (the patch size then applies to the feature map).",
+                                    check=_resnet_layers)
+    resnet_width_factor: float = argument(1, "ResNet width = 64 x this factor.", check=_width_factor)
+    native_image_size: tuple = argument(None, "the (height, width) the learned position embeddings are laid out "
+                                        "for, when image_size leaves a side open.")
+    dynamic_padding: bool = argument(False, "pad inputs whose sides are not multiples of the token stride (zeros at "
+                                     "the bottom and right, timm's dynamic_img_pad) instead of refusing them.",
+                                     check=args.boolean)
+    prefix_tokens: tuple = dataclasses.field(init=False)
 
     def __post_init__(self):
-        if self.native_image_size is None and None not in self.image_size:
-            object.__setattr__(self, "native_image_size", self.image_size)
+        self._check_arguments()
+        pooling = (None if self.classifier == "unpooled" else self.classifier) if self.include_top else \
+            {"avg": "gap"}.get(self.pooling, self.pooling)
+        native = None if self.native_image_size is None else _pair("native_image_size", self.native_image_size)
+        image_size = _pair("image_size", self.image_size, dynamic=True)
+        resolved = dict(
+            image_size=image_size,
+            patch_size=_pair("patch_size", self.patch_size),
+            classes=self.classes if self.include_top else None,
+            pooling=pooling,
+            representation_size=self.representation_size or None,
+            resnet_layers=None if self.resnet_layers is None else tuple(self.resnet_layers),
+            native_image_size=image_size if native is None and None not in image_size else native,
+            dynamic_padding=bool(self.dynamic_padding),
+            include_top=bool(self.include_top),
+        )
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+        # meaningful only for a learned table and a class token; True otherwise, so that equal models compare equal
+        class_row = POSEMB_KINDS[self.posemb].learned and self.classifier == "token"
+        object.__setattr__(self, "posemb_class_token", bool(self.posemb_class_token) or not class_row)
+        object.__setattr__(self, "prefix_tokens", tuple(
+            (kind, entry.count(self)) for kind, entry in PREFIX_TOKENS.items() if entry.count(self)))
+        self.check()
 
-    @classmethod
-    def from_arguments(cls, image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
-                       mlp_dim=3072, classifier="token", representation_size=None, include_top=True, classes=1000,
-                       pooling=None, num_register_tokens=0, posemb="learn", posemb_class_token=True, gelu="tanh",
-                       channels=3, resnet_layers=None, resnet_width_factor=1, native_image_size=None,
-                       dynamic_padding=False):
-        """The architecture of ``VisionTransformer(**arguments)`` (see its arguments); checks every one."""
-        if classifier not in classifiers():
-            raise ValueError(f"classifier must be one of {classifiers()}, got {classifier!r}.")
-        if pooling not in poolings():
-            raise ValueError(f"pooling must be one of {poolings()}, got {pooling!r}.")
-        if include_top and classifier == "unpooled":
+    def _check_arguments(self):
+        """Every argument's declared check, then the rules that tie arguments together (on the values as given)."""
+        args.check_declared(self)
+        if self.include_top and self.classifier == "unpooled":
             raise ValueError("classifier='unpooled' has no head: build it with include_top=False.")
-        if not include_top and pooling == "token" and classifier != "token":
-            raise ValueError(f"pooling='token' needs a class token, but classifier={classifier!r} has none; use 'avg'.")
-        if representation_size and not include_top and pooling is None:
+        if not self.include_top and self.pooling == "token" and self.classifier != "token":
+            raise ValueError(f"pooling='token' needs a class token, but classifier={self.classifier!r} has none; use 'avg'.")
+        if self.representation_size and not self.include_top and self.pooling is None:
             raise ValueError("representation_size applies to a pooled vector: set pooling='token', 'avg', 'max' or 'map'.")
-        _check_int("num_register_tokens", num_register_tokens, minimum=0)
-        for name, value in (("include_top", include_top), ("posemb_class_token", posemb_class_token),
-                            ("dynamic_padding", dynamic_padding)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{name} must be True or False, got {value!r}.")
-        if include_top and classes is None:
+        if self.include_top and self.classes is None:
             raise ValueError("classes must be a positive int with include_top=True, got None: give the number of "
                              "classes, or build with include_top=False.")
-        prefix = ((("class", 1),) if classifier == "token" else ()) + (
-            (("register", num_register_tokens),) if num_register_tokens else ()
-        )
-        arch = cls(
-            image_size=_pair("image_size", image_size, dynamic=True),
-            patch_size=_pair("patch_size", patch_size),
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            mlp_dim=mlp_dim,
-            channels=channels,
-            prefix_tokens=prefix,
-            posemb=posemb,
-            # meaningful only for a learned table and a class token; True otherwise, so that equal models compare equal
-            posemb_class_token=bool(posemb_class_token) or not (posemb == "learn" and classifier == "token"),
-            pooling=(None if classifier == "unpooled" else classifier) if include_top else {"avg": "gap"}.get(pooling, pooling),
-            representation_size=representation_size or None,
-            classes=classes if include_top else None,
-            gelu=gelu,
-            resnet_layers=None if resnet_layers is None else tuple(resnet_layers),
-            resnet_width_factor=resnet_width_factor,
-            native_image_size=None if native_image_size is None else _pair("native_image_size", native_image_size),
-            dynamic_padding=bool(dynamic_padding),
-        )
-        arch.check()
-        return arch
+
+    @classmethod
+    def from_arguments(cls, **arguments):
+        """The architecture of ``VisionTransformer(**arguments)`` (its structural arguments); checks every one."""
+        return cls(**arguments)
+
+    @classmethod
+    def arguments(cls):
+        """The names of the structural builder arguments (the declared fields)."""
+        return tuple(field.name for field in args.declared(cls))
 
     def check(self):
         """Raises ``ValueError`` naming the first argument that cannot describe a ViT."""
-        for name in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "channels"):
-            _check_int(name, getattr(self, name), minimum=1)
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: "
                 "choose a number of heads that divides the hidden size."
             )
         if self.classes is not None:
-            _check_int("classes", self.classes, minimum=1, what="the number of head outputs")
+            args.positive_int("the number of head outputs")("classes", self.classes)
         if self.representation_size is not None:
-            _check_int("representation_size", self.representation_size, minimum=1)
-        if self.posemb not in POSEMBS:
-            raise ValueError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}.")
-        if self.posemb == "sincos2d" and self.hidden_size % 4:
-            raise ValueError(f"posemb='sincos2d' needs a hidden_size that is a multiple of 4, got {self.hidden_size}.")
-        if self.gelu not in GELU_FORMS:
-            raise ValueError(f"gelu must be one of {GELU_FORMS}, got {self.gelu!r}.")
-        if self.resnet_layers is not None:
-            for units in self.resnet_layers:
-                _check_int("resnet_layers", units, minimum=1, what="units per ResNet stage")
-            if not isinstance(self.resnet_width_factor, numbers.Real) or self.resnet_width_factor <= 0:
-                raise ValueError(f"resnet_width_factor must be a positive number, got {self.resnet_width_factor!r}.")
+            args.positive("representation_size", self.representation_size)
+        if POSEMB_KINDS[self.posemb].check is not None:
+            POSEMB_KINDS[self.posemb].check(self)
         if self.native_image_size is None:
             raise ValueError(
                 f"image_size={self.image_size} leaves a side open: give native_image_size=(height, width), the size "
@@ -214,12 +229,17 @@ class Architecture:
     @property
     def posemb_prefix_rows(self):
         """Rows of the learned position-embedding table before the grid rows: 1 for the 2020 class token, else 0."""
-        return int(self.posemb == "learn" and self.class_token and self.posemb_class_token)
+        return int(self.posemb_learned and self.class_token and self.posemb_class_token)
+
+    @property
+    def posemb_learned(self):
+        """Whether the position embeddings are a learned table (weights in checkpoints) rather than computed."""
+        return POSEMB_KINDS[self.posemb].learned
 
     @property
     def posemb_shape(self):
         """Shape of the learned table (1, rows, D); None for fixed embeddings."""
-        if self.posemb != "learn":
+        if not self.posemb_learned:
             return None
         return (1, self.posemb_prefix_rows + self.posemb_grid[0] * self.posemb_grid[1], self.hidden_size)
 
@@ -230,9 +250,54 @@ class Architecture:
 
     def replace(self, **changes):
         """A checked copy with ``changes``."""
-        arch = dataclasses.replace(self, **changes)
-        arch.check()
-        return arch
+        return dataclasses.replace(self, **changes)
+
+
+def _activation_config(activation):
+    """A head activation as a config stores it: a name as given, a function by Keras' serialization."""
+    return activation if isinstance(activation, str) else keras.activations.serialize(keras.activations.get(activation))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """The builder's arguments besides the structure: regularization, remat, the head's activation, preprocessing,
+    labels and the variant. Each declared once, as ``Architecture``'s fields are."""
+
+    classifier_activation: str = argument(None, "activation of the head; None gives logits (e.g. `\"softmax\"`).",
+                                          given=True, to_config=_activation_config)
+    include_preprocessing: bool = argument(False, "adds `(x - 127.5) / 127.5` as the first layer, so the model "
+                                           "takes pixels in [0, 255] (default: [-1, 1]).", check=args.boolean)
+    dropout_rate: float = argument(0.0, "dropout after the position embeddings, the attention output and both MLP "
+                                   "layers (official placement).", check=args.rate)
+    attention_dropout_rate: float = argument(0.0, "dropout on the attention weights.", check=args.rate)
+    stochastic_depth_rate: float = argument(0.0, "drop-path rate of the last block; block i uses "
+                                            "rate * i / (num_layers - 1).", check=args.rate)
+    remat: bool = argument(False, "gradient checkpointing of every Transformer block in training.")
+    variant: str = argument(None, "the official variant this geometry is (e.g. `\"ViT-B_16\"`, picks weights "
+                            "families); inferred when None.")
+    class_names: list = argument(None, "the K class names, stored with the model (decode_predictions reads them).")
+
+    def __post_init__(self):
+        args.check_declared(self)
+
+    def resolved_for(self, arch):
+        """``(variant, class_names)`` of a model of ``arch``: the official variant of its geometry (a ``variant``
+        given must be it) and ``class_names`` as a list of str, one per class (None when not given)."""
+        found = configs.variant_of(arch)
+        if self.variant is not None and self.variant != found:
+            raise ArgumentError("variant", self.variant, f"the variant of this geometry ({found or 'no official variant'})",
+                                f"variant={self.variant!r} does not describe this geometry "
+                                f"({found or 'no official variant'}): leave it None, it is inferred.")
+        names = self.class_names
+        if names is None:
+            return found, None
+        if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+            raise ArgumentError("class_names", names, "a list of names, one per class")
+        names = [str(name) for name in names]
+        if arch.classes is not None and len(names) != arch.classes:
+            raise ArgumentError("class_names", names, f"{arch.classes} names (one per class)",
+                                f"class_names has {len(names)} names for {arch.classes} classes.")
+        return found, names
 
 
 def token_stride(patch_size, resnet_layers=None):
@@ -260,18 +325,3 @@ def _pair(name, value, dynamic=False):
     if min(pair) < 1:
         raise ValueError(f"{name} must be positive, got {value!r}.")
     return pair
-
-
-def _check_int(name, value, minimum, what=None):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        bound = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {bound}{f' ({what})' if what else ''}, got {value!r}.")
-
-
-def unknown_arguments_error(unknown, valid, where):
-    """A ``TypeError`` for keyword arguments ``where`` does not take, suggesting the closest valid names."""
-    parts = []
-    for name in sorted(unknown):
-        close = difflib.get_close_matches(name, valid, n=1)
-        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return TypeError(f"{where} got unexpected keyword argument(s) {', '.join(parts)}. Valid: {', '.join(sorted(valid))}.")

@@ -18,14 +18,14 @@ status 2, as argparse's own errors (``tool_main``; ``tools/*.py`` use it too).
 import argparse
 import contextlib
 import logging
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from keras_vit.files import atomic_file
 
 OUTPUT_SUFFIXES = (".keras", ".weights.h5")
 STALE_AFTER_S = 3600.0  # a temporary nobody wrote to for this long belongs to a killed command
@@ -114,18 +114,8 @@ def atomic_output(output, force, inputs=()):
         raise FileExistsError(f"{output} exists; pass --force to overwrite it.")
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(output)
-    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=_suffix(output), dir=output.parent)
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's permissions
-    temporary = Path(temporary)
-    try:
+    with atomic_file(output, suffix=_suffix(output)) as temporary:
         yield temporary
-        os.replace(temporary, output)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _describe(model, config):
@@ -191,13 +181,13 @@ def _convert_main(argv):
     if Path(args.output).exists() and not args.force:
         parser.error(f"{args.output} exists; pass --force to overwrite it")
 
-    from keras_vit import applications, models
+    from keras_vit import applications, official_names
     from keras_vit.pretrained import config
 
     model = applications.from_official_checkpoint(
         args.input, image_size=args.image_size, classes=args.classes, include_top=not args.no_top
     )
-    built = {k: v for k, v in config.infer_config(models.official_arrays(model)).items() if v is not None}
+    built = {k: v for k, v in config.infer_config(official_names.official_arrays(model)).items() if v is not None}
     print(_describe(model, built))
     with atomic_output(args.output, args.force, inputs=[args.input]) as temporary:
         if str(temporary).endswith(".keras"):

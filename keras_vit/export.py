@@ -40,7 +40,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_vit.models import dequantized_copy
+from keras_vit.backbone import dequantized_copy
 from keras_vit.preprocessing import decode_image
 
 FORMATS = ("saved_model", "tflite", "onnx")

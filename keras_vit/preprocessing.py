@@ -22,6 +22,12 @@ from keras import ops
 OFFICIAL_INPUT = dict(mean=0.5, std=0.5, interpolation="bilinear", crop_pct=1.0, crop_mode="center")
 
 
+def pixels_to_unit(pixels):
+    """The official input mapping, [0, 255] -> [-1, 1]: ``(pixels - 127.5) / 127.5`` on float pixels of any array
+    kind (NumPy, a TensorFlow or Keras tensor): the one place it is written."""
+    return (pixels - 127.5) / 127.5
+
+
 def preprocess_input(images):
     """(..., H, W, C) pixels in [0, 255] (uint8 or float) -> float32 in [-1, 1]: ``(x - 127.5) / 127.5``.
 
@@ -31,7 +37,7 @@ def preprocess_input(images):
     """
     if isinstance(images, (np.ndarray, list, tuple)):
         check_pixels(images)
-    return (ops.cast(images, "float32") - 127.5) / 127.5
+    return pixels_to_unit(ops.cast(images, "float32"))
 
 
 def check_pixels(images, what="preprocess_input"):

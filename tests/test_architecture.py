@@ -134,7 +134,7 @@ ARCHITECTURE_KEYS = ("image_size", "patch_size", "hidden_size", "num_layers", "n
 
 
 def test_from_official_checkpoint_infers_the_new_options(tmp_path):
-    from keras_vit.models import official_arrays
+    from keras_vit.official_names import official_arrays
 
     for option in ("map", "registers", "sincos", "big_vision_token"):
         model = _random(keras_vit.vision_transformer(**SMALL, **OPTIONS[option]))
@@ -225,3 +225,48 @@ def test_a_new_pooling_kind_is_one_layer_and_one_registry_line(monkeypatch):
                                   keras.ops.convert_to_numpy(features["tokens"])[:, 1])
     headless = keras_vit.vision_transformer(**SMALL, include_top=False, pooling="first")
     assert headless.output.shape == (None, 12)
+
+
+def test_a_new_position_embedding_kind_is_one_layer_and_one_registry_line(monkeypatch):
+    # What adding a position embedding takes: a layer (tokens, pixels) -> tokens and its registry entry; the
+    # argument check, the builder, the checkpoint names and the token layout pick it up. Here: none at all, which
+    # makes a GAP model blind to where a patch is (swapping two patches leaves the logits unchanged).
+    from keras_vit.layers import embedding
+
+    class NoPositions(keras.layers.Layer):
+        def call(self, tokens, pixels=None):
+            return tokens
+
+    with pytest.raises(keras_vit.arguments.ArgumentError) as error:
+        keras_vit.vision_transformer(**SMALL, posemb="none")
+    assert error.value.name == "posemb"
+    monkeypatch.setitem(embedding.POSEMBS, "none", embedding.PosembKind(
+        lambda arch, **kw: NoPositions(**kw), learned=False, check=None))
+    model = _random(keras_vit.vision_transformer(**SMALL, classifier="gap", posemb="none"))
+    assert model.architecture.posemb_shape is None and model.architecture.posemb_prefix_rows == 0
+    assert not any("posembed_input" in name for name in model.official_weights())
+    images = _images()
+    swapped = images.copy()
+    swapped[:, :4, :4], swapped[:, 8:12, 4:8] = images[:, 8:12, 4:8], images[:, :4, :4]
+    n = keras.ops.convert_to_numpy
+    np.testing.assert_allclose(n(model(swapped)), n(model(images)), atol=1e-5, rtol=0)
+    learned = _random(keras_vit.vision_transformer(**SMALL, classifier="gap"))
+    assert np.abs(n(learned(swapped)) - n(learned(images))).max() > 1e-3  # a position embedding does see it
+
+
+def test_a_new_prefix_token_kind_is_one_layer_and_one_registry_line(monkeypatch):
+    # What adding a prefix token takes: a layer inserting it and its registry entry with its count; the token
+    # count, the layout, the poolings and the checkpoint names pick it up (here a DeiT-style distillation token).
+    from keras_vit.layers import tokens
+
+    monkeypatch.setitem(tokens.PREFIX_TOKENS, "dist", tokens.PrefixKind(
+        tokens.RegisterTokens, "dist_token", None, lambda arch: 1))
+    model = _random(keras_vit.vision_transformer(**SMALL, classifier="gap", num_register_tokens=2))
+    assert model.architecture.prefix_tokens == (("register", 2), ("dist", 1))
+    assert model.num_prefix_tokens == 3 and "dist_token" in model.official_weights()
+    features = model.features(_images())
+    n = keras.ops.convert_to_numpy
+    assert features["tokens"].shape == (2, 3 + 16, 12)
+    np.testing.assert_allclose(n(features["pre_logits"]), n(features["tokens"])[:, 3:].mean(axis=1), atol=1e-5)
+    token_model = keras_vit.vision_transformer(**SMALL)
+    assert token_model.architecture.prefix_tokens == (("class", 1), ("dist", 1))

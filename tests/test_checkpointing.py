@@ -113,15 +113,23 @@ def test_renamed_or_reshaped_variables_are_refused_naming_them(tmp_path):
     before = _values(other.variables)
     with pytest.raises(checkpointing.IncompatibleCheckpointError) as raised:
         checkpointing.CheckpointManager(tmp_path).restore(other, other_optimizer)
-    assert "'cls/cls'" in str(raised.value) and str(tmp_path / "ckpt-2") in str(raised.value)
+    assert raised.value.missing == [] and raised.value.unexpected == ["cls/cls"]
+    assert (raised.value.path, raised.value.part) == (tmp_path / "ckpt-2", "model")
     assert all(np.array_equal(a, b) for a, b in zip(before, _values(other.variables)))  # nothing was loaded
     wider, wider_optimizer = _trained(seed=1, steps=1, classes=5)
     with pytest.raises(checkpointing.IncompatibleCheckpointError) as raised:
         checkpointing.CheckpointManager(tmp_path).restore(wider, wider_optimizer)
-    assert "head/kernel (8, 3) != (8, 5)" in str(raised.value)
+    assert ("head/kernel", (8, 3), (8, 5)) in raised.value.mis_shaped and raised.value.part == "model"
     with pytest.raises(checkpointing.IncompatibleCheckpointError) as raised:
         checkpointing.CheckpointManager(tmp_path).restore(model, optimizer, run_id="other")
-    assert "other" in str(raised.value) and str(tmp_path / "ckpt-2") in str(raised.value)
+    assert (raised.value.run_id, raised.value.path, raised.value.part) == ("other", tmp_path / "ckpt-2", None)
+    assert raised.value.stored_run_id != "other"
+
+
+def test_an_incompatible_checkpoint_message_names_the_folder_and_the_variables():
+    # the one message-text test of IncompatibleCheckpointError: the message is the caller's, the fields are data
+    error = checkpointing.IncompatibleCheckpointError("Checkpoint c does not fit: x.", "c", "model", ["a"], ["b"])
+    assert str(error) == "Checkpoint c does not fit: x." and (error.missing, error.unexpected) == (["a"], ["b"])
 
 
 def test_a_corrupted_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):

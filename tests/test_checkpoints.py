@@ -78,28 +78,46 @@ def _assert_untouched(model, before):
 
 
 @pytest.mark.parametrize(
-    "edit, message",
+    "edit, expected",
     [
-        (lambda a: a.pop("Transformer/encoderblock_1/LayerNorm_2/scale"), r"Missing from the checkpoint \(1\): Transformer/encoderblock_1/LayerNorm_2/scale"),
-        (lambda a: a.update({"pre_logits/kernel": np.zeros((48, 48), "float32")}), r"Not used by the model \(1\): pre_logits/kernel"),
-        (lambda a: a.update({"head/kernel": np.zeros((48, 11), "float32"), "head/bias": np.zeros(11, "float32")}), r"head/kernel: \(48, 11\) vs \(48, 10\)"),
+        (lambda a: a.pop("Transformer/encoderblock_1/LayerNorm_2/scale"),
+         (["Transformer/encoderblock_1/LayerNorm_2/scale"], [], [])),
+        (lambda a: a.update({"pre_logits/kernel": np.zeros((48, 48), "float32")}), ([], ["pre_logits/kernel"], [])),
+        (lambda a: a.update({"head/kernel": np.zeros((48, 11), "float32"), "head/bias": np.zeros(11, "float32")}),
+         ([], [], [("head/bias", (11,), (10,)), ("head/kernel", (48, 11), (48, 10))])),
     ],
     ids=["missing", "extra", "mis-shaped"],
 )
-def test_mismatched_checkpoint_is_a_clear_error_and_assigns_nothing(edit, message, save_npz):
+def test_mismatched_checkpoint_is_a_clear_error_and_assigns_nothing(edit, expected, save_npz):
     model, _ = _tiny_token_model()
     before = model.get_weights()
     arrays = npz.read_npz(fixture_path("vit_tiny_token", "ckpt"))
     edit(arrays)
-    with pytest.raises(keras_vit.CheckpointMismatchError, match=message):
+    with pytest.raises(keras_vit.CheckpointMismatchError) as error:
         keras_vit.load_weights(model, save_npz(arrays), adapt=False)
+    assert (error.value.missing, error.value.unexpected, error.value.mis_shaped) == expected
     _assert_untouched(model, before)
 
 
 def test_checkpoint_of_another_resolution_is_rejected():
     model, _ = _tiny_token_model()
-    with pytest.raises(keras_vit.CheckpointMismatchError, match=r"pos_embedding: \(1, 145, 48\) vs \(1, 65, 48\)"):
+    with pytest.raises(keras_vit.CheckpointMismatchError) as error:
         keras_vit.load_weights(model, fixture_path("vit_tiny_token_posemb48", "ckpt"), adapt=False)
+    assert error.value.mis_shaped == [("Transformer/posembed_input/pos_embedding", (1, 145, 48), (1, 65, 48))]
+    assert (error.value.missing, error.value.unexpected) == ([], [])
+
+
+def test_a_checkpoint_mismatch_message_says_the_file_the_counts_a_few_names_and_what_to_do():
+    # the one message-text test of CheckpointMismatchError; the other tests read its fields
+    error = keras_vit.CheckpointMismatchError("w.npz", missing=[f"m{i}" for i in range(7)], unexpected=["u"],
+                                              mis_shaped=[("s", (1,), (2,))], summary="a ViT-Ti/16", advice="Do this.")
+    assert str(error) == (
+        "Checkpoint w.npz does not match the model: a ViT-Ti/16.\n"
+        "Missing from the checkpoint (7): m0, m1, m2, m3, m4, ... (2 more)\n"
+        "Not used by the model (1): u\n"
+        "Shape mismatch (1), name: checkpoint vs model: s: (1,) vs (2,)\n"
+        "Do this.")
+    assert (error.source, error.summary, error.advice) == ("w.npz", "a ViT-Ti/16", "Do this.")
 
 
 def test_pickled_array_is_refused(tmp_path):
@@ -197,7 +215,7 @@ def test_a_checkpoint_far_larger_than_the_model_is_refused_unread(tmp_path, monk
     from keras_vit.pretrained import load, names
 
     big = tmp_path / "b16.npz"
-    arrays = keras_vit.models.official_arrays(keras_vit.create_model("B/16", num_layers=1, image_size=32))
+    arrays = keras_vit.official_names.official_arrays(keras_vit.create_model("B/16", num_layers=1, image_size=32))
     np.savez(big, **arrays)
     model, _ = _tiny_token_model()
     values, weights = sum(a.size for a in arrays.values()), model.count_params()

@@ -121,7 +121,7 @@ def test_a_reloaded_quantized_model_saves_again_resizes_and_interpolates(mode, t
 
 @pytest.mark.parametrize("mode", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
 def test_the_weights_of_a_quantized_model_are_read_as_its_effective_float_weights(mode, tmp_path):
-    from keras_vit.models import official_arrays
+    from keras_vit.official_names import official_arrays
 
     model = _random_model()
     original = official_arrays(model)
@@ -386,7 +386,7 @@ def test_keras_files_written_at_410d757_load_with_identical_outputs(name):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_dequantized_copy_holds_the_effective_weights_of_a_quantized_model(mode):
-    from keras_vit.models import dequantized_copy
+    from keras_vit.backbone import dequantized_copy
 
     model = _random_model()
     original = {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
@@ -413,4 +413,45 @@ def test_a_training_checkpoint_written_at_410d757_restores_with_identical_output
     assert state["step"] == 2
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"], training=False)),
                                outputs["ckpt_logits"], atol=1e-5)
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 2
+
+
+# --- files written by d3246bf (tests/data/main_d3246bf, made by its make_main.py) -----------------------------------
+
+MAIN = REPO / "tests" / "data" / "main_d3246bf"
+# Written on TensorFlow: the same backend reproduces them to float32 rounding, the others to 1e-5 (other kernels).
+SAME = 1e-6 if keras.backend.backend() == "tensorflow" else 1e-5
+
+
+@pytest.mark.parametrize("name", ["plain", "int8", "lora", "map_reg_sincos"])
+def test_keras_files_written_at_d3246bf_load_with_identical_outputs_and_configs(name):
+    import json
+
+    outputs = np.load(MAIN / "outputs.npz")
+    model = keras.models.load_model(MAIN / f"{name}.keras")
+    actual = keras.ops.convert_to_numpy(model(outputs["images"], training=False)).astype("float32")
+    np.testing.assert_allclose(actual, outputs[name], atol=SAME, rtol=SAME)
+    written = json.loads((MAIN / "configs.json").read_text())[name]
+    assert json.loads(json.dumps(model.get_config())) == written
+
+
+def test_lora_factors_written_at_d3246bf_load_onto_their_base_with_identical_outputs():
+    outputs = np.load(MAIN / "outputs.npz")
+    model = keras.models.load_model(MAIN / "plain.keras")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"])), outputs["lora_base"], atol=SAME)
+    model.load_lora_weights(MAIN / "lora.lora.h5")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"])), outputs["lora"], atol=1e-5)
+
+
+def test_a_training_checkpoint_written_at_d3246bf_restores_with_identical_outputs():
+    from keras_vit.train import checkpointing
+
+    outputs = np.load(MAIN / "outputs.npz")
+    model = keras.models.load_model(MAIN / "plain.keras")
+    optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.05)
+    optimizer.build(model.trainable_variables)
+    state = checkpointing.CheckpointManager(MAIN / "ckpt").restore(model, optimizer, run_id="main")
+    assert state["step"] == 2
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(outputs["images"], training=False)),
+                               outputs["ckpt_logits"], atol=SAME)
     assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 2

@@ -251,7 +251,7 @@ def test_a_quantized_model_is_refused_unless_dequantized(tmp_path):
     path = keras_vit.save_weights(model, tmp_path / "q.npz", dequantize=True)
     plain = keras_vit.load_weights(keras_vit.vision_transformer(**{**TINY, "num_layers": 1}), path, adapt=False)
     images = _images(model)
-    expected = n(keras_vit.models.dequantized_copy(model)(images))
+    expected = n(keras_vit.backbone.dequantized_copy(model)(images))
     np.testing.assert_allclose(n(plain(images)), expected, atol=1e-5, rtol=0)
 
 
@@ -314,8 +314,8 @@ def test_keras_vit_convert_writes_a_keras_model_in_each_layout(tmp_path, capsys)
     model.save(tmp_path / "model.keras")
     for layout, target in (("official", "w.npz"), ("big_vision", "bv.npz"), ("timm", "repo")):
         assert cli.convert_main([str(tmp_path / "model.keras"), "--to", layout, str(tmp_path / target)]) == 0
-    assert_identical(_npz(tmp_path / "w.npz"), keras_vit.models.official_arrays(model))
-    assert_identical(read_timm(tmp_path / "repo").arrays, keras_vit.models.official_arrays(model))
+    assert_identical(_npz(tmp_path / "w.npz"), keras_vit.official_names.official_arrays(model))
+    assert_identical(read_timm(tmp_path / "repo").arrays, keras_vit.official_names.official_arrays(model))
     capsys.readouterr()
     # an existing output, in the command line's words: one line, status 2
     assert cli.convert_main([str(tmp_path / "model.keras"), "--to", "official", str(tmp_path / "w.npz")]) == 2

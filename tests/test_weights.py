@@ -17,7 +17,7 @@ import scipy.ndimage
 import keras_vit
 from conftest import PLAIN_FIXTURES, REPO, builder_kwargs, fixture_path, flexivit_resize_matrix, grow_patches, load_reference
 from keras_vit import cli
-from keras_vit.models import official_arrays
+from keras_vit.official_names import official_arrays
 from keras_vit.pretrained import download, names, npz, registry
 
 n = keras.ops.convert_to_numpy
@@ -330,8 +330,18 @@ def test_a_web_page_served_with_200_is_not_cached_as_a_checkpoint(cache, server,
 def test_a_cache_variable_that_cannot_hold_files_is_named(tmp_path, monkeypatch, setting, reason):
     (tmp_path / "a_file").write_text("not a folder")
     monkeypatch.setenv("KERAS_VIT_CACHE", str(tmp_path / setting))
-    with pytest.raises(OSError, match=rf"The download cache folder {tmp_path / setting} \(set by KERAS_VIT_CACHE={tmp_path / setting}\) cannot be used: {reason}\. Set KERAS_VIT_CACHE to a folder you can write to"):
+    with pytest.raises(download.CacheFolderError) as error:
         keras_vit.from_official_checkpoint("http://127.0.0.1:9/vit/x.npz")
+    assert (error.value.folder, error.value.variable, error.value.reason) == (tmp_path / setting, "KERAS_VIT_CACHE", reason)
+
+
+def test_a_cache_folder_error_message_names_the_folder_the_variable_and_the_way_out(monkeypatch):
+    # the one message-text test of CacheFolderError
+    monkeypatch.setenv("KERAS_VIT_CACHE", "/x/c")
+    assert str(download.CacheFolderError("/x/c", "KERAS_VIT_CACHE", "it is a file, not a folder")) == (
+        "The download cache folder /x/c (set by KERAS_VIT_CACHE=/x/c) cannot be used: it is a file, not a folder. "
+        "Set KERAS_VIT_CACHE to a folder you can write to (it is created if missing), or unset it to use "
+        "~/.keras/keras_vit.")
 
 
 # --- tools -------------------------------------------------------------------------------------------------------

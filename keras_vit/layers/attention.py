@@ -73,11 +73,12 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     attends from ``x`` (B, T, D) to ``key_value`` (B, S, D) (the MAP head's probe). With
     ``return_attention_scores=True`` it also returns the weights (B, N, T, S).
 
-    While no projection is quantized or LoRA-enabled, self-attention computes q, k and v in one
-    (B*T, D) x (D, 3D) product with the scale folded into the query kernel, and the output projection as one
-    (B*T, D) x (D, D) product (same parameters, faster on CPUs). Without weights to return or attention
-    dropout, the core is the backend's fused attention kernel where that is faster (PyTorch), else one whose
-    gradient keeps q, k and v instead of the (B, N, T, S) probabilities (``keras_vit._speed``).
+    ``call`` is three steps: the heads q, k, v (``_heads``), the core ``softmax(q k^T) v``
+    (``keras_vit._speed.dot_product_attention``) and the output projection (``_merge_heads``). While no
+    projection is quantized or LoRA-enabled, self-attention computes q, k and v in one (B*T, D) x (D, 3D)
+    product with the scale folded into the query kernel, and the output projection as one (B*T, D) x (D, D)
+    product (same parameters, faster on CPUs); the core takes the fastest path here. ``keras_vit.reference_ops()``
+    turns both off (the formulas as written).
     """
 
     def __init__(self, num_heads, dropout_rate=0.0, kernel_initializer="glorot_uniform", bias_initializer="zeros",
@@ -128,12 +129,22 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         return weights
 
     def _fused(self):
-        """Whether the projections are plain (not quantized, no LoRA), so that their kernels can be fused."""
-        return all(getattr(self, name).quantization_mode is None and not getattr(self, name).lora_enabled
-                   for name in _PROJECTIONS)
+        """Whether the projections may be fused: plain (not quantized, no LoRA) and the speed path on."""
+        return _speed.fused_projections() and all(
+            getattr(self, name).quantization_mode is None and not getattr(self, name).lora_enabled
+            for name in _PROJECTIONS
+        )
 
-    def _fused_qkv(self, x, scale):
-        """q (scaled), k, v (B, N, T, dh) of x (B, T, D) from one (B*T, D) x (D, 3D) product."""
+    def _heads(self, x, key_value, fused):
+        """q (scaled by 1/sqrt(dh)), k, v (B, N, T, dh) of x (B, T, D) and key_value (B, S, D) (None: x).
+
+        Fused (self-attention only): one (B*T, D) x (D, 3D) product with the scale folded into the query kernel."""
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if key_value is not None or not fused:
+            source = x if key_value is None else key_value
+            q = self.query(x) * ops.cast(scale, x.dtype)
+            k, v = self.key(source), self.value(source)
+            return [ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v)]  # heads beside the batch
         batch, tokens, hidden = ops.shape(x)[0], ops.shape(x)[1], x.shape[-1]
         kernel = ops.concatenate(
             [ops.reshape(self.query.kernel * scale, (hidden, hidden)),
@@ -152,39 +163,25 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         # one transpose for the three (a view on PyTorch); unstacking has a cheap gradient
         return ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0)
 
+    def _merge_heads(self, context, x, fused):
+        """The output projection of ``context`` (B, N, T, dh) -> (B, T, D); fused: one (B*T, D) x (D, D) product."""
+        context = ops.transpose(context, (0, 2, 1, 3))  # (B, T, N, dh)
+        if not fused:
+            return self.out(context)
+        hidden = self.out.kernel.shape[-1]
+        out = _speed.dense(ops.reshape(context, (-1, hidden)), ops.reshape(self.out.kernel, (hidden, hidden)),
+                           self.out.bias)
+        return ops.reshape(out, (ops.shape(x)[0], ops.shape(x)[1], hidden))
+
     def call(self, x, key_value=None, training=None, return_attention_scores=False, dropout_seed=None):
         fused = self._fused()
-        scale = 1.0 / math.sqrt(self.head_dim)
-        dropout = bool(training) and bool(self.dropout_rate)
-        if key_value is None and fused:
-            q, k, v = self._fused_qkv(x, scale)
-        else:
-            source = x if key_value is None else key_value
-            q = self.query(x) * ops.cast(scale, x.dtype)
-            k, v = self.key(source), self.value(source)
-            q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))  # (B, N, T, dh), heads beside the batch
-        if not (return_attention_scores or dropout) and _speed.fused_attention():
-            context = _speed.fused_attention_core(q, k, v)  # q is already scaled
-        else:
-            if return_attention_scores or dropout:
-                weights = _speed.attention_weights(q, k)  # (B, N, T, S)
-                probabilities = ops.cast(weights, q.dtype)
-                if dropout:
-                    seed = self.seed_generator.next() if dropout_seed is None else dropout_seed
-                    probabilities = probabilities * _speed.keep_mask(
-                        ops.shape(probabilities), self.dropout_rate, seed, 5, probabilities.dtype
-                    )
-                context = ops.matmul(probabilities, v)
-            else:  # the same ops, with a gradient that keeps q, k, v instead of the probabilities
-                context = _speed.attention(q, k, v)
-        context = ops.transpose(context, (0, 2, 1, 3))  # (B, T, N, dh)
-        if fused:
-            hidden = self.out.kernel.shape[-1]
-            out = _speed.dense(ops.reshape(context, (-1, hidden)), ops.reshape(self.out.kernel, (hidden, hidden)),
-                               self.out.bias)
-            out = ops.reshape(out, (ops.shape(x)[0], ops.shape(x)[1], hidden))
-        else:
-            out = self.out(context)
+        q, k, v = self._heads(x, key_value, fused)
+        dropout = None
+        if training and self.dropout_rate:
+            seed = self.seed_generator.next() if dropout_seed is None else dropout_seed
+            dropout = lambda p: p * _speed.keep_mask(ops.shape(p), self.dropout_rate, seed, 5, p.dtype)  # noqa: E731
+        context, weights = _speed.dot_product_attention(q, k, v, return_attention_scores, dropout)
+        out = self._merge_heads(context, x, fused)
         return (out, weights) if return_attention_scores else out
 
     def compute_output_spec(self, x, key_value=None, training=None, return_attention_scores=False, dropout_seed=None):

@@ -1,6 +1,11 @@
 """Patch and position embeddings: ``Patches``, learned ``AddPositionEmbs`` and fixed ``SinCos2DPositionEmbs``,
 and ``PadToMultiple`` for inputs of any size.
 
+``POSEMBS`` is the registry of position embeddings: a kind is one layer and one line, ``kind: PosembKind(build,
+learned, check)`` with ``build(architecture, dtype=..., name=...)``, ``learned`` whether it holds a table (weights
+in checkpoints, rows for prefix tokens) and ``check(architecture)`` raising for a geometry it cannot embed. A
+position-embedding layer answers ``grid_embeddings()``: the (gh * gw, D) embeddings of its native grid.
+
 A position-embedding layer called with the patch embedding's input as its second argument (``layer(tokens,
 pixels)``) takes the token grid from it at every call, so one model takes inputs of any size: the learned table
 keeps its native grid and is resampled to the call's grid in the graph, with the official interpolation
@@ -9,6 +14,8 @@ keeps its native grid and is resampled to the call's grid in the graph, with the
 Shapes: B = batch, H x W = image (or a hybrid's feature map), C = channels, (gh, gw) = token grid,
 P = prefix tokens that have a position embedding row (the official class token), D = hidden size.
 """
+
+import collections
 
 import keras
 import numpy as np
@@ -154,6 +161,10 @@ class AddPositionEmbs(keras.layers.Layer):
     def official_weights(self):
         return {"pos_embedding": self.pos_embedding}
 
+    def grid_embeddings(self):
+        """The table's grid rows, (gh * gw, D) float32 NumPy."""
+        return np.asarray(ops.convert_to_numpy(self.pos_embedding)[0, self.num_prefix_tokens :], np.float32)
+
     def call(self, tokens, pixels=None):
         table = self.pos_embedding
         if pixels is None or self.grid is None:
@@ -229,6 +240,10 @@ class SinCos2DPositionEmbs(keras.layers.Layer):
         """The embeddings (1, gh * gw, D) of the native grid, float32 NumPy."""
         return sincos_2d(self.grid, self.width, self.temperature)
 
+    def grid_embeddings(self):
+        """The embeddings of the native grid, (gh * gw, D) float32 NumPy."""
+        return self.table()[0]
+
     def call(self, tokens, pixels=None):
         grid = self.grid if pixels is None or self.patch_size is None else _token_grid(pixels, self.patch_size)
         return tokens + ops.cast(sincos_2d(grid, self.width, self.temperature), tokens.dtype)
@@ -242,12 +257,24 @@ class SinCos2DPositionEmbs(keras.layers.Layer):
         return config
 
 
+def _check_sincos(arch):
+    if arch.hidden_size % 4:
+        raise ValueError(f"posemb='sincos2d' needs a hidden_size that is a multiple of 4, got {arch.hidden_size}.")
+
+
+PosembKind = collections.namedtuple("PosembKind", "build learned check")
+POSEMBS = {
+    "learn": PosembKind(lambda arch, **kw: AddPositionEmbs(grid=arch.posemb_grid, patch_size=arch.patch_size,
+                                                           num_prefix_tokens=arch.posemb_prefix_rows, **kw),
+                        learned=True, check=None),
+    "sincos2d": PosembKind(lambda arch, **kw: SinCos2DPositionEmbs(arch.posemb_grid, patch_size=arch.patch_size, **kw),
+                           learned=False, check=_check_sincos),
+}
+
+
 def position_embedding(arch, dtype, name="posembed_input"):
-    """The position-embedding layer ``arch`` describes (learned or sin-cos, laid out for its native grid)."""
-    if arch.posemb == "learn":
-        return AddPositionEmbs(grid=arch.posemb_grid, patch_size=arch.patch_size,
-                               num_prefix_tokens=arch.posemb_prefix_rows, dtype=dtype, name=name)
-    return SinCos2DPositionEmbs(arch.posemb_grid, patch_size=arch.patch_size, dtype=dtype, name=name)
+    """The position-embedding layer ``arch`` describes (its ``POSEMBS`` kind, laid out for its native grid)."""
+    return POSEMBS[arch.posemb].build(arch, dtype=dtype, name=name)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -2,9 +2,10 @@
 
 ``PREFIX_TOKENS`` is the registry: a kind of prefix token is one layer (it inserts ``count`` learned tokens
 after the ``offset`` prefix tokens already there) and one line, ``kind: PrefixKind(build, official_name,
-argument)`` (the layer's name, which is its array's name in checkpoints, and the builder argument that counts
-them; the class token's presence is the classifier's). The ``Architecture`` lists the kinds a model has, in
-order (``prefix_tokens``). Heads and analysis read the grid tokens after ``num_prefix_tokens``.
+argument, count)``: the layer's name, which is its array's name in checkpoints; the builder argument that counts
+them (None when none does: the class token's presence is the classifier's); ``count(architecture)``, how many a
+model has. The ``Architecture`` derives its ``prefix_tokens`` (the kinds a model has, in order) from here. Heads
+and analysis read the grid tokens after ``num_prefix_tokens``.
 
 Shapes: B = batch, T = tokens, D = hidden size.
 """
@@ -84,10 +85,10 @@ def _class_token(count, offset, **kwargs):
     return ClassToken(**kwargs)
 
 
-PrefixKind = collections.namedtuple("PrefixKind", "build official_name argument")
+PrefixKind = collections.namedtuple("PrefixKind", "build official_name argument count")
 PREFIX_TOKENS = {  # in their order in the sequence
-    "class": PrefixKind(_class_token, "cls", None),
-    "register": PrefixKind(RegisterTokens, "reg", "num_register_tokens"),
+    "class": PrefixKind(_class_token, "cls", None, lambda arch: int(arch.classifier == "token")),
+    "register": PrefixKind(RegisterTokens, "reg", "num_register_tokens", lambda arch: arch.num_register_tokens),
 }
 
 

@@ -38,12 +38,12 @@ import http.client
 import logging
 import os
 import re
-import tempfile
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from keras_vit.files import atomic_file, sha256_of  # noqa: F401  (sha256_of: part of this module's API)
 from keras_vit.pretrained.registry import BUCKET
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,20 @@ def cache_dir():
     return Path(os.environ.get("KERAS_VIT_CACHE", default)).expanduser()
 
 
+class CacheFolderError(OSError):
+    """The download cache folder cannot hold files: ``folder``, ``variable`` (the environment variable that set
+    it, None for the default), ``reason`` and ``errno`` (the operating system's)."""
+
+    def __init__(self, folder, variable, reason, errno=None):
+        self.folder, self.variable, self.reason = Path(folder), variable, reason
+        setting = f"set by {variable}={os.environ.get(variable, '')}" if variable else "the default"
+        super().__init__(
+            f"The download cache folder {folder} ({setting}) cannot be used: {reason}. Set KERAS_VIT_CACHE to a "
+            "folder you can write to (it is created if missing), or unset it to use ~/.keras/keras_vit."
+        )
+        self.errno = errno
+
+
 def _usable_cache_dir():
     """``cache_dir()``, created; an ``OSError`` naming the variable that set it when it cannot hold files."""
     folder = cache_dir()
@@ -78,26 +92,14 @@ def _usable_cache_dir():
             raise PermissionError(f"no permission to write in {folder}")
     except OSError as error:
         variable = next((v for v in ("KERAS_VIT_CACHE", "KERAS_HOME") if v in os.environ), None)
-        setting = f"set by {variable}={os.environ[variable]}" if variable else "the default"
         if folder.is_file():
             reason = "it is a file, not a folder"
         elif isinstance(error, (NotADirectoryError, FileExistsError)):
             reason = "a folder above it is a file"
         else:
             reason = error.strerror or str(error)
-        raise type(error)(
-            f"The download cache folder {folder} ({setting}) cannot be used: {reason}. Set KERAS_VIT_CACHE to a "
-            "folder you can write to (it is created if missing), or unset it to use ~/.keras/keras_vit."
-        ) from None
+        raise CacheFolderError(folder, variable, reason, error.errno) from None
     return folder
-
-
-def sha256_of(path, chunk=_CHUNK):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _folder_and_file(url, quoted=False):
@@ -254,17 +256,12 @@ def _check_arrival(path, name, received, announced, content_type):
 def _download(url, target, timeout, deadline):
     """Streams ``url`` to ``target`` through a temporary beside it, within ``deadline`` seconds in all."""
     deadline_at = time.monotonic() + deadline
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_PART, dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as file, _opener.open(url, timeout=timeout) as response:
+    with atomic_file(target, suffix=_PART) as temporary:
+        with open(temporary, "wb") as file, _opener.open(url, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             content_type = response.headers.get_content_type()
             received = _copy(response, file, deadline_at, deadline)
         _check_arrival(temporary, target.name, received, int(length) if length else None, content_type)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def _local_file(url, sha256):

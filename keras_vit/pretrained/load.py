@@ -18,15 +18,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_vit.models import (
-    VisionTransformer,
-    as_vision_transformer,
-    dequantized_copy,
-    holds_codes,
-    official_arrays,
-    official_weights,
-    quantize_like,
-)
+from keras_vit.backbone import dequantized_copy, holds_codes, quantize_like
+from keras_vit.models import VisionTransformer, as_vision_transformer
+from keras_vit.official_names import official_arrays, official_weights
 from keras_vit.pretrained import adapt as adapt_lib
 from keras_vit.pretrained import checks, download, registry
 from keras_vit.pretrained.config import architecture, architecture_summary, infer_config

@@ -10,8 +10,7 @@ prefixes and big_vision's layouts: the stacked ``scan`` layout
 (``Transformer/encoderblock/...`` with a leading layer axis) and the image tower of a
 two-tower (SigLIP, LiT) checkpoint (``img/...``).
 
-The layers of a keras_vit model declare their weights' official names within their scope
-(``official_weights()``); ``official_scope`` gives a top-level layer's scope.
+The layers of a keras_vit model declare their weights' official names (``keras_vit.official_names``).
 """
 
 import collections
@@ -19,6 +18,7 @@ import re
 
 import numpy as np
 
+from keras_vit.errors import CheckpointMismatchError  # noqa: F401  (raised by the matching rules beside it)
 from keras_vit.pretrained.npz import decode_array
 
 _PREFIXES = ("opt/target/", "params/")
@@ -37,40 +37,6 @@ POSEMB = "Transformer/posembed_input/pos_embedding"
 _BIG_VISION_POSEMB = "pos_embedding"  # big_vision keeps the table at the top level, without a class-token row
 _SCAN_BLOCK = "Transformer/encoderblock/"  # big_vision's scan layout: every block's arrays stacked on a leading axis
 _IMAGE_TOWER = "img/"  # the image tower of a big_vision two-tower (SigLIP, LiT) checkpoint; txt/, t and b are not
-_LISTED = 5  # names shown per kind in a mismatch message
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's arrays do not match the model's weights one to one.
-
-    ``missing``, ``unexpected`` and ``mis_shaped`` hold the full lists; the
-    message says first what the file and the model are (when known), then
-    the counts and a few names of each kind, and last what to do (``advice``,
-    by default: build the model with the checkpoint's architecture).
-    """
-
-    def __init__(self, source, missing=(), unexpected=(), mis_shaped=(), summary=None, advice=None):
-        self.missing = sorted(missing)
-        self.unexpected = sorted(unexpected)
-        self.mis_shaped = sorted(mis_shaped)
-        lines = [f"Checkpoint {source} does not match the model" + (f": {summary}." if summary else ".")]
-
-        def some(items):
-            return ", ".join(items[:_LISTED]) + (f", ... ({len(items) - _LISTED} more)" if len(items) > _LISTED else "")
-
-        if self.missing:
-            lines.append(f"Missing from the checkpoint ({len(self.missing)}): {some(self.missing)}")
-        if self.unexpected:
-            lines.append(f"Not used by the model ({len(self.unexpected)}): {some(self.unexpected)}")
-        if self.mis_shaped:
-            shapes = [f"{name}: {ckpt} vs {model}" for name, ckpt, model in self.mis_shaped]
-            lines.append(f"Shape mismatch ({len(shapes)}), name: checkpoint vs model: {some(shapes)}")
-        lines.append(
-            advice
-            or "Build the model with the checkpoint's architecture and resolution "
-            "(keras_vit.from_official_checkpoint infers it from the file)."
-        )
-        super().__init__("\n".join(lines))
 
 
 def normalize_names(arrays):
@@ -196,22 +162,3 @@ def mismatch(shapes, arrays):
         if tuple(arrays[name].shape) != tuple(shapes[name])
     ]
     return missing, unexpected, mis_shaped
-
-
-_SCOPES = {
-    "posembed_input": "Transformer/posembed_input",
-    "encoder_norm": "Transformer/encoder_norm",
-    "pool": "",  # a pooling layer's weights are named in its own official scope
-}
-_BLOCK_LAYER = re.compile(r"^encoderblock_\d+$")
-
-
-def official_scope(layer_name):
-    """The official scope of a keras_vit model's top-level layer: ``encoderblock_3`` -> ``Transformer/encoderblock_3``.
-
-    Layers declare their weights' names inside their scope (``official_weights()``); the scope is the layer's
-    name except for these Transformer parts and the pooling (which names its own).
-    """
-    if _BLOCK_LAYER.match(layer_name):
-        return f"Transformer/{layer_name}"
-    return _SCOPES.get(layer_name, layer_name)

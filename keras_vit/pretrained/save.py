@@ -1,6 +1,6 @@
 """Weights out: a keras_vit model's weights in the layouts other code reads; ``load``'s inverse.
 
-``save_weights(model, path, layout=None)`` writes the model's official arrays (``models.official_arrays``) as
+``save_weights(model, path, layout=None)`` writes the model's official arrays (``official_names.official_arrays``) as
 
 * ``"official"``: an ``.npz`` in the names and shapes of the 2020 google-research/vision_transformer files
   (pre-Linen block names, the position-embedding table under ``Transformer/posembed_input`` with the class
@@ -37,7 +37,10 @@ import safetensors.numpy
 from keras_vit import preprocessing
 from keras_vit.layers.common import to_pair
 from keras_vit.layers.tokens import PREFIX_TOKENS
-from keras_vit.models import as_vision_transformer, dequantized_copy, official_arrays
+from keras_vit.backbone import dequantized_copy
+from keras_vit.files import atomic_file, umask
+from keras_vit.models import as_vision_transformer
+from keras_vit.official_names import official_arrays
 from keras_vit.pretrained import hub, names, timm as timm_lib, timm_names
 from keras_vit.pretrained.npz import read_npz
 from keras_vit.pretrained.safetensors_file import read_safetensors
@@ -96,7 +99,7 @@ class QuantizedModelError(ValueError):
         self.modes = tuple(sorted(modes))
         super().__init__(
             f"This model is quantized ({', '.join(self.modes)}): its kernels are not the float weights other code "
-            "reads. Pass dequantize=True to write the float weights it applies (keras_vit.models.dequantized_copy)."
+            "reads. Pass dequantize=True to write the float weights it applies (keras_vit.backbone.dequantized_copy)."
         )
 
 
@@ -303,14 +306,6 @@ _ARCHITECTURE_ARGUMENTS = ("image_size", "patch_size", "hidden_size", "num_layer
                            "num_register_tokens", "posemb", "posemb_class_token", "gelu", "dynamic_padding")
 
 
-def _temporary_file(target):
-    """A new empty file beside ``target`` with its suffix and a normal file's permissions."""
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix="".join(target.suffixes[-1:]), dir=target.parent)
-    os.close(handle)
-    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes it private
-    return Path(name)
-
-
 def _refuse_existing(paths, overwrite):
     for path in paths:
         if path.exists() and not overwrite:
@@ -319,13 +314,9 @@ def _refuse_existing(paths, overwrite):
 
 def _commit_file(target, contents, check):
     """Writes ``contents`` to a temporary file beside ``target``, runs ``check(temporary)``, renames it over."""
-    temporary = _temporary_file(target)
-    try:
+    with atomic_file(target) as temporary:
         _write(temporary, contents)
         check(temporary)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _commit_folder(folder, files, check, overwrite):
@@ -345,16 +336,10 @@ def _commit_folder(folder, files, check, overwrite):
             for name in files:
                 os.replace(temporary / name, folder / name)
         else:
-            os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes it private; give it a normal folder's mode
+            os.chmod(temporary, 0o777 & ~umask())  # mkdtemp makes it private; give it a normal folder's mode
             os.rename(temporary, folder)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-
-
-def _umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def save_weights(model, path, layout=None, overwrite=False, dequantize=False, scan=False):
@@ -369,7 +354,7 @@ def save_weights(model, path, layout=None, overwrite=False, dequantize=False, sc
             or big_vision when the model needs its names; otherwise timm).
         overwrite: replace existing files (a folder's other files are kept). Without it an existing file is a
             ``FileExistsError``, whatever wrote it.
-        dequantize: write a quantized model's effective float weights (``models.dequantized_copy``); without it a
+        dequantize: write a quantized model's effective float weights (``backbone.dequantized_copy``); without it a
             quantized model is a ``QuantizedModelError``.
         scan: big_vision layout only: the blocks stacked on a leading layer axis (``Transformer/encoderblock/...``).
 

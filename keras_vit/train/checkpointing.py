@@ -27,7 +27,6 @@ variables' parts are gathered) and process 0 writes; every process restores
 from the same folder.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_vit.models import current_variable_path
+from keras_vit.files import atomic_file, sha256_of
 from keras_vit.train.jax_distribute import host_array, process
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,28 @@ PREFIX = "ckpt-"
 
 
 class IncompatibleCheckpointError(ValueError):
-    """A checkpoint does not fit the model or optimizer it is restored into (names, shapes or run id)."""
+    """A checkpoint does not fit the model or optimizer it is restored into (names, shapes or run id).
+
+    Fields: ``path`` (the checkpoint folder); ``part`` (``"model"`` or ``"optimizer"``; None for another run),
+    ``missing`` and ``unexpected`` (variable paths, sorted), ``mis_shaped`` (``(path, stored shape, variable
+    shape)``); ``run_id`` and ``stored_run_id`` (the run restoring and the run that wrote it).
+    """
+
+    def __init__(self, message, path, part=None, missing=(), unexpected=(), mis_shaped=(), run_id=None,
+                 stored_run_id=None):
+        self.path, self.part, self.run_id, self.stored_run_id = Path(path), part, run_id, stored_run_id
+        self.missing, self.unexpected, self.mis_shaped = sorted(missing), sorted(unexpected), list(mis_shaped)
+        super().__init__(message)
+
+
+_LEGACY_PROJECTION = re.compile(r"^(.*/MultiHeadDotProductAttention_\d+)/(query|key|value|out)_(kernel|bias)$")
+
+
+def current_variable_path(path):
+    """Today's ``variable.path`` for one written by keras_vit <= 0.1.0 at 410d757, whose attention layers held their
+    projections as variables (``.../MultiHeadDotProductAttention_1/query_kernel`` is now
+    ``.../MultiHeadDotProductAttention_1/query/kernel``); other paths unchanged."""
+    return _LEGACY_PROJECTION.sub(r"\1/\2/\3", path)
 
 
 SEED_STATE = re.compile(r"seed_generator(_\d+)?/seed_generator_state")
@@ -87,14 +107,6 @@ def _unique(keys, variables, what):
     return by_key
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read(path, part="model"):
     """``{key: array}`` (keys: see ``model_variables``, ``optimizer_variables``) of ``model.npz`` or ``optimizer.npz`` in the checkpoint folder ``path``.
 
@@ -112,7 +124,7 @@ def read_state(path):
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     for part in PARTS:
-        if _sha256(path / f"{part}.npz") != state["sha256"][part]:
+        if sha256_of(path / f"{part}.npz") != state["sha256"][part]:
             raise ValueError(f"{path / f'{part}.npz'} does not match its SHA-256 in state.json (corrupted).")
     return state
 
@@ -176,7 +188,7 @@ class CheckpointManager:
             digests = {}
             for part, arrays in zip(PARTS, gathered):
                 np.savez(temporary / f"{part}.npz", **arrays)
-                digests[part] = _sha256(temporary / f"{part}.npz")
+                digests[part] = sha256_of(temporary / f"{part}.npz")
             state = {"step": step, "stream_position": stream_position, "run_id": run_id, "sha256": digests}
             (temporary / "state.json").write_text(json.dumps(state))
         except BaseException:  # a full disk, an interruption: no half-written checkpoint stays
@@ -184,8 +196,8 @@ class CheckpointManager:
             raise
         shutil.rmtree(self.folder / name, ignore_errors=True)
         os.replace(temporary, self.folder / name)
-        (self.folder / "checkpoint.tmp").write_text(name)
-        os.replace(self.folder / "checkpoint.tmp", self.folder / "checkpoint")
+        with atomic_file(self.folder / "checkpoint", temporary=self.folder / "checkpoint.tmp") as pointer:
+            pointer.write_text(name)
         for old in self.checkpoints[: -self.max_to_keep]:
             shutil.rmtree(old, ignore_errors=True)
         return self.folder / name
@@ -212,7 +224,8 @@ class CheckpointManager:
             if state.get("run_id") != run_id:
                 raise IncompatibleCheckpointError(
                     f"{path} was written by another configuration (run {state.get('run_id')}, this one is {run_id}): "
-                    "use a new output folder, or delete the old checkpoints to start over."
+                    "use a new output folder, or delete the old checkpoints to start over.",
+                    path, run_id=run_id, stored_run_id=state.get("run_id"),
                 )
             targets = dict(zip(PARTS, (model_variables(model), optimizer_variables(optimizer))))
             _keep_own_seed_states_if_others(path, stored["model"], targets["model"])
@@ -249,8 +262,11 @@ def _check_fits(path, part, arrays, variables):
         raise IncompatibleCheckpointError(
             f"Checkpoint {path} does not fit this {part}: variables missing from it: {missing or 'none'}; "
             f"stored variables this {part} does not have: {unexpected or 'none'}. It was written by another "
-            "configuration (renamed or different layers): use a new output folder."
+            "configuration (renamed or different layers): use a new output folder.",
+            path, part, missing, unexpected,
         )
-    wrong = [f"{n} {arrays[n].shape} != {tuple(variables[n].shape)}" for n in variables if arrays[n].shape != tuple(variables[n].shape)]
+    wrong = [(n, arrays[n].shape, tuple(variables[n].shape)) for n in variables if arrays[n].shape != tuple(variables[n].shape)]
     if wrong:
-        raise IncompatibleCheckpointError(f"Checkpoint {path} does not fit this {part}: other shapes: {'; '.join(wrong)}.")
+        shapes = "; ".join(f"{n} {stored} != {shape}" for n, stored, shape in wrong)
+        raise IncompatibleCheckpointError(f"Checkpoint {path} does not fit this {part}: other shapes: {shapes}.",
+                                          path, part, mis_shaped=wrong)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from keras_vit.preprocessing import decode_image
+from keras_vit.preprocessing import decode_image, pixels_to_unit
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,34 @@ class ArraysError(ValueError):
     def __init__(self, name, found, expected, advice=""):
         self.name, self.found, self.expected = name, found, expected
         super().__init__(f"from_arrays: {name} {found}; expected {expected}.{' ' + advice if advice else ''}")
+
+
+class ClassListError(ValueError):
+    """A class list that does not fit an image folder: ``root``, ``class_names``, ``repeated`` (names listed more
+    than once) and ``unknown`` (class folders the list lacks), each sorted."""
+
+    def __init__(self, root, class_names, repeated=(), unknown=()):
+        self.root, self.class_names, self.repeated, self.unknown = Path(root), list(class_names), sorted(repeated), sorted(unknown)
+        if self.repeated:
+            message = (f"The class list {self.class_names} names {self.repeated} more than once: each class is one "
+                       "label; list it once.")
+        else:
+            message = (f"{root} has class folders that are not in the class list {self.class_names}: {self.unknown}. "
+                       "Add them to classes= (in the train split too), or move them out.")
+        super().__init__(message)
+
+
+class UndecodableImagesError(ValueError):
+    """Files of an image folder that TensorFlow cannot decode: ``files``, ``[(path, reason), ...]`` (the reason
+    in words: not an image, truncated, a broken link)."""
+
+    def __init__(self, files):
+        self.files = list(files)
+        (first, reason), more = self.files[0], len(self.files) - 1
+        also = f"; {more} more file(s) cannot be decoded either" if more else ""
+        super().__init__(
+            f"{first} {reason}{also}. Remove or replace such files, or pass skip_undecodable=True to leave them out."
+        )
 
 
 def _pixels(images):
@@ -269,22 +297,13 @@ def from_folder(path, seed=0, classes=None, channels=3, skip_undecodable=False):
     class_names = list(found if classes is None else classes)
     repeated = sorted({name for name in class_names if class_names.count(name) > 1})
     if repeated:
-        raise ValueError(
-            f"The class list {class_names} names {repeated} more than once: each class is one label; list it once."
-        )
+        raise ClassListError(root, class_names, repeated=repeated)
     unknown = sorted(set(found) - set(class_names))
     if unknown:
-        raise ValueError(
-            f"{root} has class folders that are not in the class list {class_names}: {unknown}. "
-            "Add them to classes= (in the train split too), or move them out."
-        )
+        raise ClassListError(root, class_names, unknown=unknown)
     files, labels, undecodable, other, empty = _list_images(root, class_names)
     if undecodable and not skip_undecodable:
-        (first, reason), more = undecodable[0], len(undecodable) - 1
-        also = f"; {more} more file(s) cannot be decoded either" if more else ""
-        raise ValueError(
-            f"{first} {reason}{also}. Remove or replace such files, or pass skip_undecodable=True to leave them out."
-        )
+        raise UndecodableImagesError(undecodable)
     if undecodable:
         log.warning(
             "Skipped %d file(s) of %s that cannot be decoded, e.g. %s %s.", len(undecodable), root, *undecodable[0]
@@ -367,7 +386,7 @@ def _inception_crop(image, seed, area_range=(0.05, 1.0)):
 
 def to_unit_range(images):
     """uint8 (or float) pixels in [0, 255] -> float32 in [-1, 1]."""
-    return (tf.cast(images, tf.float32) - 127.5) / 127.5
+    return pixels_to_unit(tf.cast(images, tf.float32))
 
 
 def train_transform(image, seed, image_size, crop_area=(0.05, 1.0), flip=True):

@@ -20,6 +20,7 @@ import numpy as np
 
 import keras_vit
 from keras_vit import plotting
+from keras_vit.files import atomic_file
 from keras_vit.train import data, settings
 from keras_vit.train import callbacks as run_callbacks
 
@@ -58,12 +59,10 @@ def _keep_rows_until(path, step):
     with open(path, newline="") as file:
         reader = csv.DictReader(file)
         fields, kept = reader.fieldnames, [row for row in reader if step and float(row["step"]) <= step]
-    temporary = path.with_name(_HISTORY_TMP)
-    with open(temporary, "w", newline="") as file:
+    with atomic_file(path, temporary=path.with_name(_HISTORY_TMP)) as temporary, open(temporary, "w", newline="") as file:
         writer = csv.DictWriter(file, fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(kept)
-    os.replace(temporary, path)
 
 
 def make_callbacks(config, output_dir, resumed_step, chief=True):
@@ -179,8 +178,7 @@ def check_image_sizes(model, sizes):
 def write_report(output_dir, report):
     """Writes ``report.json`` (atomically) and ``training.png`` into ``output_dir``."""
     output_dir = Path(output_dir)
-    temporary = output_dir / _REPORT_TMP
-    temporary.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(temporary, output_dir / "report.json")
+    with atomic_file(output_dir / "report.json", temporary=output_dir / _REPORT_TMP) as temporary:
+        temporary.write_text(json.dumps(report, indent=2, default=str))
     plot_history(report["history"], output_dir / "training.png")
     log.info("top-1 %.4f after %d steps; wrote %s and report.json", report["top1"], report["steps"], output_dir / "model.keras")

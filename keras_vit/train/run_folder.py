@@ -25,6 +25,7 @@ import os
 import socket
 from pathlib import Path
 
+from keras_vit.files import atomic_file
 from keras_vit.train import settings as settings_schema
 
 log = logging.getLogger(__name__)
@@ -163,12 +164,11 @@ def store_settings(folder, settings, run=None, loop=None):
     returns the run id (``run`` or a new one)."""
     run = run or run_id(settings)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    temporary = Path(folder) / f".{SETTINGS_NAME}.tmp"
     record = {"schema_version": settings_schema.SCHEMA_VERSION, "run_id": run, "settings": settings}
     if loop is not None:
         record["written_by"] = dict(loop)
-    temporary.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-    os.replace(temporary, Path(folder) / SETTINGS_NAME)
+    with atomic_file(Path(folder) / SETTINGS_NAME, temporary=Path(folder) / TEMPORARIES[0]) as temporary:
+        temporary.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     return run
 
 
