@@ -21,6 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_vit.arguments import ArgumentError
 from keras_vit.layers.common import PACKAGE, to_pair
 
 
@@ -259,7 +260,8 @@ class SinCos2DPositionEmbs(keras.layers.Layer):
 
 def _check_sincos(arch):
     if arch.hidden_size % 4:
-        raise ValueError(f"posemb='sincos2d' needs a hidden_size that is a multiple of 4, got {arch.hidden_size}.")
+        raise ArgumentError("hidden_size", arch.hidden_size, "a multiple of 4 with posemb='sincos2d'",
+                            f"posemb='sincos2d' needs a hidden_size that is a multiple of 4, got {arch.hidden_size}.")
 
 
 PosembKind = collections.namedtuple("PosembKind", "build learned check")
