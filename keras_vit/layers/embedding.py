@@ -203,7 +203,8 @@ def sincos_2d(grid, width, temperature=10_000.0):
     result is a tensor).
     """
     if width % 4:
-        raise ValueError(f"Sin-cos position embeddings need a hidden size that is a multiple of 4, got {width}.")
+        raise ArgumentError("width", width, "a multiple of 4",
+                            f"Sin-cos position embeddings need a hidden size that is a multiple of 4, got {width}.")
     quarter = width // 4
     omega = 1.0 / temperature ** (np.arange(quarter, dtype=np.float32) / max(quarter - 1, 1))
     if all(isinstance(side, int) for side in grid):
