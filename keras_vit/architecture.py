@@ -135,14 +135,20 @@ class Architecture:
         """Every argument's declared check, then the rules that tie arguments together (on the values as given)."""
         args.check_declared(self)
         if self.include_top and self.classifier == "unpooled":
-            raise ValueError("classifier='unpooled' has no head: build it with include_top=False.")
+            raise ArgumentError("classifier", "unpooled", "a pooling with include_top=True",
+                                "classifier='unpooled' has no head: build it with include_top=False.")
         if not self.include_top and self.pooling == "token" and self.classifier != "token":
-            raise ValueError(f"pooling='token' needs a class token, but classifier={self.classifier!r} has none; use 'avg'.")
+            raise ArgumentError("pooling", "token", "a pooling of the grid tokens without a class token",
+                                f"pooling='token' needs a class token, but classifier={self.classifier!r} has none; "
+                                "use 'avg'.")
         if self.representation_size and not self.include_top and self.pooling is None:
-            raise ValueError("representation_size applies to a pooled vector: set pooling='token', 'avg', 'max' or 'map'.")
+            raise ArgumentError("representation_size", self.representation_size, "None without pooling",
+                                "representation_size applies to a pooled vector: set pooling='token', 'avg', 'max' "
+                                "or 'map'.")
         if self.include_top and self.classes is None:
-            raise ValueError("classes must be a positive int with include_top=True, got None: give the number of "
-                             "classes, or build with include_top=False.")
+            raise ArgumentError("classes", None, "a positive int with include_top=True",
+                                "classes must be a positive int with include_top=True, got None: give the number of "
+                                "classes, or build with include_top=False.")
 
     @classmethod
     def from_arguments(cls, **arguments):
@@ -157,7 +163,8 @@ class Architecture:
     def check(self):
         """Raises ``ValueError`` naming the first argument that cannot describe a ViT."""
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ArgumentError(
+                "num_heads", self.num_heads, f"a divisor of hidden_size {self.hidden_size}",
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: "
                 "choose a number of heads that divides the hidden size."
             )
@@ -168,7 +175,8 @@ class Architecture:
         if POSEMB_KINDS[self.posemb].check is not None:
             POSEMB_KINDS[self.posemb].check(self)
         if self.native_image_size is None:
-            raise ValueError(
+            raise ArgumentError(
+                "native_image_size", None, "(height, width) when image_size leaves a side open",
                 f"image_size={self.image_size} leaves a side open: give native_image_size=(height, width), the size "
                 "the position embeddings are laid out for (keras.applications-style constructors take image_size)."
             )
@@ -178,7 +186,8 @@ class Architecture:
         for (name, size), side, step in zip(sizes, ("height", "width") * 2, stride * 2):
             if size < step or size % step:
                 multiple = max(size // step, 1) * step
-                raise ValueError(
+                raise ArgumentError(
+                    name, getattr(self, name), f"{side} a multiple of the token stride {step}",
                     f"Image {side} {size} ({name}) is not a multiple of the token stride {step} (patch size"
                     f"{' x ResNet stride' if self.resnet_layers is not None else ''}): use {multiple}"
                     + (f" or {multiple + step}" if size > step else "")
@@ -321,7 +330,7 @@ def _pair(name, value, dynamic=False):
         pair = to_pair(value, name)
     except ValueError:
         allowed = " (None for a side that varies)" if dynamic else ""
-        raise ValueError(f"{name} must be an int or (height, width) of ints{allowed}, got {value!r}.") from None
+        raise ArgumentError(name, value, f"an int or (height, width) of ints{allowed}") from None
     if min(pair) < 1:
-        raise ValueError(f"{name} must be positive, got {value!r}.")
+        raise ArgumentError(name, value, "positive")
     return pair

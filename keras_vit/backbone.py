@@ -14,6 +14,7 @@ import h5py
 import keras
 import numpy as np
 
+from keras_vit.arguments import ArgumentError
 from keras_vit.errors import CheckpointMismatchError
 
 LORA_TARGETS = ("query", "value")
@@ -80,7 +81,8 @@ def model_policy(dtype):
     if quantized:  # a quantized model's config: built in float, then quantized by Keras
         policy = policy.default_policy
     if not isinstance(policy, keras.dtype_policies.DTypePolicyMap) and policy.quantization_mode is not None:
-        raise ValueError(
+        raise ArgumentError(
+            "dtype", policy.name, "a float policy (quantize after loading the weights)",
             f"dtype={policy.name!r} is a quantized policy: build the model with its source precision "
             f"(dtype={policy.name.split('_from_')[-1]!r}), load its weights, then call "
             f"model.quantize({policy.quantization_mode!r})."
@@ -152,7 +154,8 @@ class Backbone(keras.Model):
         projections = [layer for layer in _nested_layers(self.layers) if hasattr(layer, "enable_lora")]
         unknown = sorted(set(names) - {layer.name for layer in projections})
         if unknown or not names:
-            raise ValueError(
+            raise ArgumentError(
+                "target_names", unknown or list(names), "names of the model's projections",
                 f"target_names {unknown or names} name no projection of {self.name}: LoRA targets are "
                 f"{', '.join(sorted({layer.name for layer in projections}))}."
             )
@@ -161,11 +164,12 @@ class Backbone(keras.Model):
     def _enable_lora(self, rank, targets, train_head=True):
         """LoRA of ``rank`` on the layers ``targets`` (see ``enable_lora``); checked before anything changes."""
         if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"The LoRA rank must be a positive int, got {rank!r}.")
+            raise ArgumentError("rank", rank, "a positive int", f"The LoRA rank must be a positive int, got {rank!r}.")
         widest = min(targets, key=_lora_rank_limit)
         limit = _lora_rank_limit(widest)
         if rank > limit:
-            raise ValueError(
+            raise ArgumentError(
+                "rank", rank, f"at most {limit}",
                 f"LoRA rank {rank} is above {limit}, the rank of an update of the {widest.name!r} projection (kernel "
                 f"{tuple(widest.kernel.shape)}): a higher rank adds factors, not expressiveness; use rank <= {limit}."
             )
@@ -216,7 +220,8 @@ class Backbone(keras.Model):
         frozen weights they adapt (``load_lora_weights`` checks it)."""
         path = str(path)
         if not path.endswith(".lora.h5"):
-            raise ValueError(f"LoRA weights go to a file named '*.lora.h5', got {path!r}.")
+            raise ArgumentError("path", path, "a file named '*.lora.h5'",
+                                f"LoRA weights go to a file named '*.lora.h5', got {path!r}.")
         layers = self._lora_layers()
         with h5py.File(path, "w") as file:
             file.attrs["rank"] = self._lora["rank"]

@@ -9,6 +9,7 @@ import keras
 from keras import ops
 
 from keras_vit import _speed
+from keras_vit.arguments import ArgumentError
 from keras_vit.layers.common import PACKAGE, scoped
 
 _PROJECTIONS = ("query", "key", "value", "out")
@@ -94,7 +95,8 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     def build(self, x_shape, key_value_shape=None):
         hidden = x_shape[-1]
         if hidden % self.num_heads:
-            raise ValueError(
+            raise ArgumentError(
+                "num_heads", self.num_heads, f"a divisor of the hidden size {hidden}",
                 f"Hidden size {hidden} is not divisible by num_heads {self.num_heads}: "
                 "choose a number of heads that divides the hidden size."
             )

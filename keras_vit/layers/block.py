@@ -6,7 +6,7 @@ Shapes: B = batch, T = tokens, D = hidden size, N = heads, M = MLP size.
 import keras
 from keras import ops
 
-from keras_vit import _speed
+from keras_vit import _speed, arguments
 from keras_vit.layers.attention import MultiHeadSelfAttention
 from keras_vit.layers.common import (
     GELU_FORMS,
@@ -45,12 +45,10 @@ class TransformerBlock(keras.layers.Layer):
     def __init__(self, num_heads, mlp_dim, dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth_rate=0.0,
                  gelu="tanh", layer_norm_epsilon=LAYER_NORM_EPSILON, seed=None, remat=False, **kwargs):
         super().__init__(**kwargs)
-        if gelu not in GELU_FORMS:
-            raise ValueError(f"gelu must be one of {GELU_FORMS}, got {gelu!r}.")
+        arguments.choice(lambda: GELU_FORMS)("gelu", gelu)
         for name, rate in (("dropout_rate", dropout_rate), ("attention_dropout_rate", attention_dropout_rate),
                            ("stochastic_depth_rate", stochastic_depth_rate)):
-            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1) (the probability of dropping), got {rate!r}.")
+            arguments.rate(name, rate)
         self.num_heads = num_heads
         self.mlp_dim = mlp_dim
         self.dropout_rate = dropout_rate

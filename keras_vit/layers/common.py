@@ -7,7 +7,7 @@ Shapes: B = batch, T = tokens, D = hidden size, M = MLP size.
 import keras
 from keras import ops
 
-from keras_vit import _speed
+from keras_vit import _speed, arguments
 
 PACKAGE = "keras_vit"
 
@@ -31,8 +31,7 @@ def to_pair(value, what="size"):
 
 def gelu(x, form="tanh"):
     """GELU activation: ``"tanh"`` (the official model's approximation) or ``"erf"`` (exact); any shape."""
-    if form not in GELU_FORMS:
-        raise ValueError(f"gelu must be one of {GELU_FORMS}, got {form!r}.")
+    arguments.choice(lambda: GELU_FORMS)("gelu", form)
     return _speed.gelu(x, form)
 
 

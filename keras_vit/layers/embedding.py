@@ -21,6 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_vit.arguments import ArgumentError
 from keras_vit.layers.common import PACKAGE, to_pair
 
 
@@ -202,7 +203,8 @@ def sincos_2d(grid, width, temperature=10_000.0):
     result is a tensor).
     """
     if width % 4:
-        raise ValueError(f"Sin-cos position embeddings need a hidden size that is a multiple of 4, got {width}.")
+        raise ArgumentError("width", width, "a multiple of 4",
+                            f"Sin-cos position embeddings need a hidden size that is a multiple of 4, got {width}.")
     quarter = width // 4
     omega = 1.0 / temperature ** (np.arange(quarter, dtype=np.float32) / max(quarter - 1, 1))
     if all(isinstance(side, int) for side in grid):
@@ -259,7 +261,8 @@ class SinCos2DPositionEmbs(keras.layers.Layer):
 
 def _check_sincos(arch):
     if arch.hidden_size % 4:
-        raise ValueError(f"posemb='sincos2d' needs a hidden_size that is a multiple of 4, got {arch.hidden_size}.")
+        raise ArgumentError("hidden_size", arch.hidden_size, "a multiple of 4 with posemb='sincos2d'",
+                            f"posemb='sincos2d' needs a hidden_size that is a multiple of 4, got {arch.hidden_size}.")
 
 
 PosembKind = collections.namedtuple("PosembKind", "build learned check")

@@ -16,6 +16,7 @@ import collections
 import keras
 from keras import ops
 
+from keras_vit import arguments
 from keras_vit.layers.attention import MultiHeadSelfAttention
 from keras_vit.layers.common import (
     LAYER_NORM_EPSILON,
@@ -40,10 +41,10 @@ class TokenPooling(keras.layers.Layer):
 
     def __init__(self, method="token", num_prefix_tokens=1, **kwargs):
         super().__init__(**kwargs)
-        if method not in self.METHODS:
-            raise ValueError(f"TokenPooling method must be one of {self.METHODS}, got {method!r}.")
+        arguments.choice(lambda: self.METHODS)("method", method)
         if method == "token" and num_prefix_tokens < 1:
-            raise ValueError("Token pooling needs a class token; this model has none (use 'gap').")
+            raise arguments.ArgumentError("num_prefix_tokens", num_prefix_tokens, "at least 1 (a class token)",
+                                          "Token pooling needs a class token; this model has none (use 'gap').")
         self.method = method
         self.num_prefix_tokens = num_prefix_tokens
 

@@ -15,6 +15,7 @@ import collections
 import keras
 from keras import ops
 
+from keras_vit import arguments
 from keras_vit.layers.common import PACKAGE
 
 
@@ -54,8 +55,7 @@ class RegisterTokens(keras.layers.Layer):
 
     def __init__(self, count, offset=0, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"RegisterTokens needs a positive int count, got {count!r}.")
+        arguments.positive("count", count)
         self.count = count
         self.offset = offset
 

@@ -35,6 +35,7 @@ import numpy as np
 import safetensors.numpy
 
 from keras_vit import preprocessing
+from keras_vit.architecture import Architecture
 from keras_vit.layers.common import to_pair
 from keras_vit.layers.tokens import PREFIX_TOKENS
 from keras_vit.backbone import dequantized_copy
@@ -301,9 +302,10 @@ def _read_back_timm(source, written, official, arch, **config):
         raise ReadBackError(source, (), f"its config describes {built}, not the model's architecture {arch}")
 
 
-_ARCHITECTURE_ARGUMENTS = ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "channels",
-                           "classifier", "include_top", "classes", "pooling", "representation_size",
-                           "num_register_tokens", "posemb", "posemb_class_token", "gelu", "dynamic_padding")
+# What a timm folder's config says of the architecture: every structural argument but a hybrid's stem (timm holds
+# no hybrids) and the native size of a model of any size.
+_ARCHITECTURE_ARGUMENTS = tuple(name for name in Architecture.arguments()
+                                if name not in ("resnet_layers", "resnet_width_factor", "native_image_size"))
 
 
 def _refuse_existing(paths, overwrite):
