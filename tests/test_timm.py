@@ -6,6 +6,7 @@ on timm's arrays and one on the converted official arrays with the inferred argu
 outputs; the models today's layers can express are loaded through the public API and checked the same way.
 """
 
+import hashlib
 import http.server
 import json
 import os
@@ -31,7 +32,7 @@ from scipy.special import erf
 
 import keras
 import keras_vit
-from keras_vit.pretrained import hub, safetensors_file
+from keras_vit.pretrained import download, hub, safetensors_file
 from keras_vit.pretrained.timm import (
     UnsupportedArchitectureError,
     infer_arguments,
@@ -523,43 +524,101 @@ def test_hub_ids_that_could_escape_the_cache_are_refused(hub_id):
         hub.parse_hub_id(hub_id)
 
 
-@pytest.fixture
-def hub_server():
-    """A local Hub: serves the fixture vit_dinov2_like as REPO_ID at main; counts the requests."""
-    files = {f"/{REPO_ID}/resolve/main/{name}": (TIMM_FIXTURES / "vit_dinov2_like" / name).read_bytes()
-             for name in ("model.safetensors", "config.json")}
+def _serve(routes):
+    """A local HTTP server of ``routes`` {path: (status, headers, body)}; yields its address and the paths asked."""
     requests = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             requests.append(self.path)
-            body = files.get(self.path)
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
+            status, headers, body = routes.get(self.path, (404, {}, b""))
+            self.send_response(status)
+            for key, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(body or b"")
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}", requests
+
+
+def _hub_routes(weights, config, announced):
+    """A Hub repository REPO_ID at main, as huggingface.co serves it: config.json directly (a Git blob, whose ETag
+    is no SHA-256), model.safetensors by a redirect to its storage that announces ``announced`` in X-Linked-Etag."""
+    base = f"/{REPO_ID}/resolve/main"
+    return {
+        f"{base}/config.json": (200, {"ETag": '"' + "a" * 40 + '"'}, config),
+        f"{base}/model.safetensors": (302, {"Location": "/lfs-storage/blob", "X-Linked-Etag": f'"{announced}"',
+                                           "ETag": f'"{announced}"'}, b""),
+        "/lfs-storage/blob": (200, {"Content-Type": "application/octet-stream"}, weights),
+    }
+
+
+@pytest.fixture
+def hub_server():
+    """A local Hub: serves the fixture vit_dinov2_like as REPO_ID at main; counts the requests."""
+    weights, config = ((TIMM_FIXTURES / "vit_dinov2_like" / name).read_bytes()
+                       for name in ("model.safetensors", "config.json"))
+    httpd, address, requests = _serve(_hub_routes(weights, config, hashlib.sha256(weights).hexdigest()))
+    yield address, requests
     httpd.shutdown()
     httpd.server_close()
 
 
-def test_a_hub_id_downloads_when_not_cached(hub_server, no_hub, monkeypatch):
+def test_a_hub_id_downloads_when_not_cached(hub_server, no_hub, monkeypatch, tmp_path):
     endpoint, requests = hub_server
     checkpoint = read_timm(f"hf-hub:{REPO_ID}", endpoint=endpoint)
     folder = read_timm(TIMM_FIXTURES / "vit_dinov2_like")
     assert checkpoint.arguments == folder.arguments
     assert all(np.array_equal(checkpoint.arrays[k], folder.arrays[k]) for k in folder.arrays)
-    assert len(requests) == 2
+    assert len(requests) == 3  # config.json, the redirect, the storage
+    cached = sorted(p.name for p in (tmp_path / "keras-vit-cache").iterdir())
+    stem = REPO_ID.replace("/", "--")
+    assert [name.rsplit("--", 1)[0] for name in cached] == [f"{stem}--config", f"{stem}--model"], cached
     monkeypatch.setenv("HF_ENDPOINT", endpoint)  # the variable huggingface_hub reads; the files are cached now
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     read_timm(f"hf-hub:{REPO_ID}")
-    assert len(requests) == 2
+    assert len(requests) == 3
+
+
+def test_a_download_that_is_not_what_the_hub_announced_is_deleted(no_hub, tmp_path):
+    weights = (TIMM_FIXTURES / "vit_dinov2_like" / "model.safetensors").read_bytes()
+    config = (TIMM_FIXTURES / "vit_dinov2_like" / "config.json").read_bytes()
+    httpd, endpoint, _ = _serve(_hub_routes(weights, config, "0" * 64))
+    try:
+        with pytest.raises(download.HashMismatchError) as refused:
+            read_timm(f"hf-hub:{REPO_ID}", endpoint=endpoint)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert refused.value.expected == "0" * 64 and refused.value.found == hashlib.sha256(weights).hexdigest()
+    assert refused.value.deleted and not any(p.suffix == ".safetensors" for p in (tmp_path / "keras-vit-cache").iterdir())
+
+
+def test_a_safetensors_file_whose_header_length_starts_like_a_page_downloads(no_hub, tmp_path):
+    """A header length whose low byte is 0x3C (``<``) once made the download look like a web page."""
+    arrays = load_file(TIMM_FIXTURES / "vit_gap_like" / "model.safetensors")
+    path = tmp_path / "model.safetensors"
+    save_file(arrays, path)
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    padded = length + (0x3C - length) % 256
+    data = struct.pack("<Q", padded) + data[8:8 + length] + b" " * (padded - length) + data[8 + length:]
+    assert data[:1] == b"<"
+    httpd, address, _ = _serve({"/x/model.safetensors": (200, {}, data), "/x/page.safetensors": (200, {}, b"<html>")})
+    try:
+        fetched = download.fetch(f"{address}/x/model.safetensors")
+        with pytest.raises(ValueError, match="not the .safetensors expected"):
+            download.fetch(f"{address}/x/page.safetensors")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    read = safetensors_file.read_safetensors(fetched)
+    assert all(np.array_equal(read[k], arrays[k]) for k in arrays)
 
 
 def test_offline_without_the_files_is_refused(no_hub, monkeypatch):
