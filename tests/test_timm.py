@@ -275,6 +275,43 @@ def test_fixture_loads_into_a_keras_vit_model(name, tmp_path):
     np.testing.assert_allclose(tokens, ref["tokens"], atol=1e-4, rtol=0)
 
 
+# --- the one loader: from_official_checkpoint, load_weights and weights= read timm sources ---
+
+def _timm_sources(tmp_path, monkeypatch, name):
+    """The fixture ``name`` as each kind of source: its folder, its model.safetensors (beside config.json), a Hub id
+    answered from a Hugging Face cache."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the cache must answer
+    _hf_cache(tmp_path / "hf", REPO_ID, name)
+    return [TIMM_FIXTURES / name, str(TIMM_FIXTURES / name / "model.safetensors"), f"hf-hub:{REPO_ID}"]
+
+
+@pytest.mark.parametrize("name", TIMM_TODAY)
+def test_the_one_loader_builds_timm_checkpoints(name, tmp_path, monkeypatch):
+    ref = timm_reference(name)
+    for source in _timm_sources(tmp_path, monkeypatch, name):
+        model = keras_vit.from_official_checkpoint(source)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(model(ref["images"])), ref["logits"], atol=1e-5, rtol=0)
+    twin = keras_vit.vision_transformer(**model.vit_config)
+    keras_vit.load_weights(twin, TIMM_FIXTURES / name, adapt=False)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(twin(ref["images"])), ref["logits"], atol=1e-5, rtol=0)
+
+
+def test_the_one_loader_refuses_pytorch_pickles_in_one_line(tmp_path, no_hub):
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    shutil.copy(TIMM_FIXTURES / "vit_augreg_like" / "config.json", folder)
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
+    url = "http://127.0.0.1:9/timm/vit/resolve/main/pytorch_model.bin"  # refused before any download
+    model = keras_vit.vision_transformer(image_size=32, patch_size=16, hidden_size=48, num_layers=2, num_heads=3,
+                                         mlp_dim=192, classes=5)
+    for load in (lambda s: keras_vit.from_official_checkpoint(s), lambda s: keras_vit.load_weights(model, s)):
+        for source in (folder, folder / "pytorch_model.bin", url):
+            with pytest.raises(ValueError) as refused:
+                load(source)
+            assert "model.safetensors" in str(refused.value) and "\n" not in str(refused.value)
+
+
 # --- safetensors headers and refusals ---
 
 def _safetensors_bytes(header, data):
