@@ -662,3 +662,20 @@ def test_offline_without_the_files_is_refused(no_hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
         read_timm(f"hf-hub:{REPO_ID}")
+
+
+# --- timm's position-embedding resampling (resample_abs_pos_embed: PyTorch's antialiased bicubic) ---
+
+@pytest.mark.parametrize("source, target, prefix", [((7, 7), (12, 12), 1), ((16, 16), (10, 10), 0),
+                                                    ((37, 37), (16, 16), 5), ((5, 8), (9, 3), 1)])
+def test_timm_posemb_resampling_is_pytorchs_antialiased_bicubic(source, target, prefix):
+    torch = pytest.importorskip("torch")
+    from keras_vit.pretrained.resample import resample_posemb_antialiased
+
+    posemb = np.random.default_rng(0).normal(size=(1, prefix + source[0] * source[1], 6))
+    grid = torch.from_numpy(posemb[:, prefix:]).reshape(1, *source, 6).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=target, mode="bicubic", antialias=True)
+    expected = expected.permute(0, 2, 3, 1).reshape(1, -1, 6).numpy()
+    resampled = resample_posemb_antialiased(posemb, target, prefix, source)
+    np.testing.assert_array_equal(resampled[:, :prefix], posemb[:, :prefix])
+    np.testing.assert_allclose(resampled[:, prefix:], expected, atol=1e-12, rtol=0)
