@@ -679,3 +679,44 @@ def test_timm_posemb_resampling_is_pytorchs_antialiased_bicubic(source, target, 
     resampled = resample_posemb_antialiased(posemb, target, prefix, source)
     np.testing.assert_array_equal(resampled[:, :prefix], posemb[:, :prefix])
     np.testing.assert_allclose(resampled[:, prefix:], expected, atol=1e-12, rtol=0)
+
+
+# --- preprocessing from pretrained_cfg ---
+
+CLIP_INPUT = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
+                  interpolation="bicubic", crop_pct=0.95, crop_mode="center")
+
+
+def test_preprocess_input_normalizes_as_the_weights_expect():
+    from types import SimpleNamespace
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3)).astype("uint8")
+    clip = keras.ops.convert_to_numpy(keras_vit.preprocess_input(pixels, model=SimpleNamespace(preprocessing=CLIP_INPUT)))
+    expected = (pixels / 255.0 - np.array(CLIP_INPUT["mean"])) / np.array(CLIP_INPUT["std"])
+    np.testing.assert_allclose(clip, expected, atol=2e-6, rtol=0)
+    official = keras.ops.convert_to_numpy(keras_vit.preprocess_input(pixels, model=SimpleNamespace(preprocessing=None)))
+    np.testing.assert_array_equal(official, keras.ops.convert_to_numpy(keras_vit.preprocess_input(pixels)))
+    np.testing.assert_allclose(official, pixels / 127.5 - 1, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [dict(mean=(0.5, 0.5)), dict(std=0), dict(crop_pct=1.5), dict(interpolation="cubic"),
+                                 dict(crop_mode="zoom"), dict(input_size=(3, 224, 224))])
+def test_preprocessing_that_cannot_be_applied_is_refused(bad):
+    from keras_vit.preprocessing import normalization
+
+    with pytest.raises(ValueError, match="preprocessing"):
+        normalization(bad, channels=3)
+
+
+def test_timms_eval_resize_and_crop():
+    """Pixel value = column index: a 40 x 60 image to 20 x 20 with crop_pct 0.5, "center": the shorter side is
+    resized to 40 (nothing), the width stays 60, and the central 20 x 20 is kept, columns 20 to 39."""
+    from keras_vit.preprocessing import resize_and_crop
+
+    image = np.broadcast_to(np.arange(60, dtype="float32")[None, :, None], (40, 60, 1))
+    settings = dict(interpolation="nearest", crop_pct=0.5, crop_mode="center")
+    cropped = keras.ops.convert_to_numpy(resize_and_crop(image, (20, 20), settings))
+    np.testing.assert_array_equal(cropped[0, :, 0], np.arange(20, 40))
+    squashed = keras.ops.convert_to_numpy(resize_and_crop(image, (20, 20), dict(settings, crop_mode="squash")))
+    # width 60 -> 40 (nearest, half-pixel centres: column i reads floor((i + 0.5) * 1.5)), then columns 10 to 29
+    np.testing.assert_array_equal(squashed[0, :, 0], np.floor((np.arange(10, 30) + 0.5) * 1.5))
