@@ -720,3 +720,27 @@ def test_timms_eval_resize_and_crop():
     squashed = keras.ops.convert_to_numpy(resize_and_crop(image, (20, 20), dict(settings, crop_mode="squash")))
     # width 60 -> 40 (nearest, half-pixel centres: column i reads floor((i + 0.5) * 1.5)), then columns 10 to 29
     np.testing.assert_array_equal(squashed[0, :, 0], np.floor((np.arange(10, 30) + 0.5) * 1.5))
+
+
+# --- the registry's timm rows ---
+
+def test_timm_families_resolve_to_hub_ids_of_covered_entry_points():
+    from keras_vit.pretrained import registry
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert registry.timm_weights_table() in readme
+    hub_entries = [(model, family, e) for (model, family), es in registry.REGISTRY.items() for e in es if e.is_hub]
+    assert len(hub_entries) >= 30
+    for model, family, entry in hub_entries:
+        assert model in keras_vit.list_models() and family in registry.FAMILIES
+        architecture = entry.path.removeprefix("hf-hub:timm/").split(".")[0]
+        arguments = timm_arguments(architecture)  # covered: no UnsupportedArchitectureError
+        config = keras_vit.model_config(model)
+        assert (arguments["embed_dim"], arguments["depth"], arguments["num_heads"]) == (
+            config["hidden_size"], config["num_layers"], config["num_heads"])
+        assert arguments["patch_size"] == config["patch_size"]
+        # the size: in the entry point's name (timm takes it from pretrained_cfg's input_size; DINOv2's: 518)
+        assert architecture.endswith(f"_{entry.resolution}") or (entry.resolution, family[:6]) == (518, "dinov2")
+        assert entry.input_settings["interpolation"] == "bicubic" and (entry.classes is None) == (entry.top1 is None)
+    entry = registry.resolve("ViT-L_14", "clip_openai_ft_in12k_in1k", 336)
+    assert entry.url == "hf-hub:timm/vit_large_patch14_clip_336.openai_ft_in12k_in1k" and entry.top1 == 88.26
