@@ -169,8 +169,8 @@ def _read(source, model_name, image_size, like):
     if is_timm_source(source):
         return _read_timm(source, str(source), like)
     source = os.fspath(source)
-    if "://" in source:
-        refuse_pickle(urllib.parse.urlsplit(source).path)  # before downloading it
+    if "://" in source and urllib.parse.urlsplit(source).path.endswith(PICKLE_SUFFIXES):
+        refuse_pickle(urllib.parse.urlsplit(source).path)  # by its name, before downloading it
     path = download.fetch(source) if "://" in source else Path(source)
     if path.suffix in _TIMM_SUFFIXES:  # a downloaded .safetensors file
         return _read_timm(path, source, like, path)
