@@ -17,7 +17,7 @@ from keras_vit.models import ARGUMENTS, VisionTransformer, vision_transformer
 from keras_vit.pretrained import load as loading
 from keras_vit.pretrained.config import infer_config
 from keras_vit.pretrained.registry import families_for
-from keras_vit.pretrained.timm import OFFICIAL_OPTIONS, TIMM_OPTIONS
+from keras_vit.pretrained.timm import TIMM_OPTIONS
 
 _DEFAULT_IMAGE_SIZE = 224
 # Builder arguments create_model sets itself or that the name decides; the rest are overrides.
@@ -30,29 +30,22 @@ _SET_BY_THE_WEIGHTS = ("classifier", "num_register_tokens", "posemb", "posemb_cl
 
 def _file_config(source):
     """The builder arguments a weights ``Source`` describes, in ``infer_config``'s terms (``classes`` None for a
-    file without a head): those a timm checkpoint states, else those read off the arrays."""
+    file without a head): those a timm checkpoint states (with its input pipeline, and timm's resampling of the
+    position embeddings), else those read off the arrays."""
     if source.config is None:
         return infer_config(source.arrays)
-    config = dict(source.config, posemb="learn")
+    config = dict(source.config, posemb="learn", posemb_interpolation="bicubic")
     if not config.pop("include_top"):
         config["classes"] = None
     config.pop("pooling", None)
+    if source.preprocessing is not None:
+        config["preprocessing"] = {key: value for key, value in source.preprocessing.items() if key != "input_size"}
     return config
 
 
-def _timm_options(config):
-    """The options beyond the official ones that a file's config states (a timm checkpoint's)."""
-    return [key for key in TIMM_OPTIONS if key in config]
-
-
-def _buildable(config, label):
-    """``config`` without the timm options this version cannot build at the official value (they are its
-    defaults); a ``ValueError`` naming those it cannot build at another value."""
-    missing = {key: value for key, value in config.items()
-               if key in TIMM_OPTIONS and key not in BUILDER_ARGUMENTS and value != OFFICIAL_OPTIONS[key]}
-    if missing:
-        raise ValueError(f"{label} needs options keras_vit cannot build yet: {missing}.")
-    return {key: value for key, value in config.items() if key in BUILDER_ARGUMENTS or key not in TIMM_OPTIONS}
+def _stated_options(config):
+    """What a file's config states beyond the arrays (a timm checkpoint's options and input pipeline)."""
+    return [key for key in (*TIMM_OPTIONS, "preprocessing", "posemb_interpolation") if key in config]
 
 
 def _input_geometry(input_shape, image_size, channels, native_size=_DEFAULT_IMAGE_SIZE):
@@ -147,12 +140,12 @@ def create_model(
         source = loading.read(weights, variant, to_pair(native or image_size, "image size"),
                               allow_nonfinite=allow_nonfinite)
         found = _file_config(source)
-        config.update({key: found[key] for key in (*_SET_BY_THE_WEIGHTS, *_timm_options(found)) if key not in chosen})
+        config.update({key: found[key] for key in (*_SET_BY_THE_WEIGHTS, *_stated_options(found)) if key not in chosen})
         if not chosen_representation:
             # The pre-logits layer stays with the head it feeds; a new head (fine-tuning) drops it, as the official code.
             keeps_head = include_top and found["classes"] == classes
             config["representation_size"] = found["representation_size"] if keeps_head else None
-    model = vision_transformer(input_tensor=input_tensor, **_buildable(config, weights))
+    model = vision_transformer(input_tensor=input_tensor, **config)
     vit = model if isinstance(model, VisionTransformer) else model.get_layer(config["name"])
     if source is None:
         source = loading.read(weights, variant, like=vit, allow_nonfinite=allow_nonfinite)
@@ -214,7 +207,7 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
         dtype=dtype,
     )
     config.update(overrides)
-    return loading.assign(vision_transformer(**_buildable(config, path)), source)
+    return loading.assign(vision_transformer(**config), source)
 
 
 def resize_model(model, image_size, patch_size=None):

@@ -271,4 +271,23 @@ def load_weights(model, source, adapt=True, allow_nonfinite=False):
     image_size = tuple(model.input.shape[1:3])
     variant = model.vit_config["variant"] if isinstance(model, VisionTransformer) else model.name
     source = read(source, variant, image_size, like=model, allow_nonfinite=allow_nonfinite)
+    _check_computation(source, architecture_of(model))
     return assign(model, source, adapt=adapt)
+
+
+_COMPUTATION = ("gelu", "layer_norm_epsilon")  # what a timm file's config states and no array shows
+
+
+def _check_computation(source, arch):
+    """Refuses (``CheckpointMismatchError``) a file whose config computes otherwise than the model in what its
+    arrays cannot show (the GELU form, the norm epsilon): the weights would load and give other outputs."""
+    stated = source.config or {}
+    differing = [key for key in _COMPUTATION if key in stated and stated[key] != getattr(arch, key)]
+    if differing:
+        raise CheckpointMismatchError(
+            source.label,
+            summary="its config computes " + ", ".join(f"{key}={stated[key]!r}" for key in differing)
+            + ", the model " + ", ".join(f"{key}={getattr(arch, key)!r}" for key in differing),
+            advice="Build the model from the file (keras_vit.from_official_checkpoint(source)), or pass "
+            + ", ".join(f"{key}={stated[key]!r}" for key in differing) + " to its constructor.",
+        )

@@ -38,11 +38,9 @@ TimmCheckpoint.__doc__ = (
 MAX_CONFIG_BYTES = 1 << 20
 TIMM_GELU = {"gelu": "erf", "gelu_tanh": "tanh", "quick_gelu": "quick"}  # timm act_layer -> keras_vit gelu
 TIMM_POOLING = {"token": "token", "avg": "gap", "max": "max", "map": "map"}  # timm global_pool -> keras_vit pooling
-# The builder arguments beyond the official geometry that a timm checkpoint states (``infer_arguments``), and
-# their values in the official models.
-OFFICIAL_OPTIONS = dict(pre_norm=False, fc_norm=False, layer_scale=None, qkv_bias=True, qk_norm=False, gelu="tanh",
-                        layer_norm_epsilon=1e-6, dynamic_padding=False)
-TIMM_OPTIONS = tuple(OFFICIAL_OPTIONS)
+# The builder arguments beyond the geometry that a timm checkpoint states (``infer_arguments``).
+TIMM_OPTIONS = ("pre_norm", "fc_norm", "layer_scale", "qkv_bias", "qk_norm", "gelu", "layer_norm_epsilon",
+                "dynamic_padding")
 FC_NORM_POOLS = ("avg", "avgmax", "max")  # timm's fc_norm=None turns the norm after pooling on for these
 _TRAINING_ONLY = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
                   "drop_path_rate", "weight_init", "fix_init")  # training only: no effect on the outputs
