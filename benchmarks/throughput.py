@@ -6,6 +6,7 @@
     python benchmarks/throughput.py --cells "inference Ti/16 32" --precisions float32 --xla on,off --runs 10
     python benchmarks/throughput.py --cells "train S/16 32" --loops trainer,fit --xla auto --peers timm,keras-hub
     python benchmarks/throughput.py --baseline ../keras_vit-at-main --xla auto   # before/after a change, side by side
+    python benchmarks/throughput.py --model-options '{"layer_scale": 1e-5, "qk_norm": true}'   # options beside
 
 Every (framework, XLA setting) of a cell runs in its own worker process
 (``benchmarks/throughput_worker.py``); the workers of a cell are started
@@ -207,6 +208,9 @@ def main(argv=None):
     parser.add_argument("--python", action="append", default=[], metavar="FRAMEWORK=PATH",
                         help="interpreter for a framework (default: this one)")
     parser.add_argument("--remat", action="store_true", help="also time keras_vit training with remat=True")
+    parser.add_argument("--model-options", action="append", default=[], metavar="JSON",
+                        help='also time keras_vit built with these builder arguments (repeatable), e.g. '
+                             '\'{"layer_scale": 1e-5, "qk_norm": true}\'')
     parser.add_argument("--any-size", action="store_true",
                         help="also time a keras_vit model of any image size (input (None, None)) at the native size")
     parser.add_argument("--image-size", type=int, default=224)
@@ -267,6 +271,9 @@ def main(argv=None):
                 if framework == "keras_vit" and args.any_size:
                     open_sides = {"image_size": [None, None], "native_image_size": args.image_size}
                     options_list += [{**options, **open_sides} for options in options_list]
+                if framework == "keras_vit":
+                    options_list += [{**options, **json.loads(extra)}
+                                     for extra in args.model_options for options in list(options_list)]
                 xlas = xla_settings(args.xla, precision) if framework in TF_FRAMEWORKS else [False]
                 for xla in xlas:
                     for options in options_list:
@@ -287,6 +294,7 @@ def main(argv=None):
                     "framework": framework, "xla": xla if framework in TF_FRAMEWORKS else None,
                     "remat": bool(options.get("remat")), "loop": options.get("loop"), "images_per_s": batch / seconds,
                     "any_size": "native_image_size" in options,
+                    "model_options": {key: value for key, value in options.items() if key not in _RUN_OPTIONS},
                     "step_s": seconds, "runs": worker.times, "gflops_per_s": batch * flops / seconds / 1e9,
                     "peak_rss_mb": worker.info["peak_rss_mb"],
                 })
@@ -316,6 +324,15 @@ def machine():
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "cpu_flags": cpu_flags()}
 
 
+_RUN_OPTIONS = ("loop", "remat", "image_size", "native_image_size")  # the other options are builder arguments
+
+
+def _framework(row):
+    """A row's framework, with the builder arguments it was timed with (``--model-options``)."""
+    extra = row.get("model_options") or {}
+    return row["framework"] + "".join(f" {key}={value}" for key, value in sorted(extra.items()))
+
+
 def report(rows, peaks, runs, warmup, matmul_size):
     """Markdown: every worker's row, then per cell each keras_vit loop against the best peer (speed, memory)."""
     info = machine()
@@ -332,7 +349,7 @@ def report(rows, peaks, runs, warmup, matmul_size):
     for r in rows:
         peak = peaks["bfloat16" if "bfloat16" in r["precision"] else "float32"]
         lines.append(
-            f"| {r['workload']} | {r['model']} | {r['batch']} | {r['precision']} | {r['framework']} | "
+            f"| {r['workload']} | {r['model']} | {r['batch']} | {r['precision']} | {_framework(r)} | "
             f"{r.get('loop') or '-'} | {_xla(r)} | {'yes' if r['remat'] else 'no'} | "
             f"{'yes' if r.get('any_size') else 'no'} | {r['images_per_s']:.2f} | "
             f"{r['gflops_per_s']:.0f} | {100 * r['gflops_per_s'] / peak:.0f}% | {r['peak_rss_mb']:.0f} |"
@@ -354,11 +371,11 @@ def report(rows, peaks, runs, warmup, matmul_size):
         timm = next((r for r in theirs if r["framework"] == "timm"), None)
         ours = {}
         for r in group:  # the fastest row of each keras_vit (checkout, backend) and (loop, remat, any size)
-            key = (r["framework"], r.get("loop"), r["remat"], r.get("any_size"))
+            key = (_framework(r), r.get("loop"), r["remat"], r.get("any_size"))
             if r["framework"].startswith("keras_vit") and (key not in ours or r["images_per_s"] > ours[key]["images_per_s"]):
                 ours[key] = r
         for r in ours.values():
-            framework = "" if r["framework"] == "keras_vit" else r["framework"]
+            framework = "" if _framework(r) == "keras_vit" else _framework(r)
             setting = ", ".join(p for p in (framework, r.get("loop"), _xla(r, "XLA"), "remat" if r["remat"] else "",
                                             "any size" if r.get("any_size") else "") if p)
             memory = f"{timm['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / timm['peak_rss_mb']:.2f}x" if timm else "- | -"

@@ -130,7 +130,12 @@ def _exact_kernel_for_tanh(x):
             and x.device.type == "cpu")
 
 
+QUICK_GELU = 1.702  # OpenAI CLIP's "quick" GELU: x * sigmoid(1.702 x)
+
+
 def _plain_gelu(x, form):
+    if form == "quick":
+        return x * ops.sigmoid(QUICK_GELU * x)
     if form == "tanh":
         return ops.gelu(x, approximate=not _exact_kernel_for_tanh(x))
     # Written with erf so that it exports to ONNX (TensorFlow's own exact-GELU op does not).
@@ -139,6 +144,9 @@ def _plain_gelu(x, form):
 
 def _gelu_derivative(x, form):
     """d gelu(x) / dx, elementwise, written differently from the forward ops (so that none are merged)."""
+    if form == "quick":
+        s = ops.sigmoid(QUICK_GELU * x)
+        return s * (1.0 + QUICK_GELU * x * (1.0 - s))
     if form == "tanh":
         square = x * x
         t = ops.tanh(x * (_SQRT_2_OVER_PI + (_SQRT_2_OVER_PI * _GELU_CUBIC) * square))
@@ -158,7 +166,8 @@ def native_gradients():
 
 
 def gelu(x, form="tanh"):
-    """GELU, ``"tanh"`` (the official approximation) or ``"erf"`` (exact): any shape; the gradient keeps only ``x``."""
+    """GELU, ``"tanh"`` (the official approximation), ``"erf"`` (exact) or ``"quick"`` (CLIP's x * sigmoid(1.702 x)):
+    any shape; the gradient keeps only ``x``."""
     x = ops.convert_to_tensor(x)
     if not lean_gradients() or native_gradients():
         return _plain_gelu(x, form)
@@ -361,7 +370,10 @@ def fused_bias():
 
 
 def dense(x, kernel, bias):
-    """``x @ kernel + bias``: x (N, K), kernel (K, F), bias (F,) -> (N, F), one kernel on ``FUSED_BIAS_BACKENDS``."""
+    """``x @ kernel + bias``: x (N, K), kernel (K, F), bias (F,) or None -> (N, F), one kernel on
+    ``FUSED_BIAS_BACKENDS``."""
+    if bias is None:
+        return ops.matmul(x, kernel)
     if fused_bias():
         import torch
 

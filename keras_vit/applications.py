@@ -17,6 +17,7 @@ from keras_vit.models import ARGUMENTS, VisionTransformer, vision_transformer
 from keras_vit.pretrained import load as loading
 from keras_vit.pretrained.config import infer_config
 from keras_vit.pretrained.registry import families_for
+from keras_vit.pretrained.timm import TIMM_OPTIONS
 
 _DEFAULT_IMAGE_SIZE = 224
 # Builder arguments create_model sets itself or that the name decides; the rest are overrides.
@@ -25,6 +26,26 @@ _SET_BY_CREATE_MODEL = ("image_size", "include_top", "pooling", "classes", "clas
 # What a weights file decides when neither the name's options nor an override did: a big_vision file (SigLIP, a
 # MAP head without class token; FlexiViT, a class token without a position-embedding row) is a ViT-B_16 too.
 _SET_BY_THE_WEIGHTS = ("classifier", "num_register_tokens", "posemb", "posemb_class_token")
+
+
+def _file_config(source):
+    """The builder arguments a weights ``Source`` describes, in ``infer_config``'s terms (``classes`` None for a
+    file without a head): those a timm checkpoint states (with its input pipeline, and timm's resampling of the
+    position embeddings), else those read off the arrays."""
+    if source.config is None:
+        return infer_config(source.arrays)
+    config = dict(source.config, posemb="learn", posemb_interpolation="bicubic")
+    if not config.pop("include_top"):
+        config["classes"] = None
+    config.pop("pooling", None)
+    if source.preprocessing is not None:
+        config["preprocessing"] = {key: value for key, value in source.preprocessing.items() if key != "input_size"}
+    return config
+
+
+def _stated_options(config):
+    """What a file's config states beyond the arrays (a timm checkpoint's options and input pipeline)."""
+    return [key for key in (*TIMM_OPTIONS, "preprocessing", "posemb_interpolation") if key in config]
 
 
 def _input_geometry(input_shape, image_size, channels, native_size=_DEFAULT_IMAGE_SIZE):
@@ -118,8 +139,8 @@ def create_model(
     if not str(weights).endswith(".weights.h5"):
         source = loading.read(weights, variant, to_pair(native or image_size, "image size"),
                               allow_nonfinite=allow_nonfinite)
-        found = infer_config(source.arrays)
-        config.update({key: found[key] for key in _SET_BY_THE_WEIGHTS if key not in chosen})
+        found = _file_config(source)
+        config.update({key: found[key] for key in (*_SET_BY_THE_WEIGHTS, *_stated_options(found)) if key not in chosen})
         if not chosen_representation:
             # The pre-logits layer stays with the head it feeds; a new head (fine-tuning) drops it, as the official code.
             keeps_head = include_top and found["classes"] == classes
@@ -158,7 +179,7 @@ def from_official_checkpoint(path, image_size=None, classes=None, include_top=Tr
     if unknown:
         raise unknown_arguments_error(unknown, ARGUMENTS, "from_official_checkpoint")
     source = loading.read(path, allow_nonfinite=allow_nonfinite)
-    config = infer_config(source.arrays)
+    config = _file_config(source)
     if config["image_size"] is None and source.grid is not None:
         stride = token_stride(config["patch_size"], config.get("resnet_layers"))
         config["image_size"] = (source.grid[0] * stride[0], source.grid[1] * stride[1])
@@ -309,3 +330,6 @@ R26_ViT_S32 = _constructor("R26+ViT-S_32", "R26_ViT_S32")
 R26_ViT_B32 = _constructor("R26+ViT-B_32", "R26_ViT_B32")
 R50_ViT_B16 = _constructor("R50+ViT-B_16", "R50_ViT_B16")
 R50_ViT_L32 = _constructor("R50+ViT-L_32", "R50_ViT_L32")
+ViT_S14 = _constructor("ViT-S_14", "ViT_S14")
+ViT_B14 = _constructor("ViT-B_14", "ViT_B14")
+ViT_L14 = _constructor("ViT-L_14", "ViT_L14")

@@ -16,10 +16,12 @@ import keras
 from keras_vit import arguments as args
 from keras_vit import configs
 from keras_vit.arguments import ArgumentError, argument
-from keras_vit.layers.common import GELU_FORMS, to_pair
+from keras_vit.layers.common import GELU_FORMS, LAYER_NORM_EPSILON, to_pair
+from keras_vit.layers.embedding import POSEMB_INTERPOLATIONS
 from keras_vit.layers.embedding import POSEMBS as POSEMB_KINDS
 from keras_vit.layers.heads import POOLINGS as POOLING_KINDS
 from keras_vit.layers.tokens import PREFIX_TOKENS
+from keras_vit.preprocessing import input_settings
 from keras_vit.resnet import stem_stride
 
 
@@ -46,6 +48,11 @@ def _resnet_layers(name, value):
     if value is not None:
         for units in value:
             args.positive_int("units per ResNet stage")(name, units)
+
+
+def _positive_number(name, value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise ArgumentError(name, value, "a positive number")
 
 
 def _width_factor(name, value):
@@ -91,8 +98,8 @@ class Architecture:
     posemb_class_token: bool = argument(True, "with a learned table and a class token: whether the class token has "
                                         "a row (the 2020 models) or the table covers the grid only (big_vision).",
                                         check=args.boolean, given=True)
-    gelu: str = argument("tanh", "`\"tanh\"` (official approximation) or `\"erf\"` (exact).",
-                         check=args.choice(lambda: GELU_FORMS))
+    gelu: str = argument("tanh", "`\"tanh\"` (official approximation), `\"erf\"` (exact) or `\"quick\"` (OpenAI "
+                         "CLIP's x * sigmoid(1.702 x)).", check=args.choice(lambda: GELU_FORMS))
     channels: int = argument(3, "input channels.", check=args.positive)
     resnet_layers: tuple = argument(None, "units per stage of a hybrid's ResNet stem, e.g. (3, 4, 9); () the root "
                                     "alone; None a plain ViT (the patch size then applies to the feature map).",
@@ -103,6 +110,24 @@ class Architecture:
     dynamic_padding: bool = argument(False, "pad inputs whose sides are not multiples of the token stride (zeros at "
                                      "the bottom and right, timm's dynamic_img_pad) instead of refusing them.",
                                      check=args.boolean)
+    pre_norm: bool = argument(False, "a LayerNorm `pre_norm` on the tokens before the first block (timm's norm_pre, "
+                              "CLIP's ln_pre); the patch embedding then has no bias, as in timm.", check=args.boolean)
+    fc_norm: bool = argument(False, "the final LayerNorm after pooling (`fc_norm`, timm's) in place of the one on "
+                             "the tokens (`encoder_norm`): features()[\"tokens\"] are then un-normed.",
+                             check=args.boolean)
+    layer_scale: float = argument(None, "LayerScale's initial value (timm's init_values; DINOv2's 1e-5): each block "
+                                  "scales its two branches per channel (`LayerScale_0`, `LayerScale_1`); None: none.",
+                                  check=args.optional(_positive_number))
+    qkv_bias: bool = argument(True, "biases on the query, key and value projections.", check=args.boolean)
+    qk_norm: bool = argument(False, "a LayerNorm over each head's queries and keys (`query_ln`, `key_ln`) before "
+                             "their product.", check=args.boolean)
+    layer_norm_epsilon: float = argument(LAYER_NORM_EPSILON, "epsilon of every LayerNorm (1e-6 in the official "
+                                         "models, 1e-5 in CLIP's).", check=_positive_number)
+    posemb_interpolation: str = argument("bilinear", "how the learned table is resampled to another grid (loading at "
+                                         "another size, a model of any size): `\"bilinear\"` (the official "
+                                         "interpolation, aligned corners) or `\"bicubic\"` (timm's "
+                                         "resample_abs_pos_embed: antialiased bicubic).",
+                                         check=args.choice(lambda: POSEMB_INTERPOLATIONS))
     prefix_tokens: tuple = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -262,6 +287,21 @@ class Architecture:
         return dataclasses.replace(self, **changes)
 
 
+def _preprocessing(name, value):
+    try:
+        input_settings(value)
+    except ValueError as error:
+        raise ArgumentError(name, value, "None or a dict of mean, std, interpolation, crop_pct, crop_mode",
+                            str(error)) from None
+
+
+def _preprocessing_config(value):
+    """The preprocessing a config stores: given keys only, mean and std as lists (JSON)."""
+    if value is None:
+        return None
+    return {key: list(v) if isinstance(v, tuple) else v for key, v in dict(value).items()}
+
+
 def _activation_config(activation):
     """A head activation as a config stores it: a name as given, a function by Keras' serialization."""
     return activation if isinstance(activation, str) else keras.activations.serialize(keras.activations.get(activation))
@@ -274,8 +314,15 @@ class ModelOptions:
 
     classifier_activation: str = argument(None, "activation of the head; None gives logits (e.g. `\"softmax\"`).",
                                           given=True, to_config=_activation_config)
-    include_preprocessing: bool = argument(False, "adds `(x - 127.5) / 127.5` as the first layer, so the model "
-                                           "takes pixels in [0, 255] (default: [-1, 1]).", check=args.boolean)
+    include_preprocessing: bool = argument(False, "adds the weights' normalization as the first layer (`(x - 127.5) "
+                                           "/ 127.5` for the official ones, see preprocessing), so the model takes "
+                                           "pixels in [0, 255] (default: [-1, 1]).", check=args.boolean)
+    preprocessing: dict = argument(None, "the input pipeline the weights expect, stored with the model: `mean`, "
+                                   "`std` (of pixels / 255, per channel), `interpolation`, `crop_pct`, `crop_mode` "
+                                   "as timm's pretrained_cfg has them (loading timm weights sets it); None: the "
+                                   "official one, mean = std = 0.5. include_preprocessing and "
+                                   "preprocess_input(images, model=model) normalize with it.",
+                                   check=_preprocessing, to_config=_preprocessing_config)
     dropout_rate: float = argument(0.0, "dropout after the position embeddings, the attention output and both MLP "
                                    "layers (official placement).", check=args.rate)
     attention_dropout_rate: float = argument(0.0, "dropout on the attention weights.", check=args.rate)

@@ -39,6 +39,9 @@ OFFICIAL_MODELS = (
     "ViT-L_32",
     "ViT-H_14",
 )
+# Patch-14 geometries of widths the official code registers only at other patch sizes: the DINOv2 (S, B, L) and
+# CLIP (L) weights of timm (keras_vit.pretrained.registry).
+TIMM_MODELS = ("ViT-S_14", "ViT-B_14", "ViT-L_14")
 
 # Hybrids (seed, "Hybrid Architecture"): (ResNet prefix, width, effective patch) ->
 # (units per ResNet stage, patch size on the feature map). R50+ViT-B_16 is the seed's option 2 (stage 4
@@ -78,7 +81,7 @@ def variant_of(arch):
         return None
     if arch.resnet_layers is None:
         name = f"ViT-{width}_{stride[0]}"
-        return name if name in OFFICIAL_MODELS else None
+        return name if name in OFFICIAL_MODELS + TIMM_MODELS else None
     for (resnet, hybrid_width, patch), (units, map_patch) in HYBRIDS.items():
         same = (hybrid_width, patch, tuple(units), map_patch) == (width, stride[0], tuple(arch.resnet_layers), arch.patch_size[0])
         if same and arch.resnet_width_factor == 1:
@@ -87,8 +90,9 @@ def variant_of(arch):
 
 
 def list_models():
-    """Returns the official model names, plain then hybrid: ``["ViT-Ti_16", ..., "R50+ViT-L_32"]``."""
-    return list(OFFICIAL_MODELS + OFFICIAL_HYBRIDS)
+    """Returns the model names, official plain, then hybrid, then the patch-14 variants of timm's weights:
+    ``["ViT-Ti_16", ..., "R50+ViT-L_32", "ViT-S_14", "ViT-B_14", "ViT-L_14"]``."""
+    return list(OFFICIAL_MODELS + OFFICIAL_HYBRIDS + TIMM_MODELS)
 
 
 def _name_error(name, reason):

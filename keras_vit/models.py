@@ -21,11 +21,11 @@ import numpy as np
 from keras_vit import arguments, official_names, resnet
 from keras_vit.architecture import Architecture, ModelOptions
 from keras_vit.backbone import Backbone, head_policy, model_policy
-from keras_vit.layers import LAYER_NORM_EPSILON, PACKAGE, AttentionWeights, Dropout, Patches, TokenPooling, TransformerBlock
+from keras_vit.layers import PACKAGE, AttentionWeights, Dropout, LayerNorm, Patches, TokenPooling, TransformerBlock
 from keras_vit.layers import heads as heads_lib
 from keras_vit.layers.embedding import PadToMultiple, position_embedding
 from keras_vit.layers.tokens import prefix_token_layers
-from keras_vit.preprocessing import check_pixels
+from keras_vit.preprocessing import check_pixels, input_settings, normalization
 
 _FEATURE_MODELS = weakref.WeakKeyDictionary()  # model -> {key: sub-model sharing its layers}
 _KERAS_ARGUMENTS = ("input_tensor", "name", "dtype")
@@ -63,13 +63,14 @@ class VisionTransformer(Backbone):
         inputs = input_tensor if input_tensor is not None else keras.Input((*arch.image_size, arch.channels), name="image")
         x = inputs
         if options.include_preprocessing:
-            x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, dtype=policy, name="preprocessing")(x)
+            scale, offset = normalization(options.preprocessing, arch.channels)
+            x = keras.layers.Rescaling(scale, offset=offset, dtype=policy, name="preprocessing")(x)
         if arch.dynamic_padding:
             x = PadToMultiple(arch.token_stride, dtype=policy, name="pad")(x)
         if arch.resnet_layers is not None:
             x = resnet.resnet_stem(x, arch.resnet_layers, arch.resnet_width_factor, dtype=policy)
         pixels = x  # the patch embedding's input: each call's token grid comes from its size
-        x = Patches(arch.patch_size, arch.hidden_size, dtype=policy, name="embedding")(x)
+        x = Patches(arch.patch_size, arch.hidden_size, use_bias=not arch.pre_norm, dtype=policy, name="embedding")(x)
         prefix_layers = [layer for _, layer in prefix_token_layers(arch.prefix_tokens, policy)]
         posemb_layer = position_embedding(arch, policy)
         # The 2020 models add the position embeddings after the class token, which has a row; the others to the
@@ -77,6 +78,8 @@ class VisionTransformer(Backbone):
         at = arch.posemb_prefix_rows
         token_layers = [*prefix_layers[:at], posemb_layer, *prefix_layers[at:],
                         Dropout(options.dropout_rate, dtype=policy, name="dropout")]
+        if arch.pre_norm:
+            token_layers.append(LayerNorm(epsilon=arch.layer_norm_epsilon, dtype=policy, name="pre_norm"))
         for layer in token_layers:
             x = layer(x, pixels) if layer is posemb_layer else layer(x)
         for i in range(arch.num_layers):
@@ -87,15 +90,22 @@ class VisionTransformer(Backbone):
                 attention_dropout_rate=options.attention_dropout_rate,
                 stochastic_depth_rate=options.stochastic_depth_rate * i / max(arch.num_layers - 1, 1),
                 gelu=arch.gelu,
+                layer_norm_epsilon=arch.layer_norm_epsilon,
+                layer_scale=arch.layer_scale,
+                qkv_bias=arch.qkv_bias,
+                qk_norm=arch.qk_norm,
                 remat=options.remat,
                 dtype=policy,
                 name=f"encoderblock_{i}",
             )(x)
-        x = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, dtype=policy, name="encoder_norm")(x)
+        if not arch.fc_norm:  # with fc_norm the final norm comes after pooling (heads_lib.head)
+            x = keras.layers.LayerNormalization(epsilon=arch.layer_norm_epsilon, dtype=policy, name="encoder_norm")(x)
+        tokens_layer = "encoder_norm" if not arch.fc_norm else f"encoderblock_{arch.num_layers - 1}"
         x = heads_lib.head(x, arch, options.classifier_activation, dtype=policy, output_dtype=head_policy(policy))
         super().__init__(inputs, x, name=name, **kwargs)
         self._architecture = arch
         self._token_layer_names = [layer.name for layer in token_layers]
+        self._tokens_layer_name = tokens_layer  # the encoder's output: after the final norm, or un-normed (fc_norm)
         self._init_backbone(policy, quantized)
         self._vit_config = {**arguments.config_of(given, arch, options), "variant": variant, "class_names": class_names}
 
@@ -117,6 +127,12 @@ class VisionTransformer(Backbone):
     def vit_config(self):
         """The builder arguments of this model (a copy): ``VisionTransformer(**model.vit_config)`` rebuilds it."""
         return copy.deepcopy(dict(self._vit_config))
+
+    @property
+    def preprocessing(self):
+        """The input pipeline this model's weights expect (``keras_vit.preprocessing.input_settings``: mean, std,
+        interpolation, crop_pct, crop_mode); ``keras_vit.preprocess_input(images, model=model)`` reads it."""
+        return input_settings(self._vit_config.get("preprocessing"))
 
     @property
     def architecture(self):
@@ -204,7 +220,7 @@ class VisionTransformer(Backbone):
         return [self.get_layer(f"encoderblock_{i}") for i in range(self._architecture.num_layers)]
 
     def _feature_tensors(self, blocks, attention):
-        tokens = self.get_layer("encoder_norm").output
+        tokens = self.get_layer(self._tokens_layer_name).output
         arch = self._architecture
         if arch.classes is not None:
             pre_logits = self.get_layer("head").input
@@ -246,8 +262,8 @@ class VisionTransformer(Backbone):
 
         * ``"pre_logits"``: (B, F), what the head reads (F = hidden size or representation size); for a model
           without pooling, the class token (token models) or the mean grid token after ``encoder_norm``;
-        * ``"tokens"``: (B, T, D), the token sequence after ``encoder_norm``
-          (T = ``num_prefix_tokens`` + gh * gw);
+        * ``"tokens"``: (B, T, D), the token sequence after ``encoder_norm`` (un-normed with ``fc_norm``, as
+          timm's ``forward_features``) (T = ``num_prefix_tokens`` + gh * gw);
         * ``"blocks"`` (``blocks=True``): L tensors (B, T, D), each block's output;
         * ``"attention"`` (``attention=True``): L tensors (B, N, T, T) float32, each block's attention weights;
         * ``"pooling_attention"`` (``attention=True``, MAP pooling): (B, N, 1, gh * gw) float32, the probe's
@@ -280,7 +296,7 @@ class VisionTransformer(Backbone):
             embeddings = keras.Input((grid[0] * grid[1], hidden), name="embeddings")
             x = embeddings
             names = self._token_layer_names + [f"encoderblock_{i}" for i in range(self._architecture.num_layers)]
-            for name in names + ["encoder_norm"]:
+            for name in names + ["encoder_norm"] * (not self._architecture.fc_norm):
                 x = self.get_layer(name)(x)
             return keras.Model(embeddings, x, name=f"{self.name}_encoder")
 

@@ -17,6 +17,8 @@ from keras_vit.layers import official_weights as layer_official_weights
 _SCOPES = {
     "posembed_input": "Transformer/posembed_input",
     "encoder_norm": "Transformer/encoder_norm",
+    "pre_norm": "Transformer/pre_norm",  # timm's norm_pre (after the position embeddings)
+    "fc_norm": "fc_norm",  # timm's fc_norm (after pooling)
     "pool": "",  # a pooling layer's weights are named in its own official scope
 }
 _BLOCK_LAYER = re.compile(r"^encoderblock_\d+$")

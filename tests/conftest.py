@@ -20,10 +20,8 @@ BIG_VISION_FIXTURES = Path(
 )
 
 TIMM_FIXTURES = Path(os.environ.get("KERAS_VIT_TIMM_FIXTURES", REPO.parent / "shared" / "fixtures" / "timm_vit"))
-TIMM_TODAY = ("vit_augreg_like", "vit_gap_like", "vit_siglip_map_like")  # the timm fixtures today's layers build
-# the options of timm's that today's layers have, at the values they have them (the builder takes none of them)
-TIMM_TODAY_OPTIONS = dict(pre_norm=False, fc_norm=False, layer_scale=None, qkv_bias=True, qk_norm=False,
-                          layer_norm_epsilon=1e-6)
+TIMM_TODAY = ("vit_augreg_like", "vit_clip_like", "vit_clip_quickgelu_headless", "vit_dinov2_like",
+              "vit_gap_like", "vit_options_like", "vit_reg4_gap_like", "vit_siglip_map_like")  # every timm fixture
 
 
 def _fixture(folder, variable, name, kind):
@@ -87,14 +85,12 @@ def timm_reference(name):
 
 def timm_fixture_model(name, folder):
     """A keras_vit model built from a timm fixture's inferred arguments, its converted arrays loaded (through an
-    official ``.npz`` written to ``folder``); the fixture must be one of ``TIMM_TODAY``."""
+    official ``.npz`` written to ``folder``)."""
     import keras_vit
     from keras_vit.pretrained.timm import read_timm
 
     checkpoint = read_timm(TIMM_FIXTURES / name)
-    arguments = dict(checkpoint.arguments)
-    assert {key: arguments.pop(key) for key in TIMM_TODAY_OPTIONS} == TIMM_TODAY_OPTIONS  # options today's layers have
-    model = keras_vit.vision_transformer(**arguments)
+    model = keras_vit.vision_transformer(**checkpoint.arguments)
     path = Path(folder) / f"{name}.converted.npz"
     np.savez(path, **checkpoint.arrays)
     return keras_vit.load_weights(model, path, adapt=False)

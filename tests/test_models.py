@@ -20,11 +20,15 @@ OFFICIAL_PARAMETER_COUNTS = {
     "ViT-L_32": 306_535_400,
     "ViT-H_14": 632_045_800,
     "ViT-B_16-gap-norep": 86_566_120,
+    "ViT-S_14": 22_004_584,  # patch-14 variants of timm's weights: timm's counts (results-imagenet.csv, L/14 CLIP
+    "ViT-B_14": 86_475_496,  # 304.20 M) differ by its CLIP models' pre-norm (+2 D) and patch bias (-D)
+    "ViT-L_14": 304_203_752,
 }
 CONSTRUCTORS = {
     "ViT-Ti_16": keras_vit.ViT_Ti16, "ViT-S_16": keras_vit.ViT_S16, "ViT-S_32": keras_vit.ViT_S32,
     "ViT-B_8": keras_vit.ViT_B8, "ViT-B_16": keras_vit.ViT_B16, "ViT-B_32": keras_vit.ViT_B32,
     "ViT-L_16": keras_vit.ViT_L16, "ViT-L_32": keras_vit.ViT_L32, "ViT-H_14": keras_vit.ViT_H14,
+    "ViT-S_14": keras_vit.ViT_S14, "ViT-B_14": keras_vit.ViT_B14, "ViT-L_14": keras_vit.ViT_L14,
 }
 TINY = dict(image_size=16, patch_size=4, hidden_size=12, num_layers=2, num_heads=3, mlp_dim=24)
 

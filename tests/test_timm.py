@@ -3,9 +3,10 @@
 The oracle is the shared timm fixtures (../shared/fixtures/timm_vit, made by timm 1.0.31's own code and saved by
 its own ``save_for_hf``). Two NumPy forward passes written here from timm's and from the official semantics, one
 on timm's arrays and one on the converted official arrays with the inferred arguments, must both give timm's
-outputs; the models today's layers can express are loaded through the public API and checked the same way.
+outputs. Every fixture built and run through the public API on each backend: tests/test_timm_options.py.
 """
 
+import hashlib
 import http.server
 import json
 import os
@@ -19,11 +20,9 @@ import numpy as np
 import pytest
 from conftest import (
     TIMM_FIXTURES,
-    TIMM_TODAY,
     np_gelu_tanh,
     np_layer_norm,
     np_softmax,
-    timm_fixture_model,
     timm_reference,
 )
 from safetensors.numpy import load_file, save_file
@@ -31,7 +30,7 @@ from scipy.special import erf
 
 import keras
 import keras_vit
-from keras_vit.pretrained import hub, safetensors_file
+from keras_vit.pretrained import download, hub, safetensors_file
 from keras_vit.pretrained.timm import (
     UnsupportedArchitectureError,
     infer_arguments,
@@ -264,14 +263,41 @@ def test_preprocessing_travels_with_the_weights():
     assert (clip["interpolation"], clip["crop_pct"], clip["input_size"]) == ("bicubic", config["crop_pct"], (32, 32))
 
 
-# --- the end-to-end proof with today's layers: keras_vit models built from the inferred arguments ---
+# --- the one loader: from_official_checkpoint, load_weights and weights= read timm sources ---
 
-@pytest.mark.parametrize("name", TIMM_TODAY)
-def test_fixture_loads_into_a_keras_vit_model(name, tmp_path):
-    model, ref = timm_fixture_model(name, tmp_path), timm_reference(name)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(ref["images"])), ref["logits"], atol=1e-5, rtol=0)
-    tokens = keras.ops.convert_to_numpy(model.features(ref["images"])["tokens"])
-    np.testing.assert_allclose(tokens, ref["tokens"], atol=1e-4, rtol=0)
+def _timm_sources(tmp_path, monkeypatch, name):
+    """The fixture ``name`` as each kind of source: its folder, its model.safetensors (beside config.json), a Hub id
+    answered from a Hugging Face cache."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the cache must answer
+    _hf_cache(tmp_path / "hf", REPO_ID, name)
+    return [TIMM_FIXTURES / name, str(TIMM_FIXTURES / name / "model.safetensors"), f"hf-hub:{REPO_ID}"]
+
+
+@pytest.mark.parametrize("name", ["vit_augreg_like", "vit_reg4_gap_like"])  # every fixture: test_timm_options.py
+def test_the_one_loader_builds_timm_checkpoints(name, tmp_path, monkeypatch):
+    ref = timm_reference(name)
+    for source in _timm_sources(tmp_path, monkeypatch, name):
+        model = keras_vit.from_official_checkpoint(source)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(model(ref["images"])), ref["logits"], atol=1e-5, rtol=0)
+    twin = keras_vit.vision_transformer(**model.vit_config)
+    keras_vit.load_weights(twin, TIMM_FIXTURES / name, adapt=False)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(twin(ref["images"])), ref["logits"], atol=1e-5, rtol=0)
+
+
+def test_the_one_loader_refuses_pytorch_pickles_in_one_line(tmp_path, no_hub):
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    shutil.copy(TIMM_FIXTURES / "vit_augreg_like" / "config.json", folder)
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
+    url = "http://127.0.0.1:9/timm/vit/resolve/main/pytorch_model.bin"  # refused before any download
+    model = keras_vit.vision_transformer(image_size=32, patch_size=16, hidden_size=48, num_layers=2, num_heads=3,
+                                         mlp_dim=192, classes=5)
+    for load in (lambda s: keras_vit.from_official_checkpoint(s), lambda s: keras_vit.load_weights(model, s)):
+        for source in (folder, folder / "pytorch_model.bin", url):
+            with pytest.raises(ValueError) as refused:
+                load(source)
+            assert "model.safetensors" in str(refused.value) and "\n" not in str(refused.value)
 
 
 # --- safetensors headers and refusals ---
@@ -523,46 +549,186 @@ def test_hub_ids_that_could_escape_the_cache_are_refused(hub_id):
         hub.parse_hub_id(hub_id)
 
 
-@pytest.fixture
-def hub_server():
-    """A local Hub: serves the fixture vit_dinov2_like as REPO_ID at main; counts the requests."""
-    files = {f"/{REPO_ID}/resolve/main/{name}": (TIMM_FIXTURES / "vit_dinov2_like" / name).read_bytes()
-             for name in ("model.safetensors", "config.json")}
+def _serve(routes):
+    """A local HTTP server of ``routes`` {path: (status, headers, body)}; yields its address and the paths asked."""
     requests = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             requests.append(self.path)
-            body = files.get(self.path)
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
+            status, headers, body = routes.get(self.path, (404, {}, b""))
+            self.send_response(status)
+            for key, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(body or b"")
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}", requests
+
+
+def _hub_routes(weights, config, announced):
+    """A Hub repository REPO_ID at main, as huggingface.co serves it: config.json directly (a Git blob, whose ETag
+    is no SHA-256), model.safetensors by a redirect to its storage that announces ``announced`` in X-Linked-Etag."""
+    base = f"/{REPO_ID}/resolve/main"
+    return {
+        f"{base}/config.json": (200, {"ETag": '"' + "a" * 40 + '"'}, config),
+        f"{base}/model.safetensors": (302, {"Location": "/lfs-storage/blob", "X-Linked-Etag": f'"{announced}"',
+                                           "ETag": f'"{announced}"'}, b""),
+        "/lfs-storage/blob": (200, {"Content-Type": "application/octet-stream"}, weights),
+    }
+
+
+@pytest.fixture
+def hub_server():
+    """A local Hub: serves the fixture vit_dinov2_like as REPO_ID at main; counts the requests."""
+    weights, config = ((TIMM_FIXTURES / "vit_dinov2_like" / name).read_bytes()
+                       for name in ("model.safetensors", "config.json"))
+    httpd, address, requests = _serve(_hub_routes(weights, config, hashlib.sha256(weights).hexdigest()))
+    yield address, requests
     httpd.shutdown()
     httpd.server_close()
 
 
-def test_a_hub_id_downloads_when_not_cached(hub_server, no_hub, monkeypatch):
+def test_a_hub_id_downloads_when_not_cached(hub_server, no_hub, monkeypatch, tmp_path):
     endpoint, requests = hub_server
     checkpoint = read_timm(f"hf-hub:{REPO_ID}", endpoint=endpoint)
     folder = read_timm(TIMM_FIXTURES / "vit_dinov2_like")
     assert checkpoint.arguments == folder.arguments
     assert all(np.array_equal(checkpoint.arrays[k], folder.arrays[k]) for k in folder.arrays)
-    assert len(requests) == 2
+    assert len(requests) == 3  # config.json, the redirect, the storage
+    cached = sorted(p.name for p in (tmp_path / "keras-vit-cache").iterdir())
+    stem = REPO_ID.replace("/", "--")
+    assert [name.rsplit("--", 1)[0] for name in cached] == [f"{stem}--config", f"{stem}--model"], cached
     monkeypatch.setenv("HF_ENDPOINT", endpoint)  # the variable huggingface_hub reads; the files are cached now
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     read_timm(f"hf-hub:{REPO_ID}")
-    assert len(requests) == 2
+    assert len(requests) == 3
+
+
+def test_a_download_that_is_not_what_the_hub_announced_is_deleted(no_hub, tmp_path):
+    weights = (TIMM_FIXTURES / "vit_dinov2_like" / "model.safetensors").read_bytes()
+    config = (TIMM_FIXTURES / "vit_dinov2_like" / "config.json").read_bytes()
+    httpd, endpoint, _ = _serve(_hub_routes(weights, config, "0" * 64))
+    try:
+        with pytest.raises(download.HashMismatchError) as refused:
+            read_timm(f"hf-hub:{REPO_ID}", endpoint=endpoint)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert refused.value.expected == "0" * 64 and refused.value.found == hashlib.sha256(weights).hexdigest()
+    assert refused.value.deleted and not any(p.suffix == ".safetensors" for p in (tmp_path / "keras-vit-cache").iterdir())
+
+
+def test_a_safetensors_file_whose_header_length_starts_like_a_page_downloads(no_hub, tmp_path):
+    """A header length whose low byte is 0x3C (``<``) once made the download look like a web page."""
+    arrays = load_file(TIMM_FIXTURES / "vit_gap_like" / "model.safetensors")
+    path = tmp_path / "model.safetensors"
+    save_file(arrays, path)
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    padded = length + (0x3C - length) % 256
+    data = struct.pack("<Q", padded) + data[8:8 + length] + b" " * (padded - length) + data[8 + length:]
+    assert data[:1] == b"<"
+    httpd, address, _ = _serve({"/x/model.safetensors": (200, {}, data), "/x/page.safetensors": (200, {}, b"<html>")})
+    try:
+        fetched = download.fetch(f"{address}/x/model.safetensors")
+        with pytest.raises(ValueError, match="not the .safetensors expected"):
+            download.fetch(f"{address}/x/page.safetensors")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    read = safetensors_file.read_safetensors(fetched)
+    assert all(np.array_equal(read[k], arrays[k]) for k in arrays)
 
 
 def test_offline_without_the_files_is_refused(no_hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
         read_timm(f"hf-hub:{REPO_ID}")
+
+
+# --- timm's position-embedding resampling (resample_abs_pos_embed: PyTorch's antialiased bicubic) ---
+
+@pytest.mark.parametrize("source, target, prefix", [((7, 7), (12, 12), 1), ((16, 16), (10, 10), 0),
+                                                    ((37, 37), (16, 16), 5), ((5, 8), (9, 3), 1)])
+def test_timm_posemb_resampling_is_pytorchs_antialiased_bicubic(source, target, prefix):
+    torch = pytest.importorskip("torch")
+    from keras_vit.pretrained.resample import resample_posemb_antialiased
+
+    posemb = np.random.default_rng(0).normal(size=(1, prefix + source[0] * source[1], 6))
+    grid = torch.from_numpy(posemb[:, prefix:]).reshape(1, *source, 6).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=target, mode="bicubic", antialias=True)
+    expected = expected.permute(0, 2, 3, 1).reshape(1, -1, 6).numpy()
+    resampled = resample_posemb_antialiased(posemb, target, prefix, source)
+    np.testing.assert_array_equal(resampled[:, :prefix], posemb[:, :prefix])
+    np.testing.assert_allclose(resampled[:, prefix:], expected, atol=1e-12, rtol=0)
+
+
+# --- preprocessing from pretrained_cfg ---
+
+CLIP_INPUT = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
+                  interpolation="bicubic", crop_pct=0.95, crop_mode="center")
+
+
+def test_preprocess_input_normalizes_as_the_weights_expect():
+    from types import SimpleNamespace
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3)).astype("uint8")
+    clip = keras.ops.convert_to_numpy(keras_vit.preprocess_input(pixels, model=SimpleNamespace(preprocessing=CLIP_INPUT)))
+    expected = (pixels / 255.0 - np.array(CLIP_INPUT["mean"])) / np.array(CLIP_INPUT["std"])
+    np.testing.assert_allclose(clip, expected, atol=2e-6, rtol=0)
+    official = keras.ops.convert_to_numpy(keras_vit.preprocess_input(pixels, model=SimpleNamespace(preprocessing=None)))
+    np.testing.assert_array_equal(official, keras.ops.convert_to_numpy(keras_vit.preprocess_input(pixels)))
+    np.testing.assert_allclose(official, pixels / 127.5 - 1, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [dict(mean=(0.5, 0.5)), dict(std=0), dict(crop_pct=1.5), dict(interpolation="cubic"),
+                                 dict(crop_mode="zoom"), dict(input_size=(3, 224, 224))])
+def test_preprocessing_that_cannot_be_applied_is_refused(bad):
+    from keras_vit.preprocessing import normalization
+
+    with pytest.raises(ValueError, match="preprocessing"):
+        normalization(bad, channels=3)
+
+
+def test_timms_eval_resize_and_crop():
+    """Pixel value = column index: a 40 x 60 image to 20 x 20 with crop_pct 0.5, "center": the shorter side is
+    resized to 40 (nothing), the width stays 60, and the central 20 x 20 is kept, columns 20 to 39."""
+    from keras_vit.preprocessing import resize_and_crop
+
+    image = np.broadcast_to(np.arange(60, dtype="float32")[None, :, None], (40, 60, 1))
+    settings = dict(interpolation="nearest", crop_pct=0.5, crop_mode="center")
+    cropped = keras.ops.convert_to_numpy(resize_and_crop(image, (20, 20), settings))
+    np.testing.assert_array_equal(cropped[0, :, 0], np.arange(20, 40))
+    squashed = keras.ops.convert_to_numpy(resize_and_crop(image, (20, 20), dict(settings, crop_mode="squash")))
+    # width 60 -> 40 (nearest, half-pixel centres: column i reads floor((i + 0.5) * 1.5)), then columns 10 to 29
+    np.testing.assert_array_equal(squashed[0, :, 0], np.floor((np.arange(10, 30) + 0.5) * 1.5))
+
+
+# --- the registry's timm rows ---
+
+def test_timm_families_resolve_to_hub_ids_of_covered_entry_points():
+    from keras_vit.pretrained import registry
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert registry.timm_weights_table() in readme
+    hub_entries = [(model, family, e) for (model, family), es in registry.REGISTRY.items() for e in es if e.is_hub]
+    assert len(hub_entries) >= 30
+    for model, family, entry in hub_entries:
+        assert model in keras_vit.list_models() and family in registry.FAMILIES
+        architecture = entry.path.removeprefix("hf-hub:timm/").split(".")[0]
+        arguments = timm_arguments(architecture)  # covered: no UnsupportedArchitectureError
+        config = keras_vit.model_config(model)
+        assert (arguments["embed_dim"], arguments["depth"], arguments["num_heads"]) == (
+            config["hidden_size"], config["num_layers"], config["num_heads"])
+        assert arguments["patch_size"] == config["patch_size"]
+        # the size: in the entry point's name (timm takes it from pretrained_cfg's input_size; DINOv2's: 518)
+        assert architecture.endswith(f"_{entry.resolution}") or (entry.resolution, family[:6]) == (518, "dinov2")
+        assert entry.input_settings["interpolation"] == "bicubic" and (entry.classes is None) == (entry.top1 is None)
+    entry = registry.resolve("ViT-L_14", "clip_openai_ft_in12k_in1k", 336)
+    assert entry.url == "hf-hub:timm/vit_large_patch14_clip_336.openai_ft_in12k_in1k" and entry.top1 == 88.26

@@ -10,7 +10,7 @@ from keras import ops
 
 from keras_vit import _speed
 from keras_vit.arguments import ArgumentError
-from keras_vit.layers.common import PACKAGE, scoped
+from keras_vit.layers.common import LAYER_NORM_EPSILON, PACKAGE, LayerNorm, official_weights, scoped
 
 _PROJECTIONS = ("query", "key", "value", "out")
 
@@ -67,9 +67,11 @@ class Projection(keras.layers.EinsumDense):
 class MultiHeadSelfAttention(keras.layers.Layer):
     """Multi-head dot-product attention (flax's ``MultiHeadDotProductAttention``): (B, T, D) -> (B, T, D).
 
-    Sub-layers ``query``, ``key``, ``value`` (``EinsumDense``, kernels (D, N, dh), biases (N, dh)) and ``out``
-    (kernel (N, dh, D), bias (D,)): the official shapes and names, so Keras' ``quantize`` and ``enable_lora``
-    reach every projection. Queries are scaled by 1/sqrt(dh); the softmax runs in float32 under mixed
+    Sub-layers ``query``, ``key``, ``value`` (``EinsumDense``, kernels (D, N, dh), biases (N, dh), none with
+    ``qkv_bias=False``) and ``out`` (kernel (N, dh, D), bias (D,)): the official shapes and names, so Keras'
+    ``quantize`` and ``enable_lora`` reach every projection. ``qk_norm=True`` adds a LayerNorm over each head's dh
+    on queries and keys (``query_ln``, ``key_ln``, epsilon ``layer_norm_epsilon``; timm's ``q_norm``,
+    ``k_norm``, Flax's ``normalize_qk``) before the scale. Queries are scaled by 1/sqrt(dh); the softmax runs in float32 under mixed
     precision (in float64 for float64 models). ``call(x)`` is self-attention; ``call(x, key_value)``
     attends from ``x`` (B, T, D) to ``key_value`` (B, S, D) (the MAP head's probe). With
     ``return_attention_scores=True`` it also returns the weights (B, N, T, S).
@@ -83,10 +85,17 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     """
 
     def __init__(self, num_heads, dropout_rate=0.0, kernel_initializer="glorot_uniform", bias_initializer="zeros",
-                 seed=None, **kwargs):
+                 seed=None, qkv_bias=True, qk_norm=False, layer_norm_epsilon=LAYER_NORM_EPSILON, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.dropout_rate = dropout_rate
+        self.qkv_bias = qkv_bias
+        self.qk_norm = qk_norm
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.query_ln = self.key_ln = None
+        if qk_norm:
+            self.query_ln = LayerNorm(epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="query_ln")
+            self.key_ln = LayerNorm(epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="key_ln")
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.seed = seed
@@ -109,15 +118,19 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             return Projection(equation, output_shape, bias_axes=bias_axes, kernel_initializer=kernel_initializer,
                               bias_initializer=_fresh(self.bias_initializer, index), dtype=self.dtype_policy, name=name)
 
-        self.query = projection("query", "btd,dnh->btnh", (None, heads, head_dim), "nh")
-        self.key = projection("key", "btd,dnh->btnh", (None, heads, head_dim), "nh")
-        self.value = projection("value", "btd,dnh->btnh", (None, heads, head_dim), "nh")
+        qkv_bias = "nh" if self.qkv_bias else None
+        self.query = projection("query", "btd,dnh->btnh", (None, heads, head_dim), qkv_bias)
+        self.key = projection("key", "btd,dnh->btnh", (None, heads, head_dim), qkv_bias)
+        self.value = projection("value", "btd,dnh->btnh", (None, heads, head_dim), qkv_bias)
         self.out = projection("out", "btnh,nhd->btd", (None, hidden), "d")
         key_value_shape = key_value_shape or x_shape
         self.query.build(x_shape)
         self.key.build(key_value_shape)
         self.value.build(key_value_shape)
         self.out.build((*x_shape[:-1], heads, head_dim))
+        if self.qk_norm:
+            self.query_ln.build((None, head_dim))
+            self.key_ln.build((None, head_dim))
 
     @property
     def head_dim(self):
@@ -126,9 +139,16 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     def official_weights(self):
         weights = {}
         for name in _PROJECTIONS:
-            layer = getattr(self, name)
-            weights.update(scoped(name, {"kernel": layer.kernel, "bias": layer.bias}))
+            weights.update(scoped(name, official_weights(getattr(self, name))))
+        for name in ("query_ln", "key_ln") if self.qk_norm else ():
+            weights.update(scoped(name, official_weights(getattr(self, name))))
         return weights
+
+    def _normed(self, q, k, scale):
+        """With ``qk_norm``: LayerNorm over each head's dh of q and k (timm's ``q_norm``, ``k_norm``), then q scaled."""
+        if not self.qk_norm:
+            return q, k
+        return self.query_ln(q) * ops.cast(scale, q.dtype), self.key_ln(k)
 
     def _fused(self):
         """Whether the projections may be fused: plain (not quantized, no LoRA) and the speed path on."""
@@ -142,28 +162,34 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
         Fused (self-attention only): one (B*T, D) x (D, 3D) product with the scale folded into the query kernel."""
         scale = 1.0 / math.sqrt(self.head_dim)
+        folded = 1.0 if self.qk_norm else scale  # with qk_norm the scale comes after the norm
         if key_value is not None or not fused:
             source = x if key_value is None else key_value
-            q = self.query(x) * ops.cast(scale, x.dtype)
+            q = self.query(x) * ops.cast(folded, x.dtype) if folded != 1.0 else self.query(x)
             k, v = self.key(source), self.value(source)
+            q, k = self._normed(q, k, scale)
             return [ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v)]  # heads beside the batch
         batch, tokens, hidden = ops.shape(x)[0], ops.shape(x)[1], x.shape[-1]
         kernel = ops.concatenate(
-            [ops.reshape(self.query.kernel * scale, (hidden, hidden)),
+            [ops.reshape(self.query.kernel * folded, (hidden, hidden)),
              ops.reshape(self.key.kernel, (hidden, hidden)),
              ops.reshape(self.value.kernel, (hidden, hidden))],
             axis=1,
         )
-        bias = ops.concatenate(
-            [ops.reshape(self.query.bias * scale, (hidden,)),
-             ops.reshape(self.key.bias, (hidden,)),
-             ops.reshape(self.value.bias, (hidden,))],
-            axis=0,
-        )
+        bias = None
+        if self.qkv_bias:
+            bias = ops.concatenate(
+                [ops.reshape(self.query.bias * folded, (hidden,)),
+                 ops.reshape(self.key.bias, (hidden,)),
+                 ops.reshape(self.value.bias, (hidden,))],
+                axis=0,
+            )
         qkv = _speed.dense(ops.reshape(x, (-1, hidden)), kernel, bias)  # (B*T, 3D)
         qkv = ops.reshape(qkv, (batch, tokens, 3, self.num_heads, self.head_dim))
         # one transpose for the three (a view on PyTorch); unstacking has a cheap gradient
-        return ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0)
+        q, k, v = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0)
+        q, k = self._normed(q, k, scale)
+        return q, k, v
 
     def _merge_heads(self, context, x, fused):
         """The output projection of ``context`` (B, N, T, dh) -> (B, T, D); fused: one (B*T, D) x (D, D) product."""
@@ -212,6 +238,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
             seed=self.seed,
+            qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm,
+            layer_norm_epsilon=self.layer_norm_epsilon,
         )
         return config
 

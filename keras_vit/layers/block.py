@@ -13,6 +13,7 @@ from keras_vit.layers.common import (
     LAYER_NORM_EPSILON,
     PACKAGE,
     LayerNorm,
+    LayerScale,
     dense,
     mlp,
     official_weights,
@@ -30,7 +31,10 @@ class TransformerBlock(keras.layers.Layer):
     ``x = x + DropPath(Dropout(MSA(LN_0(x))))``, then ``x = x + DropPath(Dropout(MLP(LN_2(x))))`` with
     MLP = Dense_0 -> GELU -> Dropout -> Dense_1. Sub-layer names follow the official checkpoint
     (``LayerNorm_0``, ``MultiHeadDotProductAttention_1``, ``LayerNorm_2``, ``MlpBlock_3/Dense_0``,
-    ``MlpBlock_3/Dense_1``). With ``return_attention_scores=True`` the call also returns the attention weights
+    ``MlpBlock_3/Dense_1``). ``layer_scale`` (an initial value, timm's ``init_values``) multiplies each branch
+    by a learned per-channel scale before the residual sum (``LayerScale_0``, ``LayerScale_1``: CaiT's LayerScale,
+    DINOv2's); ``qkv_bias`` and ``qk_norm`` go to the attention (``MultiHeadSelfAttention``); every norm uses
+    ``layer_norm_epsilon``. With ``return_attention_scores=True`` the call also returns the attention weights
     (B, N, T, T) in float32 (float64 for a float64 block).
 
     ``stochastic_depth_rate`` is the probability that a training sample skips each residual branch (kept
@@ -43,7 +47,8 @@ class TransformerBlock(keras.layers.Layer):
     """
 
     def __init__(self, num_heads, mlp_dim, dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth_rate=0.0,
-                 gelu="tanh", layer_norm_epsilon=LAYER_NORM_EPSILON, seed=None, remat=False, **kwargs):
+                 gelu="tanh", layer_norm_epsilon=LAYER_NORM_EPSILON, seed=None, remat=False, layer_scale=None,
+                 qkv_bias=True, qk_norm=False, **kwargs):
         super().__init__(**kwargs)
         arguments.choice(lambda: GELU_FORMS)("gelu", gelu)
         for name, rate in (("dropout_rate", dropout_rate), ("attention_dropout_rate", attention_dropout_rate),
@@ -58,11 +63,19 @@ class TransformerBlock(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.seed = seed
         self.remat = remat
+        self.layer_scale = layer_scale
+        self.qkv_bias = qkv_bias
+        self.qk_norm = qk_norm
         policy = self.dtype_policy
         self.norm_attention = LayerNorm(epsilon=layer_norm_epsilon, dtype=policy, name="LayerNorm_0")
         self.attention = MultiHeadSelfAttention(
-            num_heads, dropout_rate=attention_dropout_rate, dtype=policy, name="MultiHeadDotProductAttention_1"
+            num_heads, dropout_rate=attention_dropout_rate, qkv_bias=qkv_bias, qk_norm=qk_norm,
+            layer_norm_epsilon=layer_norm_epsilon, dtype=policy, name="MultiHeadDotProductAttention_1"
         )
+        self.scale_attention = self.scale_mlp = None
+        if layer_scale is not None:
+            self.scale_attention = LayerScale(layer_scale, dtype=policy, name="LayerScale_0")
+            self.scale_mlp = LayerScale(layer_scale, dtype=policy, name="LayerScale_1")
         self.norm_mlp = LayerNorm(epsilon=layer_norm_epsilon, dtype=policy, name="LayerNorm_2")
         self.mlp_in = dense(mlp_dim, "Dense_0", policy)
         self.mlp_out = None  # built once the hidden size is known
@@ -76,6 +89,9 @@ class TransformerBlock(keras.layers.Layer):
         self.norm_mlp.build(input_shape)
         self.mlp_in.build(input_shape)
         self.mlp_out.build((*input_shape[:-1], self.mlp_dim))
+        if self.layer_scale is not None:
+            self.scale_attention.build(input_shape)
+            self.scale_mlp.build(input_shape)
 
     def official_weights(self):
         return {
@@ -84,7 +100,14 @@ class TransformerBlock(keras.layers.Layer):
             **scoped("LayerNorm_2", official_weights(self.norm_mlp)),
             **scoped("MlpBlock_3/Dense_0", official_weights(self.mlp_in)),
             **scoped("MlpBlock_3/Dense_1", official_weights(self.mlp_out)),
+            **({} if self.layer_scale is None else {
+                **scoped("LayerScale_0", official_weights(self.scale_attention)),
+                **scoped("LayerScale_1", official_weights(self.scale_mlp)),
+            }),
         }
+
+    def _scaled(self, scale, y):
+        return y if scale is None else scale(y)
 
     def _dropout(self, y, rate, seed, salt):
         return y if seed is None or not rate else y * _speed.keep_mask(ops.shape(y), rate, seed, salt, y.dtype)
@@ -100,11 +123,11 @@ class TransformerBlock(keras.layers.Layer):
         y = self.attention(self.norm_attention(x), training=seed is not None,
                            return_attention_scores=return_attention_scores, dropout_seed=seed)
         y, weights = y if return_attention_scores else (y, None)
-        y = self._dropout(y, self.dropout_rate, seed, _DROP_ATTENTION_OUT)
+        y = self._scaled(self.scale_attention, self._dropout(y, self.dropout_rate, seed, _DROP_ATTENTION_OUT))
         x = x + self._drop_path(y, seed, _PATH_ATTENTION)
         y = mlp(self.norm_mlp(x), self.mlp_in, self.mlp_out, self.gelu,
                 dropout=lambda h: self._dropout(h, self.dropout_rate, seed, _DROP_MLP_HIDDEN))
-        y = self._dropout(y, self.dropout_rate, seed, _DROP_MLP_OUT)
+        y = self._scaled(self.scale_mlp, self._dropout(y, self.dropout_rate, seed, _DROP_MLP_OUT))
         x = x + self._drop_path(y, seed, _PATH_MLP)
         return (x, weights) if return_attention_scores else x
 
@@ -135,5 +158,8 @@ class TransformerBlock(keras.layers.Layer):
             layer_norm_epsilon=self.layer_norm_epsilon,
             seed=self.seed,
             remat=self.remat,
+            layer_scale=self.layer_scale,
+            qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm,
         )
         return config

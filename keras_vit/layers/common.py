@@ -13,7 +13,7 @@ PACKAGE = "keras_vit"
 
 # LayerNorm epsilon of the official code (flax's default is 1e-6).
 LAYER_NORM_EPSILON = 1e-6
-GELU_FORMS = ("tanh", "erf")
+GELU_FORMS = ("tanh", "erf", "quick")  # the official approximation, the exact form, CLIP's x * sigmoid(1.702 x)
 
 
 def to_pair(value, what="size"):
@@ -30,7 +30,8 @@ def to_pair(value, what="size"):
 
 
 def gelu(x, form="tanh"):
-    """GELU activation: ``"tanh"`` (the official model's approximation) or ``"erf"`` (exact); any shape."""
+    """GELU activation: ``"tanh"`` (the official model's approximation), ``"erf"`` (exact) or ``"quick"`` (OpenAI
+    CLIP's ``x * sigmoid(1.702 x)``); any shape."""
     arguments.choice(lambda: GELU_FORMS)("gelu", form)
     return _speed.gelu(x, form)
 
@@ -77,6 +78,29 @@ class LayerNorm(keras.layers.LayerNormalization):
 
     def call(self, inputs):
         return ops.cast(_speed.layer_norm(inputs, self.gamma, self.beta, self.epsilon), self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class LayerScale(keras.layers.Layer):
+    """LayerScale (Touvron et al. 2021, CaiT; timm's ``ls1``/``ls2``): (..., D) -> (..., D) times a learned
+    per-channel ``scale`` (D,), initialised to ``init_value``."""
+
+    def __init__(self, init_value=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.init_value = init_value
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(name="scale", shape=(input_shape[-1],),
+                                     initializer=keras.initializers.Constant(self.init_value))
+
+    def official_weights(self):
+        return {"scale": self.scale}
+
+    def call(self, x):
+        return x * ops.cast(self.scale, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "init_value": self.init_value}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -22,23 +22,25 @@ import numpy as np
 from keras import ops
 
 from keras_vit.arguments import ArgumentError
-from keras_vit.layers.common import PACKAGE, to_pair
+from keras_vit.layers.common import PACKAGE, official_weights, to_pair
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Patches(keras.layers.Layer):
     """Patch embedding: (B, H, W, C) -> (B, gh * gw, D), row-major grid order.
 
-    A convolution with kernel = stride = patch size, VALID padding and a bias,
-    as the official ``embedding`` conv; its output grid (B, gh, gw, D) is then
+    A convolution with kernel = stride = patch size, VALID padding and a bias (none with ``use_bias=False``,
+    as timm's pre-norm CLIP models), as the official ``embedding`` conv; its output grid (B, gh, gw, D) is then
     flattened row by row. Rectangular images and patches are allowed; an image
     side that is not a multiple of the patch side is a ``ValueError``.
     """
 
-    def __init__(self, patch_size, hidden_size, kernel_initializer="lecun_normal", bias_initializer="zeros", **kwargs):
+    def __init__(self, patch_size, hidden_size, kernel_initializer="lecun_normal", bias_initializer="zeros",
+                 use_bias=True, **kwargs):
         super().__init__(**kwargs)
         self.patch_size = to_pair(patch_size, "patch size")
         self.hidden_size = hidden_size
+        self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.projection = keras.layers.Conv2D(
@@ -49,6 +51,7 @@ class Patches(keras.layers.Layer):
             data_format="channels_last",
             kernel_initializer=self.kernel_initializer,
             bias_initializer=self.bias_initializer,
+            use_bias=use_bias,
             dtype=self.dtype_policy,
             name="projection",
         )
@@ -74,7 +77,7 @@ class Patches(keras.layers.Layer):
         return self.projection.bias
 
     def official_weights(self):
-        return {"kernel": self.projection.kernel, "bias": self.projection.bias}
+        return official_weights(self.projection)
 
     def call(self, images):
         grid = self.projection(images)
@@ -96,6 +99,7 @@ class Patches(keras.layers.Layer):
             hidden_size=self.hidden_size,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
+            use_bias=self.use_bias,
         )
         return config
 
@@ -113,15 +117,43 @@ def _interpolation_matrix(new, old):
     return ops.one_hot(low, old) * (1.0 - fraction)[:, None] + ops.one_hot(high, old) * fraction[:, None]
 
 
-def resize_grid(table, source_grid, target_grid):
-    """Bilinear resize with aligned corners of grid embeddings (gh * gw, D) to ``target_grid`` (th * tw, D).
+def _cubic(x, a=-0.5):
+    x = ops.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return ops.where(x < 1.0, near, ops.where(x < 2.0, far, 0.0))
 
-    The official loader's interpolation (``keras_vit.interpolate_posemb``, NumPy in float64) in the graph, in
-    float32; ``target_grid`` may hold tensors. Row-major grids.
+
+def _antialiased_bicubic_matrix(new, old):
+    """(new, old) weights of PyTorch's antialiased bicubic resize (timm's ``resample_abs_pos_embed``; the NumPy
+    reference is ``keras_vit.pretrained.resample.antialiased_resize_matrix``); ``new`` may be a tensor."""
+    scale = old / ops.cast(new, "float32")
+    stretch = ops.maximum(scale, 1.0)
+    support = 2.0 * stretch
+    centres = (ops.arange(new, dtype="float32") + 0.5) * scale
+    low = ops.maximum(ops.floor(centres - support + 0.5), 0.0)  # = PyTorch's truncation, clipped at 0
+    high = ops.minimum(ops.floor(centres + support + 0.5), float(old))
+    j = ops.arange(old, dtype="float32")[None, :]
+    inside = ops.logical_and(j >= low[:, None], j < high[:, None])
+    weights = ops.where(inside, _cubic((j + 0.5 - centres[:, None]) / stretch), 0.0)
+    return weights / ops.sum(weights, axis=1, keepdims=True)
+
+
+# How a learned table is resampled to another grid: (new, old) matrix of each axis.
+POSEMB_INTERPOLATIONS = {"bilinear": _interpolation_matrix, "bicubic": _antialiased_bicubic_matrix}
+
+
+def resize_grid(table, source_grid, target_grid, interpolation="bilinear"):
+    """Resize of grid embeddings (gh * gw, D) to ``target_grid`` (th * tw, D), row-major grids.
+
+    ``"bilinear"``: with aligned corners, the official loader's interpolation (``keras_vit.interpolate_posemb``,
+    NumPy in float64); ``"bicubic"``: timm's ``resample_abs_pos_embed`` (PyTorch's antialiased bicubic). In the
+    graph, in float32; ``target_grid`` may hold tensors.
     """
     grid = ops.reshape(ops.cast(table, "float32"), (source_grid[0], source_grid[1], -1))
-    rows = _interpolation_matrix(target_grid[0], source_grid[0])
-    columns = _interpolation_matrix(target_grid[1], source_grid[1])
+    matrix = POSEMB_INTERPOLATIONS[interpolation]
+    rows = matrix(target_grid[0], source_grid[0])
+    columns = matrix(target_grid[1], source_grid[1])
     resized = ops.einsum("ih,hwd,jw->ijd", rows, grid, columns)
     return ops.reshape(resized, (-1, table.shape[-1]))
 
@@ -141,8 +173,10 @@ class AddPositionEmbs(keras.layers.Layer):
     ``pixels`` (the patch embedding's input) when it differs; the prefix rows stay.
     """
 
-    def __init__(self, initializer=None, grid=None, patch_size=None, num_prefix_tokens=0, **kwargs):
+    def __init__(self, initializer=None, grid=None, patch_size=None, num_prefix_tokens=0, interpolation="bilinear",
+                 **kwargs):
         super().__init__(**kwargs)
+        self.interpolation = interpolation
         self.initializer = keras.initializers.get(initializer or keras.initializers.RandomNormal(stddev=0.02))
         self.grid = None if grid is None else to_pair(grid, "position-embedding grid")
         self.patch_size = None if patch_size is None else to_pair(patch_size, "patch size")
@@ -174,7 +208,7 @@ class AddPositionEmbs(keras.layers.Layer):
 
         def resampled():
             prefix = self.num_prefix_tokens
-            grid = resize_grid(table[0, prefix:], self.grid, target)
+            grid = resize_grid(table[0, prefix:], self.grid, target, self.interpolation)
             return ops.concatenate([ops.cast(table[0, :prefix], "float32"), grid], axis=0)[None]
 
         if all(isinstance(side, int) for side in target):  # a known grid: resample only another one than the table's
@@ -191,7 +225,8 @@ class AddPositionEmbs(keras.layers.Layer):
         config = super().get_config()
         config.update(initializer=keras.initializers.serialize(self.initializer))
         if self.grid is not None:
-            config.update(grid=self.grid, patch_size=self.patch_size, num_prefix_tokens=self.num_prefix_tokens)
+            config.update(grid=self.grid, patch_size=self.patch_size, num_prefix_tokens=self.num_prefix_tokens,
+                          interpolation=self.interpolation)
         return config
 
 
@@ -268,7 +303,8 @@ def _check_sincos(arch):
 PosembKind = collections.namedtuple("PosembKind", "build learned check")
 POSEMBS = {
     "learn": PosembKind(lambda arch, **kw: AddPositionEmbs(grid=arch.posemb_grid, patch_size=arch.patch_size,
-                                                           num_prefix_tokens=arch.posemb_prefix_rows, **kw),
+                                                           num_prefix_tokens=arch.posemb_prefix_rows,
+                                                           interpolation=arch.posemb_interpolation, **kw),
                         learned=True, check=None),
     "sincos2d": PosembKind(lambda arch, **kw: SinCos2DPositionEmbs(arch.posemb_grid, patch_size=arch.patch_size, **kw),
                            learned=False, check=_check_sincos),

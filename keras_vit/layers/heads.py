@@ -140,7 +140,8 @@ POOLINGS = {
     "token": PoolingKind(_token_pooling("token"), None),
     "gap": PoolingKind(_token_pooling("gap"), None),
     "max": PoolingKind(_token_pooling("max"), None),
-    "map": PoolingKind(lambda arch, **kw: MAPHead(arch.num_heads, arch.mlp_dim, arch.num_prefix_tokens, arch.gelu, **kw),
+    "map": PoolingKind(lambda arch, **kw: MAPHead(arch.num_heads, arch.mlp_dim, arch.num_prefix_tokens, arch.gelu,
+                                                  arch.layer_norm_epsilon, **kw),
                        OFFICIAL_SCOPE),
 }
 
@@ -148,7 +149,8 @@ POOLINGS = {
 def head(tokens, arch, classifier_activation=None, dtype=None, output_dtype=None):
     """The top of a model on ``tokens`` (B, T, D) after ``encoder_norm``, as ``arch`` describes it.
 
-    ``arch.pooling`` None: the tokens themselves. Otherwise the pooling layer ``pool`` -> (B, D); with
+    ``arch.pooling`` None: the tokens themselves. Otherwise the pooling layer ``pool`` -> (B, D), then with
+    ``arch.fc_norm`` a LayerNorm ``fc_norm`` (timm's norm after pooling, in place of the final norm); with
     ``arch.representation_size`` R, ``pre_logits`` (Dense(R) + tanh) -> (B, R); with ``arch.classes`` K, the
     classifier ``head`` (Dense(K), zero-initialised as the official code, ``classifier_activation``, computing in
     ``output_dtype``) -> (B, K).
@@ -156,6 +158,8 @@ def head(tokens, arch, classifier_activation=None, dtype=None, output_dtype=None
     if arch.pooling is None:
         return tokens
     x = POOLINGS[arch.pooling].build(arch, dtype=dtype, name="pool")(tokens)
+    if arch.fc_norm:
+        x = LayerNorm(epsilon=arch.layer_norm_epsilon, dtype=dtype, name="fc_norm")(x)
     if arch.representation_size:
         x = keras.layers.Dense(arch.representation_size, activation="tanh", dtype=dtype, name="pre_logits")(x)
     if arch.classes:

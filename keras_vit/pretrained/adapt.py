@@ -11,7 +11,12 @@ import logging
 
 from keras_vit.layers.heads import POOLINGS
 from keras_vit.pretrained.names import POSEMB
-from keras_vit.pretrained.resample import adapt_input_channels, interpolate_posemb, resample_patch_kernel
+from keras_vit.pretrained.resample import (
+    adapt_input_channels,
+    interpolate_posemb,
+    resample_patch_kernel,
+    resample_posemb_antialiased,
+)
 
 log = logging.getLogger(__name__)
 _HEAD = ("head/kernel", "head/bias")
@@ -42,6 +47,9 @@ def _adapt_top(arrays, arch, kept, notes):
     if "pre_logits/kernel" in arrays and not arch.representation_size and "head/kernel" not in arrays:
         _pop(arrays, _PRE_LOGITS)
         notes.append("Dropped the checkpoint's pre_logits layer: the model has no representation layer.")
+    if arch.fc_norm and arch.pooling is None and any(name.startswith("fc_norm/") for name in arrays):
+        _pop(arrays, [name for name in arrays if name.startswith("fc_norm/")])
+        notes.append("Dropped the checkpoint's fc_norm (the norm after pooling): the model does not pool.")
     for kind, entry in POOLINGS.items():
         scope = entry.official_scope and entry.official_scope + "/"
         if scope and kind != arch.pooling and any(name.startswith(scope) for name in arrays):
@@ -71,6 +79,13 @@ def _adapt_first_kernels(arrays, arch, notes):
         notes.append(f"Adapted {name} to {arch.channels} input channels ({how} the checkpoint's {kernel.shape[2]}).")
 
 
+# posemb_interpolation: the NumPy resampling of a learned table (the model resamples in the graph the same way)
+_POSEMB_RESAMPLING = {
+    "bilinear": (interpolate_posemb, "bilinear, the official interpolation"),
+    "bicubic": (resample_posemb_antialiased, "antialiased bicubic, timm's resample_abs_pos_embed"),
+}
+
+
 def _adapt_posemb(arrays, arch, source_grid, notes):
     """Position embeddings follow the model's token grid (when the prefix rows and hidden size agree)."""
     posemb, target = arrays.get(POSEMB), arch.posemb_shape
@@ -80,8 +95,10 @@ def _adapt_posemb(arrays, arch, source_grid, notes):
     if ("cls" in arrays) != arch.class_token or posemb.shape[1] == target[1]:
         return  # a token checkpoint for a gap model (or the reverse) is an architecture mismatch, not a grid
     grid = arch.posemb_grid  # the model's grid; a model of any size: the grid its table is laid out for
-    arrays[POSEMB] = interpolate_posemb(posemb, grid, num_prefix_tokens=prefix, source_grid=source_grid)
-    notes.append(f"Interpolated position embeddings from {posemb.shape[1] - prefix} grid tokens to a {grid[0]}x{grid[1]} grid.")
+    resample, how = _POSEMB_RESAMPLING[arch.posemb_interpolation]
+    arrays[POSEMB] = resample(posemb, grid, num_prefix_tokens=prefix, source_grid=source_grid)
+    notes.append(f"Interpolated position embeddings from {posemb.shape[1] - prefix} grid tokens to a "
+                 f"{grid[0]}x{grid[1]} grid ({how}).")
 
 
 def adapt(arrays, arch, source_grid=None):

@@ -61,6 +61,22 @@ _SIGNATURES = {  # what a file of this name starts with
     ".npz": (b"PK\x03\x04", b"PK\x05\x06"), ".keras": (b"PK\x03\x04",), ".zip": (b"PK\x03\x04", b"PK\x05\x06"),
     ".h5": (b"\x89HDF\r\n\x1a\n",),
 }
+_SHA256 = re.compile(r'^(?:W/)?"?([0-9a-f]{64})"?$')  # a response header holding a file's SHA-256 (the Hub's ETags)
+
+
+def _safetensors_head(head, size):
+    """Whether ``head`` (the first bytes of a file of ``size`` bytes) starts a safetensors file: a little-endian
+    header length that fits the file, then the JSON header's ``{``."""
+    return len(head) >= 9 and 8 + int.from_bytes(head[:8], "little") <= size and head[8:9] == b"{"
+
+
+def _looks_like(name, head, size):
+    """Whether a file called ``name`` of ``size`` bytes starting with ``head`` is what its suffix says; None for
+    suffixes with no known signature (then only a web page is refused)."""
+    suffix = Path(name).suffix
+    if suffix == ".safetensors":
+        return _safetensors_head(head, size)
+    return head.startswith(_SIGNATURES[suffix]) if suffix in _SIGNATURES else None
 
 
 def cache_dir():
@@ -122,14 +138,15 @@ def file_suffix(name):
     return ".weights.h5" if name.endswith(".weights.h5") else Path(name).suffix
 
 
-def cached_name(url):
-    """The cache file name of ``url``: folder and file joined and a digest of the URL, e.g.
+def cached_name(url, name=None):
+    """The cache file name of ``url``: folder and file joined (or ``name``, a readable name the caller gives, such
+    as a Hub repository's and file's) and a digest of the URL, e.g.
     ``imagenet21k+imagenet2012--ViT-B_16--3f0c5e9a1b7d2c64.npz`` (the suffix kept last).
 
     Always one plain file name of at most ``MAX_NAME`` characters (``_plain_name``; the folder and file part is
-    shortened when needed), whatever the URL holds: it cannot name another folder.
+    shortened when needed), whatever the URL or ``name`` holds: it cannot name another folder.
     """
-    name = _plain_name(_folder_and_file(url))
+    name = _plain_name(name or _folder_and_file(url))
     suffix = file_suffix(name)
     suffix = suffix if len(suffix) <= _MAX_SUFFIX else ""
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
@@ -215,12 +232,26 @@ def _check_redirect(url, location):
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Checks each redirect (``_check_redirect``) and keeps the headers of the responses that redirected
+    (``seen``), where the Hugging Face Hub sends a file's SHA-256 before sending the download elsewhere."""
+
+    def __init__(self):
+        self.seen = []
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         _check_redirect(req.full_url, newurl)
+        self.seen.append(headers)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_opener = urllib.request.build_opener(_CheckedRedirects)
+def _announced_sha256(responses, header):
+    """The SHA-256 the first of ``responses`` (header mappings) that has ``header`` announces (a 64-digit hex
+    value, quoted or weak as ETags are); None when none does."""
+    for headers in responses:
+        match = _SHA256.match((headers.get(header) or "").strip().lower())
+        if match:
+            return match.group(1)
+    return None
 
 
 def _copy(response, file, deadline_at, deadline):
@@ -243,9 +274,9 @@ def _check_arrival(path, name, received, announced, content_type):
         raise ConnectionError(f"the connection closed after {received:,} of the {announced:,} bytes announced")
     with open(path, "rb") as file:
         head = file.read(16)
-    expected = _SIGNATURES.get(Path(name).suffix)
+    expected = _looks_like(name, head, received)
     looks_like_page = content_type == "text/html" or head.lstrip()[:1] == b"<"
-    if (expected and not head.startswith(expected)) or (not expected and looks_like_page):
+    if expected is False or (expected is None and looks_like_page):
         what = "a web page" if looks_like_page else "a file"
         raise _Refused(
             f"the server sent {what} ({content_type}, starting {head[:12]!r}), not the {file_suffix(name) or 'file'} "
@@ -254,14 +285,18 @@ def _check_arrival(path, name, received, announced, content_type):
 
 
 def _download(url, target, timeout, deadline):
-    """Streams ``url`` to ``target`` through a temporary beside it, within ``deadline`` seconds in all."""
+    """Streams ``url`` to ``target`` through a temporary beside it, within ``deadline`` seconds in all; returns
+    the headers of every response on the way (redirects first)."""
     deadline_at = time.monotonic() + deadline
+    redirects = _CheckedRedirects()
+    opener = urllib.request.build_opener(redirects)
     with atomic_file(target, suffix=_PART) as temporary:
-        with open(temporary, "wb") as file, _opener.open(url, timeout=timeout) as response:
+        with open(temporary, "wb") as file, opener.open(url, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             content_type = response.headers.get_content_type()
             received = _copy(response, file, deadline_at, deadline)
         _check_arrival(temporary, target.name, received, int(length) if length else None, content_type)
+    return [*redirects.seen, response.headers]
 
 
 def _local_file(url, sha256):
@@ -294,7 +329,24 @@ def _cached(candidate, sha256):
     return False
 
 
-def fetch(url, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, deadline=DOWNLOAD_DEADLINE_S):
+def cached(url, sha256=None, name=None):
+    """The path ``fetch(url, sha256, name=name)`` would return without downloading: the usable cached file, or
+    None (nothing is downloaded; a ``file://`` URL's file when it exists)."""
+    if urllib.parse.urlsplit(url).scheme.lower() == "file":
+        try:
+            return _local_file(url, sha256)
+        except FileNotFoundError:
+            return None
+    folder = cache_dir()
+    if not folder.is_dir():
+        return None
+    for candidate in [_cache_file(folder, cached_name(url, name))] + [_cache_file(folder, n) for n in _older_names(url)]:
+        if _cached(candidate, sha256):
+            return candidate
+    return None
+
+
+def fetch(url, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, deadline=DOWNLOAD_DEADLINE_S, name=None, sha256_header=None):
     """Downloads ``url`` into the cache (once) and returns the local path; a ``file://`` URL's file is read in
     place (its path is returned).
 
@@ -307,8 +359,13 @@ def fetch(url, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, deadline=DOWNLOAD_DEADLI
     ``UnsafeRedirectError``; in these cases nothing is cached. With
     ``sha256`` the file is verified after download (and when found in the
     cache); a mismatch deletes a downloaded file and raises
-    ``HashMismatchError``. A cache folder that cannot hold files is an
-    ``OSError`` naming the variable that chose it.
+    ``HashMismatchError``. Without ``sha256``, ``sha256_header`` names a
+    response header that announces it (the Hugging Face Hub's
+    ``X-Linked-Etag``, sent with the redirect to its storage): a download is
+    verified against it when a response sent one. ``name``: the readable
+    part of the cache name (``cached_name``); the URL's folder and file by
+    default. A cache folder that cannot hold files is an ``OSError`` naming
+    the variable that chose it.
     """
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in SCHEMES:
@@ -316,13 +373,13 @@ def fetch(url, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, deadline=DOWNLOAD_DEADLI
     if scheme == "file":
         return _local_file(url, sha256)
     folder = _usable_cache_dir()
-    target = _cache_file(folder, cached_name(url))
-    for candidate in [target] + [_cache_file(folder, name) for name in _older_names(url)]:
+    target = _cache_file(folder, cached_name(url, name))
+    for candidate in [target] + [_cache_file(folder, old) for old in _older_names(url)]:
         if _cached(candidate, sha256):
             return candidate
     _remove_stale_temporaries(folder)
     try:
-        _download(url, target, timeout, deadline)
+        responses = _download(url, target, timeout, deadline)
     except _Refused as refusal:
         raise ValueError(f"Downloading {url}: {refusal}. Nothing was cached.") from None
     except UnsafeRedirectError:
@@ -333,6 +390,8 @@ def fetch(url, sha256=None, timeout=DOWNLOAD_TIMEOUT_S, deadline=DOWNLOAD_DEADLI
             f"it elsewhere and place it at {target} (the cache folder is set by KERAS_VIT_CACHE), or pass the "
             "local file path as weights=."
         ) from None
+    if sha256 is None and sha256_header is not None:
+        sha256 = _announced_sha256(responses, sha256_header)
     if sha256 is not None:
         found = sha256_of(target)
         if found != sha256:

@@ -7,7 +7,9 @@
   (``main`` unless the id ends in ``@<revision>``); ``<cache>`` is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``,
   else ``~/.cache/huggingface/hub`` (``$XDG_CACHE_HOME/huggingface/hub`` when that is set);
 * otherwise from ``<endpoint>/<owner>/<name>/resolve/<revision>/<file>`` through keras_vit's download cache
-  (``keras_vit.pretrained.download.fetch``: deadlines, web pages and truncation refused, atomic). The endpoint is
+  (``keras_vit.pretrained.download.fetch``: deadlines, web pages and truncation refused, atomic; cached as
+  ``<owner>--<name>--<file>--<digest>``; verified against the SHA-256 the Hub announces in ``X-Linked-Etag``
+  for files stored with Git LFS, as ``model.safetensors`` is). The endpoint is
   the ``endpoint`` argument, else ``$HF_ENDPOINT``, else https://huggingface.co. With ``$HF_HUB_OFFLINE`` set,
   nothing is downloaded.
 
@@ -25,6 +27,7 @@ PREFIXES = ("hf-hub:", "hf_hub:")  # timm accepts both
 ENDPOINT = "https://huggingface.co"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+SHA256_HEADER = "X-Linked-Etag"  # the Hub's SHA-256 of a file stored with Git LFS, sent with the redirect to storage
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _REVISION = re.compile(r"^[\w.-]+(/[\w.-]+)*$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -89,13 +92,15 @@ def resolve(hub_id, endpoint=None):
     cached = cached_files(repo, revision)
     if cached is not None:
         return cached
-    urls = [file_url(repo, revision, name, endpoint) for name in (WEIGHTS_NAME, CONFIG_NAME)]
+    files = [(file_url(repo, revision, name, endpoint), f"{repo.replace('/', '--')}--{name}")
+             for name in (WEIGHTS_NAME, CONFIG_NAME)]
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE:
-        missing = [url for url in urls if not (download.cache_dir() / download.cached_name(url)).is_file()]
-        if missing:
+        found = [download.cached(url, name=name) for url, name in files]
+        if None in found:
             raise FileNotFoundError(
                 f"{hub_id} is neither in the Hugging Face cache ({hub_cache_dir()}) nor in keras_vit's download "
                 "cache, and HF_HUB_OFFLINE is set: download it where the network is reachable "
                 f"(huggingface-cli download {repo}), or unset HF_HUB_OFFLINE."
             )
-    return tuple(download.fetch(url) for url in urls)
+        return tuple(found)
+    return tuple(download.fetch(url, name=name, sha256_header=SHA256_HEADER) for url, name in files)

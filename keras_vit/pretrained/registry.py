@@ -24,12 +24,14 @@ class PretrainedWeights:
     the file itself when it is loaded.
     """
 
-    path: str  # under BUCKET, or a full URL
+    path: str  # under BUCKET, a full URL, or a Hugging Face Hub id (hf-hub:timm/<entry point>.<tag>)
     resolution: int  # native square resolution, px
     classes: int | None  # outputs of the stored head (the 2020 imagenet21k heads are zeroed); None: no head
-    sha256: str | None = None  # verified after download when known; the buckets publish none
+    sha256: str | None = None  # verified after download when known; the buckets publish none (the Hub: per file)
     preprocessing: str = "(pixels - 127.5) / 127.5"  # to [-1, 1]; the family's FAMILY_INFO entry says more
     upstream: str | None = None  # a fine-tune's pre-training run (the augreg file stem), when known
+    top1: float | None = None  # ImageNet-1k top-1 (%) published in timm's results/results-imagenet.csv
+    input_settings: dict | None = dataclasses.field(default=None, compare=False)  # timm's pretrained_cfg input
 
     @property
     def file_name(self):
@@ -37,8 +39,13 @@ class PretrainedWeights:
         return self.path.rsplit("/", 1)[-1]
 
     @property
+    def is_hub(self):
+        """Whether the file is a Hugging Face Hub repository (read by ``keras_vit.pretrained.timm``)."""
+        return self.path.startswith(HUB_PREFIX)
+
+    @property
     def url(self):
-        return self.path if "://" in self.path else BUCKET + urllib.parse.quote(self.path)
+        return self.path if "://" in self.path or self.is_hub else BUCKET + urllib.parse.quote(self.path)
 
 
 IN21K_CLASSES = 21843
@@ -147,6 +154,65 @@ _SIGLIP2 = {
 # (siglip2_*_naflex.npz) need another patch and position embedding (naflex_vit.py): not supported.
 
 
+# timm's Hugging Face Hub weights: facts from timm's timm/models/vision_transformer.py (default_cfgs: hf_hub_id,
+# input_size, mean, std, crop_pct, crop_mode; interpolation "bicubic" throughout) and results/results-imagenet.csv
+# (top-1), read in huggingface/pytorch-image-models. These files were NOT downloaded here (no network): their
+# layouts are read as the shared timm fixtures (../shared/fixtures/timm_vit, made by timm 1.0.31) are, and the
+# architecture and input pipeline come from each repository's config.json when it is loaded.
+HUB_PREFIX = "hf-hub:"
+_INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # timm's IMAGENET_INCEPTION_MEAN / _STD
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # IMAGENET_DEFAULT_MEAN / _STD
+_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # OPENAI_CLIP_MEAN / _STD
+_TIMM_ENTRY = {  # (keras_vit variant, weights kind): the timm entry point's stem (+ "_<resolution>" for these)
+    ("ViT-B_8", "plain"): "vit_base_patch8", ("ViT-B_16", "plain"): "vit_base_patch16",
+    ("ViT-B_32", "clip"): "vit_base_patch32_clip", ("ViT-B_16", "clip"): "vit_base_patch16_clip",
+    ("ViT-L_14", "clip"): "vit_large_patch14_clip", ("ViT-H_14", "clip"): "vit_huge_patch14_clip",
+}
+# family: [(variant, resolution, published top-1 or None, (mean, std), crop_pct, crop_mode)]
+_TIMM_FAMILIES = {
+    "augreg2_in21k_ft_in1k": ("plain", [
+        ("ViT-B_8", 224, 86.252, _INCEPTION, 0.9, "center"),
+        ("ViT-B_16", 224, 85.108, _INCEPTION, 0.9, "center"),
+    ]),
+    "clip_laion2b_ft_in12k_in1k": ("clip", [
+        ("ViT-B_32", 224, 83.304, _CLIP, 0.9, "center"), ("ViT-B_32", 384, 85.398, _CLIP, 1.0, "center"),
+        ("ViT-B_32", 448, 85.792, _CLIP, 1.0, "center"),
+        ("ViT-B_16", 224, 86.204, _CLIP, 0.95, "center"), ("ViT-B_16", 384, 87.210, _CLIP, 1.0, "squash"),
+        ("ViT-L_14", 224, 87.900, _INCEPTION, 1.0, "center"), ("ViT-L_14", 336, 88.190, _INCEPTION, 1.0, "squash"),
+        ("ViT-H_14", 224, 88.288, _CLIP, 1.0, "center"), ("ViT-H_14", 336, 88.634, _CLIP, 1.0, "squash"),
+    ]),
+    "clip_openai_ft_in12k_in1k": ("clip", [
+        ("ViT-B_32", 384, 85.218, _CLIP, 0.95, "squash"),
+        ("ViT-B_16", 224, 85.954, _CLIP, 0.95, "center"), ("ViT-B_16", 384, 87.030, _CLIP, 0.95, "squash"),
+        ("ViT-L_14", 224, 88.162, _CLIP, 1.0, "center"), ("ViT-L_14", 336, 88.260, _CLIP, 1.0, "squash"),
+    ]),
+    "clip_laion2b_ft_in1k": ("clip", [
+        ("ViT-B_32", 224, 82.614, _CLIP, 0.9, "center"),
+        ("ViT-B_16", 224, 85.488, _CLIP, 1.0, "center"), ("ViT-B_16", 384, 86.638, _CLIP, 1.0, "squash"),
+        ("ViT-L_14", 224, 87.288, _INCEPTION, 1.0, "center"), ("ViT-L_14", 336, 87.870, _INCEPTION, 1.0, "squash"),
+        ("ViT-H_14", 224, 87.612, _CLIP, 1.0, "center"),
+    ]),
+    "clip_openai_ft_in1k": ("clip", [
+        ("ViT-B_32", 224, 81.944, _CLIP, 0.9, "center"),
+        ("ViT-B_16", 224, 85.282, _CLIP, 0.9, "center"), ("ViT-B_16", 384, 86.210, _CLIP, 1.0, "squash"),
+        ("ViT-L_14", 224, 87.858, _CLIP, 1.0, "center"),
+    ]),
+}
+# DINOv2 (self-supervised, no head, 518 px): vit_{small,base,large}_patch14[_reg4]_dinov2.lvd142m
+_DINOV2 = {"ViT-S_14": "vit_small_patch14", "ViT-B_14": "vit_base_patch14", "ViT-L_14": "vit_large_patch14"}
+# Left out: the timm tags keras_vit cannot build (giant DINOv2: SwiGLU; EVA, RoPE, NaFlex: see
+# keras_vit.pretrained.timm_entry_points.OTHER_MODULES) and those without a keras_vit variant (medium, betwixt,
+# mediumd, so400m: load them by Hub id with keras_vit.from_official_checkpoint("hf-hub:timm/<name>")).
+
+
+def _timm_entry(hub_name, resolution, classes, top1, mean_std, crop_pct, crop_mode):
+    mean, std = mean_std
+    settings = dict(mean=mean, std=std, interpolation="bicubic", crop_pct=crop_pct, crop_mode=crop_mode)
+    text = f"(pixels / 255 - mean) / std, mean {mean}, std {std}; bicubic, crop_pct {crop_pct}, {crop_mode}"
+    return PretrainedWeights(HUB_PREFIX + "timm/" + hub_name, resolution, classes, preprocessing=text, top1=top1,
+                             input_settings=settings)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """Who released a family's files, where their names come from, and the input they expect."""
@@ -191,6 +257,14 @@ FAMILY_INFO = {
         "SigLIP 2, big_vision configs/proj/image_text/README_siglip2.md (gs://big_vision/siglip2)", _SIGLIP_INPUT
     ),
 }
+_TIMM_SOURCE = "timm, Hugging Face Hub (hf-hub:timm/...; not downloaded here)"
+_TIMM_INPUT = "(pixels / 255 - mean) / std per channel, as each file's config.json (pretrained_cfg) says; bicubic"
+FAMILY_INFO.update({family: Family(_TIMM_SOURCE, _TIMM_INPUT) for family in _TIMM_FAMILIES})
+FAMILY_INFO["augreg2_in21k_ft_in1k"] = Family(f"{_TIMM_SOURCE}: AugReg ImageNet-21k, fine-tuned again by timm",
+                                              _TIMM_INPUT)
+FAMILY_INFO["dinov2_lvd142m"] = Family(f"{_TIMM_SOURCE}: DINOv2 (Oquab et al. 2023), self-supervised", _TIMM_INPUT)
+FAMILY_INFO["dinov2_reg4_lvd142m"] = Family(f"{_TIMM_SOURCE}: DINOv2 with 4 registers (Darcet et al. 2024)",
+                                            _TIMM_INPUT)
 FAMILIES = tuple(FAMILY_INFO)
 
 
@@ -234,6 +308,15 @@ def _build_registry():
     for family, files in (("siglip_webli", _SIGLIP), ("siglip_webli_i18n", _SIGLIP_I18N), ("siglip2_webli", _SIGLIP2)):
         for (model, resolution), path in files.items():
             add(model, family, BIG_VISION_BUCKET + path, resolution, None)  # image towers have no head
+    for family, (kind, rows) in _TIMM_FAMILIES.items():
+        for model, resolution, top1, mean_std, crop_pct, crop_mode in rows:
+            name = f"{_TIMM_ENTRY[model, kind]}_{resolution}.{family.removeprefix('clip_')}"
+            entry = _timm_entry(name, resolution, 1000, top1, mean_std, crop_pct, crop_mode)
+            registry.setdefault((model, family), []).append(entry)
+    for model, stem in _DINOV2.items():
+        for family, registers in (("dinov2_lvd142m", ""), ("dinov2_reg4_lvd142m", "_reg4")):
+            entry = _timm_entry(f"{stem}{registers}_dinov2.lvd142m", 518, None, None, _IMAGENET, 1.0, "center")
+            registry.setdefault((model, family), []).append(entry)
     return registry
 
 
@@ -277,6 +360,8 @@ def weights_table():
     rows = ["| Model | Family | Resolution | Classes | File | Upstream run |", "|---|---|---|---|---|---|"]
     for (model, family), entries in REGISTRY.items():
         for entry in entries:
+            if entry.is_hub:
+                continue  # timm_weights_table
             upstream = ""
             if entry.upstream:
                 upstream = f"`{entry.upstream}`" + (
@@ -289,5 +374,25 @@ def weights_table():
             rows.append(f"| {model} | {family} | {entry.resolution} | {classes} | `{path}` | {upstream} |")
     rows += ["", "| Family | Released by | Input |", "|---|---|---|"]
     rows += [f"| {family} | {info.source} | {info.preprocessing.replace('|', chr(92) + '|')} |"
-             for family, info in FAMILY_INFO.items()]  # a pipe inside a cell is escaped
+             for family, info in FAMILY_INFO.items() if family not in _timm_families()]  # a pipe is escaped
+    return "\n".join(rows)
+
+
+def _timm_families():
+    return {family for (_, family), entries in REGISTRY.items() if entries[0].is_hub}
+
+
+def timm_weights_table():
+    """The README's table of timm's Hugging Face Hub weights (Markdown), generated from the registry."""
+    rows = ["| Model | Family | Resolution | Hub id | Mean, std | Crop | ImageNet top-1 (timm) |",
+            "|---|---|---|---|---|---|---|"]
+    names = {_CLIP: "CLIP", _IMAGENET: "ImageNet", _INCEPTION: "0.5, 0.5"}
+    for (model, family), entries in REGISTRY.items():
+        for entry in entries:
+            if entry.is_hub:
+                settings = entry.input_settings
+                top1 = f"{entry.top1:.3f}" if entry.top1 is not None else "no head"
+                rows.append(f"| {model} | {family} | {entry.resolution} | `{entry.path}` | "
+                            f"{names[settings['mean'], settings['std']]} | {settings['crop_pct']} "
+                            f"{settings['crop_mode']} | {top1} |")
     return "\n".join(rows)

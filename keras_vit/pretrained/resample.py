@@ -62,6 +62,56 @@ def interpolate_posemb(posemb, target_grid, num_prefix_tokens=1, source_grid=Non
     return np.concatenate([prefix, grid], axis=1)
 
 
+# Antialiased resampling filters as PyTorch's ``F.interpolate(..., antialias=True)`` has them (after PIL's):
+# (support at scale 1, weight of a distance). Bicubic uses a = -0.5 (Keys' cubic as PIL), not -0.75.
+def _cubic(x, a=-0.5):
+    x = np.abs(x)
+    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+ANTIALIASED_FILTERS = {"bicubic": (2.0, _cubic), "bilinear": (1.0, lambda x: np.maximum(0.0, 1.0 - np.abs(x)))}
+
+
+def antialiased_resize_matrix(old, new, kernel="bicubic"):
+    """(new, old) matrix of PyTorch's antialiased 1-D resize (``F.interpolate(mode=kernel, antialias=True,
+    align_corners=False)``, timm's ``resample_abs_pos_embed``), float64.
+
+    Output sample i is centred at ``c = (i + 0.5) * s`` input samples, ``s = old / new``; the filter is widened by
+    ``s`` when shrinking (``support = r * max(s, 1)``, its argument scaled by ``1 / max(s, 1)``), reads the input
+    samples j in ``[trunc(c - support + 0.5), trunc(c + support + 0.5))`` clipped to the input, at distance
+    ``j + 0.5 - c``, and its weights are normalized to sum to 1 (so the borders are not clamped but renormalized).
+    """
+    radius, weight = ANTIALIASED_FILTERS[kernel]
+    scale = old / new
+    stretch = max(scale, 1.0)
+    support = radius * stretch
+    centres = (np.arange(new) + 0.5) * scale
+    low = np.maximum(np.trunc(centres - support + 0.5), 0)
+    high = np.minimum(np.trunc(centres + support + 0.5), old)
+    j = np.arange(old)[None, :]
+    inside = (j >= low[:, None]) & (j < high[:, None])
+    weights = np.where(inside, weight((j + 0.5 - centres[:, None]) / stretch), 0.0)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resample_posemb_antialiased(posemb, target_grid, num_prefix_tokens=1, source_grid=None, kernel="bicubic"):
+    """Resizes position embeddings (1, prefix + gh*gw, D) to (1, prefix + th*tw, D) as timm's
+    ``resample_abs_pos_embed`` does by default: the grid resized as an image with PyTorch's antialiased bicubic
+    (``antialiased_resize_matrix`` on each axis), the prefix rows kept. ``source_grid`` defaults to the square
+    grid. Computed in float64, returned in the input dtype."""
+    posemb = np.asarray(posemb)
+    grid = posemb[0, num_prefix_tokens:].astype(np.float64)
+    source_grid = tuple(source_grid) if source_grid is not None else square_grid(grid.shape[0])
+    target_grid = tuple(target_grid)
+    if source_grid == target_grid:
+        return posemb
+    grid = grid.reshape(*source_grid, -1)
+    rows = antialiased_resize_matrix(source_grid[0], target_grid[0], kernel)
+    columns = antialiased_resize_matrix(source_grid[1], target_grid[1], kernel)
+    grid = np.einsum("ih,hwd,jw->ijd", rows, grid, columns).reshape(1, target_grid[0] * target_grid[1], -1)
+    return np.concatenate([posemb[:, :num_prefix_tokens], grid.astype(posemb.dtype)], axis=1)
+
+
 def bilinear_resize_matrix(old, new):
     """(new, old) matrix of 1-D bilinear resizing with half-pixel centres and no antialiasing.
 

@@ -35,7 +35,6 @@ import numpy as np
 import safetensors.numpy
 
 from keras_vit import preprocessing
-from keras_vit.architecture import Architecture
 from keras_vit.layers.common import to_pair
 from keras_vit.layers.tokens import PREFIX_TOKENS
 from keras_vit.backbone import dequantized_copy
@@ -65,6 +64,13 @@ PARTS = (
     Part("a representation layer (pre_logits)", lambda a: a.representation_size is not None,
          ("official", "big_vision")),
     Part("the exact (erf) GELU, which the .npz readers compute with tanh", lambda a: a.gelu == "erf", ("timm",)),
+    Part("CLIP's quick GELU", lambda a: a.gelu == "quick", ("timm",)),
+    Part("a norm before the blocks (pre_norm)", lambda a: a.pre_norm, ("timm",)),
+    Part("a norm after pooling (fc_norm)", lambda a: a.fc_norm, ("timm",)),
+    Part("LayerScale", lambda a: a.layer_scale is not None, ("timm",)),
+    Part("query and key norms (qk_norm)", lambda a: a.qk_norm, ("timm",)),
+    Part("query, key and value projections without biases", lambda a: not a.qkv_bias, ("timm",)),
+    Part("another LayerNorm epsilon than 1e-6", lambda a: a.layer_norm_epsilon != 1e-6, ("timm",)),
 )
 
 
@@ -185,9 +191,15 @@ def timm_model_arguments(arch):
         depth=arch.num_layers, num_heads=arch.num_heads, mlp_ratio=_mlp_ratio(arch.hidden_size, arch.mlp_dim),
         class_token=arch.class_token, reg_tokens=registers,
         no_embed_class=arch.num_prefix_tokens > 0 and arch.posemb_prefix_rows == 0,
-        fc_norm=False if _GLOBAL_POOL.get(arch.pooling) in timm_lib.FC_NORM_POOLS else None,  # no norm after pooling
-        act_layer=_ACT_LAYER[arch.gelu], dynamic_img_pad=arch.dynamic_padding,
+        # timm's fc_norm=None puts the norm after pooling for avg/max pools, before it otherwise: say so when not
+        fc_norm=None if arch.fc_norm == (_GLOBAL_POOL.get(arch.pooling) in timm_lib.FC_NORM_POOLS) else arch.fc_norm,
+        act_layer=_ACT_LAYER[arch.gelu], dynamic_img_pad=arch.dynamic_padding, pre_norm=arch.pre_norm,
+        init_values=arch.layer_scale, qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm, norm_eps=arch.layer_norm_epsilon,
     )
+
+
+# Entry-point facts that are no keyword argument of timm's VisionTransformer: only the entry point can set them
+_ENTRY_POINT_ONLY = ("norm_eps",)
 
 
 def _normalized(key, value):
@@ -204,12 +216,19 @@ def entry_point(arguments):
         merged = {**TIMM_DEFAULTS, **preset}
         return sum(_normalized(k, merged[k]) != _normalized(k, arguments.get(k, TIMM_DEFAULTS[k])) for k in merged)
 
-    candidates = [(name, preset) for name, preset in ENTRY_POINTS.items() if set(preset) <= set(TIMM_DEFAULTS)]
+    def settable(preset):  # what model_args cannot say, the entry point must
+        merged = {**TIMM_DEFAULTS, **preset}
+        return all(merged[key] == arguments.get(key, TIMM_DEFAULTS[key]) for key in _ENTRY_POINT_ONLY)
+
+    candidates = [(name, preset) for name, preset in ENTRY_POINTS.items()
+                  if set(preset) <= set(TIMM_DEFAULTS) and settable(preset)]
+    if not candidates:
+        return None, None
     named_for_size = lambda name: height == width and f"_{height}" in name  # noqa: E731
     name, preset = min(candidates, key=lambda item: (differing(item[1]), not named_for_size(item[0])))
-    model_args = {key: value for key, value in arguments.items()
-                  if key in preset or key in ("img_size", "num_classes", "global_pool", "in_chans")
-                  or _normalized(key, value) != _normalized(key, TIMM_DEFAULTS[key])}
+    model_args = {key: value for key, value in arguments.items() if key not in _ENTRY_POINT_ONLY and (
+                  key in preset or key in ("img_size", "num_classes", "global_pool", "in_chans")
+                  or _normalized(key, value) != _normalized(key, TIMM_DEFAULTS[key]))}
     return name, model_args
 
 
@@ -217,17 +236,24 @@ def _json_value(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def timm_config(arch, class_names=None):
-    """The ``config.json`` of a Hub folder of timm holding a model of ``arch`` (an ``Architecture`` timm holds)."""
+def timm_config(arch, class_names=None, input_settings=None):
+    """The ``config.json`` of a Hub folder of timm holding a model of ``arch`` (an ``Architecture`` timm holds) whose
+    weights expect ``input_settings`` (``keras_vit.preprocessing.input_settings``; None: the official input).
+
+    A LayerNorm epsilon only an entry point sets (no timm entry point has the model's) is a ``LayoutError``."""
     arguments = timm_model_arguments(arch)
     architecture, model_args = entry_point(arguments)
+    if architecture is None:
+        raise LayoutError("timm", (f"a LayerNorm epsilon of {arch.layer_norm_epsilon} (no timm entry point has it)",),
+                          [layout for layout in LAYOUTS if layout != "timm" and not missing_parts(arch, layout)])
     channels = arch.channels
+    settings = preprocessing.input_settings(input_settings)
+    per_channel = lambda values: list(values) * (channels // len(values))  # noqa: E731 (one value: every channel)
     pretrained_cfg = dict(
         custom_load=False, input_size=[channels, *arch.native_image_size], fixed_input_size=True,
-        interpolation=preprocessing.OFFICIAL_INPUT["interpolation"], crop_pct=preprocessing.OFFICIAL_INPUT["crop_pct"],
-        crop_mode=preprocessing.OFFICIAL_INPUT["crop_mode"], mean=[preprocessing.OFFICIAL_INPUT["mean"]] * channels,
-        std=[preprocessing.OFFICIAL_INPUT["std"]] * channels, num_classes=arguments["num_classes"], pool_size=None,
-        first_conv="patch_embed.proj", classifier="head",
+        interpolation=settings["interpolation"], crop_pct=settings["crop_pct"], crop_mode=settings["crop_mode"],
+        mean=per_channel(settings["mean"]), std=per_channel(settings["std"]), num_classes=arguments["num_classes"],
+        pool_size=None, first_conv="patch_embed.proj", classifier="head",
     )
     config = dict(architecture=architecture, num_classes=arguments["num_classes"], num_features=arch.hidden_size,
                   global_pool=arguments["global_pool"],
@@ -241,7 +267,7 @@ def timm_config(arch, class_names=None):
 def _timm_files(arrays, arch, model, bare):
     """``{name: contents}`` of the timm layout: ``model.safetensors`` (+ ``config.json`` unless ``bare``)."""
     arrays, timm_arch = _timm_official(arrays, arch, model)
-    config = timm_config(timm_arch, model.class_names)
+    config = timm_config(timm_arch, model.class_names, getattr(model, "preprocessing", None))
     try:  # what keras_vit's timm reader accepts (the writer's own arguments go through the reader's merge)
         timm_lib.timm_arguments(config["architecture"], config["model_args"])
     except timm_lib.UnsupportedArchitectureError as error:
@@ -297,15 +323,10 @@ def _read_back_timm(source, written, official, arch, **config):
     _same_arrays(read_safetensors(weights), written[hub.WEIGHTS_NAME], weights)
     checkpoint = timm_lib.read_timm(source, **config)
     _same_arrays(checkpoint.arrays, official, f"{source} (read as keras_vit reads it)")
-    built = {key: value for key, value in checkpoint.arguments.items() if key in _ARCHITECTURE_ARGUMENTS}
-    if type(arch).from_arguments(**built) != arch:
+    built = {key: value for key, value in checkpoint.arguments.items() if key in type(arch).arguments()}
+    # how the model resamples its table is no part of the files
+    if type(arch).from_arguments(**built, posemb_interpolation=arch.posemb_interpolation) != arch:
         raise ReadBackError(source, (), f"its config describes {built}, not the model's architecture {arch}")
-
-
-# What a timm folder's config says of the architecture: every structural argument but a hybrid's stem (timm holds
-# no hybrids) and the native size of a model of any size.
-_ARCHITECTURE_ARGUMENTS = tuple(name for name in Architecture.arguments()
-                                if name not in ("resnet_layers", "resnet_width_factor", "native_image_size"))
 
 
 def _refuse_existing(paths, overwrite):

@@ -38,6 +38,9 @@ TimmCheckpoint.__doc__ = (
 MAX_CONFIG_BYTES = 1 << 20
 TIMM_GELU = {"gelu": "erf", "gelu_tanh": "tanh", "quick_gelu": "quick"}  # timm act_layer -> keras_vit gelu
 TIMM_POOLING = {"token": "token", "avg": "gap", "max": "max", "map": "map"}  # timm global_pool -> keras_vit pooling
+# The builder arguments beyond the geometry that a timm checkpoint states (``infer_arguments``).
+TIMM_OPTIONS = ("pre_norm", "fc_norm", "layer_scale", "qkv_bias", "qk_norm", "gelu", "layer_norm_epsilon",
+                "dynamic_padding")
 FC_NORM_POOLS = ("avg", "avgmax", "max")  # timm's fc_norm=None turns the norm after pooling on for these
 _TRAINING_ONLY = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
                   "drop_path_rate", "weight_init", "fix_init")  # training only: no effect on the outputs
