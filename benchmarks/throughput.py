@@ -23,6 +23,10 @@ is not installed is reported and skipped. ``--baseline PATH`` adds the keras_vit
 ``git worktree`` of the commit before a change) as the peer ``keras_vit@base`` (and ``keras_vit-torch@base``, ...
 for keras_vit on the other backends among the peers), run the same way. ``keras_vit-torch`` / ``keras_vit-jax``:
 the same keras_vit model on Keras' torch / JAX backend (``predict_on_batch``; ``compile`` + ``train_on_batch``).
+``--engines openvino,onnxruntime`` adds keras_vit's exports (``keras_vit.export.export``, verified against Keras
+when the worker starts) run by those runtimes, to the inference cells: OpenVINO's CPU plugin in float32 and, for
+mixed_bfloat16, with its bfloat16 inference precision; ONNX Runtime in float32 only. Their peak RSS includes
+the TensorFlow model the export was made from.
 """
 
 import argparse
@@ -203,6 +207,8 @@ def main(argv=None):
     parser.add_argument("--peers", default="",
                         help="comma-separated: timm, keras-hub, and keras_vit-torch, keras_vit-jax (keras_vit on Keras' "
                              "torch / JAX backend)")
+    parser.add_argument("--engines", default="",
+                        help="comma-separated deployment engines for the inference cells: openvino, onnxruntime")
     parser.add_argument("--baseline", metavar="CHECKOUT", help="also run the keras_vit of this checkout (keras_vit@base)")
     parser.add_argument("--python", action="append", default=[], metavar="FRAMEWORK=PATH",
                         help="interpreter for a framework (default: this one)")
@@ -223,7 +229,8 @@ def main(argv=None):
             with open(path) as f:
                 saved = json.load(f)
             run = saved["args"]
-            print(report(saved["rows"], saved["matmul_peak_gflops"], run["runs"], run["warmup"], run["matmul_size"]))
+            print(report(saved["rows"], saved["matmul_peak_gflops"], run["runs"], run["warmup"], run["matmul_size"],
+                         saved.get("machine")))
             print()
         return
 
@@ -246,6 +253,14 @@ def main(argv=None):
         peers[:0] = [BASELINE] + [f"{peer}@base" for peer in peers if peer in KERAS_BACKENDS and peer != "keras-hub"]
         for peer in peers:
             pythons.setdefault(peer, pythons[peer.split("@")[0]])
+    engines = [e for e in args.engines.split(",") if e]
+    engine_modules = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+    for engine in list(engines):
+        if engine not in engine_modules:
+            raise SystemExit(f"Unknown engine {engine!r}: choose from {sorted(engine_modules)}.")
+        if not installed(sys.executable, engine_modules[engine]):
+            print(f"Engine {engine} is not installed: skipped (pip install {engine}).", file=sys.stderr)
+            engines.remove(engine)
     loops = args.loops.split(",")
     if not set(loops) <= {"trainer", "fit"}:
         raise SystemExit(f"--loops {args.loops!r}: choose from trainer, fit.")
@@ -258,7 +273,7 @@ def main(argv=None):
         flops = forward_flops(spec) * (3 if workload == "train" else 1)
         for precision in precisions:
             variants = []
-            for framework in ["keras_vit", *peers]:
+            for framework in ["keras_vit", *peers, *(engines if workload == "inference" else [])]:
                 options_list = [{}]
                 if framework in ("keras_vit", BASELINE) and workload == "train":
                     options_list = [{"loop": loop} for loop in loops]
@@ -274,7 +289,7 @@ def main(argv=None):
             label = f"{workload} {model} b{batch} {precision}"
             print(f"{label}: {len(variants)} workers", file=sys.stderr, flush=True)
             workers = [
-                Worker(f"{framework} xla={xla} {options}", pythons[framework], framework, spec, workload, batch,
+                Worker(f"{framework} xla={xla} {options}", pythons.get(framework, sys.executable), framework, spec, workload, batch,
                        precision, xla, options, args.warmup, path=args.baseline if framework.endswith("@base") else None)
                 for framework, xla, options in variants
             ]
@@ -290,20 +305,22 @@ def main(argv=None):
                     "step_s": seconds, "runs": worker.times, "gflops_per_s": batch * flops / seconds / 1e9,
                     "peak_rss_mb": worker.info["peak_rss_mb"],
                 })
-    print(report(rows, peaks, args.runs, args.warmup, args.matmul_size))
+    info = machine()
+    print(report(rows, peaks, args.runs, args.warmup, args.matmul_size, info))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "matmul_peak_gflops": peaks, "args": vars(args), "rows": rows}, f, indent=1)
+            json.dump({"machine": info, "matmul_peak_gflops": peaks, "args": vars(args), "rows": rows}, f, indent=1)
+
+
+SPEED_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx_vnni", "avx2", "fma")
 
 
 def cpu_flags():
-    """The CPU's matrix and bfloat16 features (from /proc/cpuinfo): AMX and AVX-512 BF16 decide bfloat16 speed."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(flag for flag in flags if flag in ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f"))
+    """The CPU's vector, matrix and bfloat16 features (from /proc/cpuinfo): AMX and AVX-512 BF16 decide bfloat16
+    speed; AVX2 + FMA alone is the third kind (``keras_vit.train.engines.cpu_kind``)."""
+    from keras_vit.train import distribute
+
+    return sorted(flag for flag in distribute.cpu_flags() if flag in SPEED_FLAGS)
 
 
 def machine():
@@ -313,14 +330,22 @@ def machine():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "cpu_flags": cpu_flags()}
+    from keras_vit.train import engines
+
+    flags = cpu_flags()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "cpu_flags": flags,
+            "cpu_kind": engines.cpu_kind(flags), "load_average": os.getloadavg()}
 
 
-def report(rows, peaks, runs, warmup, matmul_size):
-    """Markdown: every worker's row, then per cell each keras_vit loop against the best peer (speed, memory)."""
-    info = machine()
+def report(rows, peaks, runs, warmup, matmul_size, info=None):
+    """Markdown: every worker's row, then per cell each keras_vit loop against the best peer (speed, memory);
+    ``info``: the machine of a saved run (default: this one)."""
+    info = info or machine()
+    load = info.get("load_average")
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores, flags {' '.join(info['cpu_flags']) or 'none of AMX/AVX-512'}. "
+        f"Machine: {info['cpu']} ({info.get('cpu_kind', 'kind not recorded')}), {info['cores']} cores, flags "
+        f"{' '.join(info['cpu_flags']) or 'none of AMX/AVX-512'}"
+        f"{f', load average {load[0]:.1f} (1 min) when measured' if load else ''}. "
         f"Matmul peak ({matmul_size}^2): "
         f"{peaks['float32']:.0f} GFLOP/s float32, {peaks['bfloat16']:.0f} GFLOP/s bfloat16.",
         f"Median of {runs} steps after {warmup} warm-up steps, interleaved across frameworks.",
