@@ -120,29 +120,39 @@ def test_an_empty_evaluation_dataset_is_refused_before_the_first_step():
             trainer.evaluate(empty)
 
 
-def test_update_computes_nothing_weight_sized_before_the_gradients_exist():
+@pytest.mark.parametrize("compile_update", [False, True])
+def test_update_computes_nothing_weight_sized_before_the_gradients_exist(compile_update):
     # Under XLA the gradients come from one call; the graph executor would start the update's parts that do
     # not read them (the decoupled weight decay's variable-sized products) while that call holds the step's
-    # activations. Every weight-shaped tensor the update computes must depend on the call.
+    # activations. Every weight-shaped tensor the update computes must depend on the call; an update compiled
+    # on its own is one call that takes every gradient as an input (it starts once they all exist).
     model = _tiny_classifier()
     optimizer = optimization.make_optimizer("adam", 1e-3, weight_decay=0.1)
-    trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, jit_compile=True)
+    trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, jit_compile=True,
+                               compile_update=compile_update)
     images, labels = _batch()
     graph = tf.function(trainer._replica_step).get_concrete_function(
         tf.TensorSpec(images.shape), tf.TensorSpec(labels.shape)
     ).graph
     operations = graph.get_operations()
-    calls = [op for op in operations if "_gradients_fn" in op.node_def.attr["f"].func.name]
-    assert len(calls) == 1
-
+    calls = {name: [op for op in operations if name in op.node_def.attr["f"].func.name]
+             for name in ("_gradients_fn", "_update_fn")}
+    (gradients,) = calls["_gradients_fn"]
+    assert len(calls["_update_fn"]) == int(compile_update)
+    if compile_update:
+        (update,) = calls["_update_fn"]
+        read = {t.op.name for t in update.inputs if t.dtype.is_floating}
+        assert len(read) == 1 and gradients.name in graph_ancestors([update])  # all floats it reads: the gradients
+        assert len(update.inputs) >= len(model.trainable_variables)
+        return
     shapes = {tuple(v.shape) for v in model.trainable_variables if np.prod(v.shape) > 1}
     weight_sized = [
         op for op in operations
-        if op.type not in ("Placeholder", "ReadVariableOp", "Identity", "Const") and op is not calls[0]
+        if op.type not in ("Placeholder", "ReadVariableOp", "Identity", "Const") and op is not gradients
         and any(t.dtype.is_floating and tuple(t.shape.as_list() or ()) in shapes for t in op.outputs)
     ]
     assert len(weight_sized) > len(shapes)  # the update's products were found
-    early = [op.name for op in weight_sized if calls[0].name not in graph_ancestors([op])]
+    early = [op.name for op in weight_sized if gradients.name not in graph_ancestors([op])]
     assert not early, early
 
 
