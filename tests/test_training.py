@@ -254,6 +254,65 @@ def test_kill_9_then_rerun_resumes_and_ends_with_the_uninterrupted_weights(tmp_p
     assert [(row["epoch"], float(row["step"])) for row in rows] == [("0", 4), ("1", 8), ("2", 12)]
 
 
+def _adamw_run(compile_update, steps=3, policy=None):
+    """(losses, gradient norms, weights) of ``steps`` clipped AdamW steps with EMA on the tiny classifier."""
+    model = _tiny_classifier() if policy is None else _tiny_classifier_in(policy)
+    optimizer = optimization.make_optimizer("adam", 1e-2, weight_decay=0.1, ema_decay=0.9)
+    trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, grad_clip=0.2, jit_compile=False,
+                               compile_update=compile_update)
+    batches = iter(tf.distribute.get_strategy().experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(_batch()).repeat()))
+    losses, norms = [], []
+    for _ in range(steps):
+        loss, _, norm = trainer.train_steps(batches, 1)
+        losses.append(float(loss))
+        norms.append(float(norm))
+    return losses, norms, [keras.ops.convert_to_numpy(v) for v in model.trainable_variables + optimizer.variables]
+
+
+def _tiny_classifier_in(policy):
+    keras.config.set_dtype_policy(policy)
+    try:
+        return _tiny_classifier()
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def test_the_update_compiled_on_its_own_equals_the_graph_update():
+    assert training.default_compile_update(tf.distribute.get_strategy())
+    plain, compiled = _adamw_run(False), _adamw_run(True)
+    np.testing.assert_allclose(compiled[0], plain[0], rtol=1e-6)
+    np.testing.assert_allclose(compiled[1], plain[1], rtol=1e-6)
+    assert plain[1][0] > 0.2  # the clipping was active
+    for a, b in zip(compiled[2], plain[2]):  # weights, moments, EMA averages, iteration count
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_training_with_the_compiled_update_follows_the_graph_update():
+    plain, compiled = _adamw_run(False, steps=5, policy="mixed_bfloat16"), _adamw_run(True, steps=5, policy="mixed_bfloat16")
+    np.testing.assert_allclose(compiled[0], plain[0], rtol=1e-2)  # bfloat16: 8 bits of mantissa
+    np.testing.assert_allclose(compiled[1], plain[1], rtol=2e-2)
+    assert plain[0][-1] < plain[0][0]
+
+
+def test_bfloat16_step_reads_and_casts_each_weight_once():
+    # Keras casts a float32 variable to the compute dtype where a layer reads it: each weight must be read (and
+    # cast) once per step, its bfloat16 copy shared by the forward and the backward pass.
+    model = _tiny_classifier_in("mixed_bfloat16")
+    trainer = training.Trainer(model, keras.optimizers.SGD(0.1), tf.distribute.get_strategy(), 8, jit_compile=False)
+    images, labels = _batch()
+    graph = trainer._gradients.get_concrete_function(tf.TensorSpec(images.shape), tf.TensorSpec(labels.shape)).graph
+    reads = {}
+    for op in graph.get_operations():
+        if op.type == "ReadVariableOp":
+            reads.setdefault(op.inputs[0].name, []).append(op)
+    assert len(reads) == len(model.trainable_variables)
+    assert all(len(ops) == 1 for ops in reads.values()), {k: len(v) for k, v in reads.items() if len(v) > 1}
+    casts = [consumer for (op,) in reads.values() for consumer in op.outputs[0].consumers() if consumer.type == "Cast"]
+    assert len(casts) <= len(reads) and all(c.outputs[0].dtype == tf.bfloat16 for c in casts)
+    assert len(casts) > len(reads) // 2  # most weights compute in bfloat16 (LayerNorm's stay float32)
+
+
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_training_steps(policy):
     keras.config.set_dtype_policy(policy)
