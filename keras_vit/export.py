@@ -504,7 +504,7 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
             "top1_agreement": float(np.mean(exported.argmax(-1) == reference.argmax(-1))),
             "input": _input_description(format, height, width, channels),
         }
-        if quantization is None and result["max_abs_diff"] > FLOAT_TOLERANCE:
+        if quantization is None and not result["max_abs_diff"] <= FLOAT_TOLERANCE:  # NaN fails too
             raise ValueError(
                 f"The {format} export differs from the Keras model by {result['max_abs_diff']:.3g} "
                 f"(> {FLOAT_TOLERANCE}); nothing was written."
