@@ -21,7 +21,8 @@ and, with ``--loops trainer,fit``, through plain ``model.compile`` +
 ``train_on_batch`` as well. Peers are optional (``pip install timm keras-hub``); a peer that
 is not installed is reported and skipped. ``--baseline PATH`` adds the keras_vit of another checkout (e.g. a
 ``git worktree`` of the commit before a change) as the peer ``keras_vit@base`` (and ``keras_vit-torch@base``, ...
-for keras_vit on the other backends among the peers), run the same way. ``keras_vit-torch`` / ``keras_vit-jax``:
+for keras_vit on the other backends among the peers), run the same way; ``--baseline-loops trainer`` times only
+its ``Trainer`` (when ``fit`` did not change). Each row records the load average when its cell ended. ``keras_vit-torch`` / ``keras_vit-jax``:
 the same keras_vit model on Keras' torch / JAX backend (``predict_on_batch``; ``compile`` + ``train_on_batch``).
 ``--engines openvino,onnxruntime`` adds keras_vit's exports (``keras_vit.export.export``, verified against Keras
 when the worker starts) run by those runtimes, to the inference cells: OpenVINO's CPU plugin in float32 and, for
@@ -210,6 +211,8 @@ def main(argv=None):
     parser.add_argument("--engines", default="",
                         help="comma-separated deployment engines for the inference cells: openvino, onnxruntime")
     parser.add_argument("--baseline", metavar="CHECKOUT", help="also run the keras_vit of this checkout (keras_vit@base)")
+    parser.add_argument("--baseline-loops", help="the baseline's training loops (default: --loops), e.g. trainer "
+                                                 "when only the Trainer changed")
     parser.add_argument("--python", action="append", default=[], metavar="FRAMEWORK=PATH",
                         help="interpreter for a framework (default: this one)")
     parser.add_argument("--remat", action="store_true", help="also time keras_vit training with remat=True")
@@ -262,8 +265,9 @@ def main(argv=None):
             print(f"Engine {engine} is not installed: skipped (pip install {engine}).", file=sys.stderr)
             engines.remove(engine)
     loops = args.loops.split(",")
-    if not set(loops) <= {"trainer", "fit"}:
-        raise SystemExit(f"--loops {args.loops!r}: choose from trainer, fit.")
+    baseline_loops = (args.baseline_loops or args.loops).split(",")
+    if not set(loops + baseline_loops) <= {"trainer", "fit"}:
+        raise SystemExit(f"--loops {args.loops!r} / --baseline-loops {args.baseline_loops!r}: choose from trainer, fit.")
     precisions = args.precisions.split(",")
 
     peaks = matmul_peaks(pythons["matmul"], args.matmul_size, args.runs, args.pause)
@@ -276,7 +280,7 @@ def main(argv=None):
             for framework in ["keras_vit", *peers, *(engines if workload == "inference" else [])]:
                 options_list = [{}]
                 if framework in ("keras_vit", BASELINE) and workload == "train":
-                    options_list = [{"loop": loop} for loop in loops]
+                    options_list = [{"loop": loop} for loop in (loops if framework == "keras_vit" else baseline_loops)]
                     if args.remat:
                         options_list.append({"loop": loops[0], "remat": True})
                 if framework == "keras_vit" and args.any_size:
@@ -294,7 +298,9 @@ def main(argv=None):
                 for framework, xla, options in variants
             ]
             by_worker = dict(zip(workers, variants))
-            for worker in measure(workers, args.runs, args.pause):
+            measured = measure(workers, args.runs, args.pause)
+            load = os.getloadavg()  # the machine's load over the cell's timed steps (1, 5, 15 min)
+            for worker in measured:
                 framework, xla, options = by_worker[worker]
                 seconds = statistics.median(worker.times)
                 rows.append({
@@ -303,7 +309,7 @@ def main(argv=None):
                     "remat": bool(options.get("remat")), "loop": options.get("loop"), "images_per_s": batch / seconds,
                     "any_size": "native_image_size" in options,
                     "step_s": seconds, "runs": worker.times, "gflops_per_s": batch * flops / seconds / 1e9,
-                    "peak_rss_mb": worker.info["peak_rss_mb"],
+                    "peak_rss_mb": worker.info["peak_rss_mb"], "load_average": load,
                 })
     info = machine()
     print(report(rows, peaks, args.runs, args.warmup, args.matmul_size, info))
@@ -351,8 +357,8 @@ def report(rows, peaks, runs, warmup, matmul_size, info=None):
         f"Median of {runs} steps after {warmup} warm-up steps, interleaved across frameworks.",
         "",
         "| workload | model | batch | precision | framework | loop | XLA | remat | any size | images/s | GFLOP/s "
-        "| % of matmul peak | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| % of matmul peak | peak RSS MB | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peak = peaks["bfloat16" if "bfloat16" in r["precision"] else "float32"]
@@ -360,7 +366,8 @@ def report(rows, peaks, runs, warmup, matmul_size, info=None):
             f"| {r['workload']} | {r['model']} | {r['batch']} | {r['precision']} | {r['framework']} | "
             f"{r.get('loop') or '-'} | {_xla(r)} | {'yes' if r['remat'] else 'no'} | "
             f"{'yes' if r.get('any_size') else 'no'} | {r['images_per_s']:.2f} | "
-            f"{r['gflops_per_s']:.0f} | {100 * r['gflops_per_s'] / peak:.0f}% | {r['peak_rss_mb']:.0f} |"
+            f"{r['gflops_per_s']:.0f} | {100 * r['gflops_per_s'] / peak:.0f}% | {r['peak_rss_mb']:.0f} | "
+            f"{'%.1f' % r['load_average'][0] if r.get('load_average') else '-'} |"
         )
     summary = [
         "",
