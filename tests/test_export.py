@@ -137,6 +137,7 @@ def test_onnx_for_both_gelu_forms(tmp_path, form):
     assert result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow  # OpenVINO is in CI's second environment (the slow tier's)
 def test_openvino_ir_reproduces_the_official_outputs(tmp_path, fixture_model):
     openvino = pytest.importorskip("openvino")
     model, ref = fixture_model
@@ -156,6 +157,7 @@ def test_openvino_ir_reproduces_the_official_outputs(tmp_path, fixture_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.bin", "vit.bin", "vit.xml"]
 
 
+@pytest.mark.slow  # OpenVINO is in CI's second environment (the slow tier's)
 def test_openvino_ir_of_a_model_of_any_size_is_checked_at_two_sizes_or_not_written(tmp_path):
     # OpenVINO 2026.4's CPU plugin computes this model wrongly when the image sides are dynamic (its fused
     # attention; fixed sizes are right): the verification at two sizes must catch it and write nothing.
