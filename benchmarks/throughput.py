@@ -125,7 +125,10 @@ class Worker:
         self.process.stdin.write("quit\n")
         self.process.stdin.flush()
         self.info.update(self._read())
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # its measurements are in: a slow shutdown on a loaded machine loses nothing
+            self.kill()
 
     def kill(self):
         if self.process.poll() is None:
@@ -311,11 +314,17 @@ def main(argv=None):
                     "step_s": seconds, "runs": worker.times, "gflops_per_s": batch * flops / seconds / 1e9,
                     "peak_rss_mb": worker.info["peak_rss_mb"], "load_average": load,
                 })
+            if args.json:  # after each cell: a run stopped later keeps the cells measured
+                save(args.json, machine(), peaks, args, rows)
     info = machine()
     print(report(rows, peaks, args.runs, args.warmup, args.matmul_size, info))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "matmul_peak_gflops": peaks, "args": vars(args), "rows": rows}, f, indent=1)
+        save(args.json, info, peaks, args, rows)
+
+
+def save(path, info, peaks, args, rows):
+    with open(path, "w") as f:
+        json.dump({"machine": info, "matmul_peak_gflops": peaks, "args": vars(args), "rows": rows}, f, indent=1)
 
 
 SPEED_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx_vnni", "avx2", "fma")
