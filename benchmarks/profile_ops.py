@@ -134,7 +134,8 @@ def table(result, top):
 
 def report(saved, top):
     info = saved["machine"]
-    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, flags {' '.join(info['cpu_flags']) or 'none'}.", ""]
+    lines = [f"Machine: {info['cpu']} ({info.get('cpu_kind', 'kind not recorded')}), {info['cores']} cores, flags "
+             f"{' '.join(info['cpu_flags']) or 'none'}.", ""]
     for result in saved["results"]:
         xla = {None: "", True: ", XLA", False: ", no XLA"}[result.get("xla")]
         lines += [

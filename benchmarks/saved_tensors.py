@@ -26,6 +26,9 @@ import re
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import throughput  # noqa: E402  (the machine description)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Ops whose output is a view of (or the same buffer as) their first input in TensorFlow.
 TF_VIEWS = {"Reshape", "Identity", "IdentityN", "ExpandDims", "Squeeze", "StopGradient", "Snapshot"}
@@ -234,8 +237,8 @@ def main(argv=None):
         print(report(framework, rows, spec["num_layers"]) + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "batch": args.batch, "precision": args.precision, "results": results}, f,
-                      indent=1)
+            json.dump({"machine": throughput.machine(), "model": args.model, "batch": args.batch,
+                       "precision": args.precision, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

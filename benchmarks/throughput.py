@@ -22,8 +22,13 @@ and, with ``--loops trainer,fit``, through plain ``model.compile`` +
 ``train_on_batch`` as well. Peers are optional (``pip install timm keras-hub``); a peer that
 is not installed is reported and skipped. ``--baseline PATH`` adds the keras_vit of another checkout (e.g. a
 ``git worktree`` of the commit before a change) as the peer ``keras_vit@base`` (and ``keras_vit-torch@base``, ...
-for keras_vit on the other backends among the peers), run the same way. ``keras_vit-torch`` / ``keras_vit-jax``:
+for keras_vit on the other backends among the peers), run the same way; ``--baseline-loops trainer`` times only
+its ``Trainer`` (when ``fit`` did not change). Each row records the load average when its cell ended. ``keras_vit-torch`` / ``keras_vit-jax``:
 the same keras_vit model on Keras' torch / JAX backend (``predict_on_batch``; ``compile`` + ``train_on_batch``).
+``--engines openvino,onnxruntime`` adds keras_vit's exports (``keras_vit.export.export``, verified against Keras
+when the worker starts) run by those runtimes, to the inference cells: OpenVINO's CPU plugin in float32 and, for
+mixed_bfloat16, with its bfloat16 inference precision; ONNX Runtime in float32 only. Their peak RSS includes
+the TensorFlow model the export was made from.
 """
 
 import argparse
@@ -121,7 +126,10 @@ class Worker:
         self.process.stdin.write("quit\n")
         self.process.stdin.flush()
         self.info.update(self._read())
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # its measurements are in: a slow shutdown on a loaded machine loses nothing
+            self.kill()
 
     def kill(self):
         if self.process.poll() is None:
@@ -204,7 +212,11 @@ def main(argv=None):
     parser.add_argument("--peers", default="",
                         help="comma-separated: timm, keras-hub, and keras_vit-torch, keras_vit-jax (keras_vit on Keras' "
                              "torch / JAX backend)")
+    parser.add_argument("--engines", default="",
+                        help="comma-separated deployment engines for the inference cells: openvino, onnxruntime")
     parser.add_argument("--baseline", metavar="CHECKOUT", help="also run the keras_vit of this checkout (keras_vit@base)")
+    parser.add_argument("--baseline-loops", help="the baseline's training loops (default: --loops), e.g. trainer "
+                                                 "when only the Trainer changed")
     parser.add_argument("--python", action="append", default=[], metavar="FRAMEWORK=PATH",
                         help="interpreter for a framework (default: this one)")
     parser.add_argument("--remat", action="store_true", help="also time keras_vit training with remat=True")
@@ -227,7 +239,8 @@ def main(argv=None):
             with open(path) as f:
                 saved = json.load(f)
             run = saved["args"]
-            print(report(saved["rows"], saved["matmul_peak_gflops"], run["runs"], run["warmup"], run["matmul_size"]))
+            print(report(saved["rows"], saved["matmul_peak_gflops"], run["runs"], run["warmup"], run["matmul_size"],
+                         saved.get("machine")))
             print()
         return
 
@@ -250,9 +263,18 @@ def main(argv=None):
         peers[:0] = [BASELINE] + [f"{peer}@base" for peer in peers if peer in KERAS_BACKENDS and peer != "keras-hub"]
         for peer in peers:
             pythons.setdefault(peer, pythons[peer.split("@")[0]])
+    engines = [e for e in args.engines.split(",") if e]
+    engine_modules = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+    for engine in list(engines):
+        if engine not in engine_modules:
+            raise SystemExit(f"Unknown engine {engine!r}: choose from {sorted(engine_modules)}.")
+        if not installed(sys.executable, engine_modules[engine]):
+            print(f"Engine {engine} is not installed: skipped (pip install {engine}).", file=sys.stderr)
+            engines.remove(engine)
     loops = args.loops.split(",")
-    if not set(loops) <= {"trainer", "fit"}:
-        raise SystemExit(f"--loops {args.loops!r}: choose from trainer, fit.")
+    baseline_loops = (args.baseline_loops or args.loops).split(",")
+    if not set(loops + baseline_loops) <= {"trainer", "fit"}:
+        raise SystemExit(f"--loops {args.loops!r} / --baseline-loops {args.baseline_loops!r}: choose from trainer, fit.")
     precisions = args.precisions.split(",")
 
     peaks = matmul_peaks(pythons["matmul"], args.matmul_size, args.runs, args.pause)
@@ -262,10 +284,10 @@ def main(argv=None):
         flops = forward_flops(spec) * (3 if workload == "train" else 1)
         for precision in precisions:
             variants = []
-            for framework in ["keras_vit", *peers]:
+            for framework in ["keras_vit", *peers, *(engines if workload == "inference" else [])]:
                 options_list = [{}]
                 if framework in ("keras_vit", BASELINE) and workload == "train":
-                    options_list = [{"loop": loop} for loop in loops]
+                    options_list = [{"loop": loop} for loop in (loops if framework == "keras_vit" else baseline_loops)]
                     if args.remat:
                         options_list.append({"loop": loops[0], "remat": True})
                 if framework == "keras_vit" and args.any_size:
@@ -281,12 +303,14 @@ def main(argv=None):
             label = f"{workload} {model} b{batch} {precision}"
             print(f"{label}: {len(variants)} workers", file=sys.stderr, flush=True)
             workers = [
-                Worker(f"{framework} xla={xla} {options}", pythons[framework], framework, spec, workload, batch,
+                Worker(f"{framework} xla={xla} {options}", pythons.get(framework, sys.executable), framework, spec, workload, batch,
                        precision, xla, options, args.warmup, path=args.baseline if framework.endswith("@base") else None)
                 for framework, xla, options in variants
             ]
             by_worker = dict(zip(workers, variants))
-            for worker in measure(workers, args.runs, args.pause):
+            measured = measure(workers, args.runs, args.pause)
+            load = os.getloadavg()  # the machine's load over the cell's timed steps (1, 5, 15 min)
+            for worker in measured:
                 framework, xla, options = by_worker[worker]
                 seconds = statistics.median(worker.times)
                 rows.append({
@@ -296,22 +320,30 @@ def main(argv=None):
                     "any_size": "native_image_size" in options,
                     "model_options": {key: value for key, value in options.items() if key not in _RUN_OPTIONS},
                     "step_s": seconds, "runs": worker.times, "gflops_per_s": batch * flops / seconds / 1e9,
-                    "peak_rss_mb": worker.info["peak_rss_mb"],
+                    "peak_rss_mb": worker.info["peak_rss_mb"], "load_average": load,
                 })
-    print(report(rows, peaks, args.runs, args.warmup, args.matmul_size))
+            if args.json:  # after each cell: a run stopped later keeps the cells measured
+                save(args.json, machine(), peaks, args, rows)
+    info = machine()
+    print(report(rows, peaks, args.runs, args.warmup, args.matmul_size, info))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "matmul_peak_gflops": peaks, "args": vars(args), "rows": rows}, f, indent=1)
+        save(args.json, info, peaks, args, rows)
+
+
+def save(path, info, peaks, args, rows):
+    with open(path, "w") as f:
+        json.dump({"machine": info, "matmul_peak_gflops": peaks, "args": vars(args), "rows": rows}, f, indent=1)
+
+
+SPEED_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx_vnni", "avx2", "fma")
 
 
 def cpu_flags():
-    """The CPU's matrix and bfloat16 features (from /proc/cpuinfo): AMX and AVX-512 BF16 decide bfloat16 speed."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(flag for flag in flags if flag in ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f"))
+    """The CPU's vector, matrix and bfloat16 features (from /proc/cpuinfo): AMX and AVX-512 BF16 decide bfloat16
+    speed; AVX2 + FMA alone is the third kind (``keras_vit.train.engines.cpu_kind``)."""
+    from keras_vit.train import distribute
+
+    return sorted(flag for flag in distribute.cpu_flags() if flag in SPEED_FLAGS)
 
 
 def machine():
@@ -321,7 +353,11 @@ def machine():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "cpu_flags": cpu_flags()}
+    from keras_vit.train import engines
+
+    flags = cpu_flags()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "cpu_flags": flags,
+            "cpu_kind": engines.cpu_kind(flags), "load_average": os.getloadavg()}
 
 
 _RUN_OPTIONS = ("loop", "remat", "image_size", "native_image_size")  # the other options are builder arguments
@@ -333,18 +369,22 @@ def _framework(row):
     return row["framework"] + "".join(f" {key}={value}" for key, value in sorted(extra.items()))
 
 
-def report(rows, peaks, runs, warmup, matmul_size):
-    """Markdown: every worker's row, then per cell each keras_vit loop against the best peer (speed, memory)."""
-    info = machine()
+def report(rows, peaks, runs, warmup, matmul_size, info=None):
+    """Markdown: every worker's row, then per cell each keras_vit loop against the best peer (speed, memory);
+    ``info``: the machine of a saved run (default: this one)."""
+    info = info or machine()
+    load = info.get("load_average")
     lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores, flags {' '.join(info['cpu_flags']) or 'none of AMX/AVX-512'}. "
+        f"Machine: {info['cpu']} ({info.get('cpu_kind', 'kind not recorded')}), {info['cores']} cores, flags "
+        f"{' '.join(info['cpu_flags']) or 'none of AMX/AVX-512'}"
+        f"{f', load average {load[0]:.1f} (1 min) when measured' if load else ''}. "
         f"Matmul peak ({matmul_size}^2): "
         f"{peaks['float32']:.0f} GFLOP/s float32, {peaks['bfloat16']:.0f} GFLOP/s bfloat16.",
         f"Median of {runs} steps after {warmup} warm-up steps, interleaved across frameworks.",
         "",
         "| workload | model | batch | precision | framework | loop | XLA | remat | any size | images/s | GFLOP/s "
-        "| % of matmul peak | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| % of matmul peak | peak RSS MB | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peak = peaks["bfloat16" if "bfloat16" in r["precision"] else "float32"]
@@ -352,7 +392,8 @@ def report(rows, peaks, runs, warmup, matmul_size):
             f"| {r['workload']} | {r['model']} | {r['batch']} | {r['precision']} | {_framework(r)} | "
             f"{r.get('loop') or '-'} | {_xla(r)} | {'yes' if r['remat'] else 'no'} | "
             f"{'yes' if r.get('any_size') else 'no'} | {r['images_per_s']:.2f} | "
-            f"{r['gflops_per_s']:.0f} | {100 * r['gflops_per_s'] / peak:.0f}% | {r['peak_rss_mb']:.0f} |"
+            f"{r['gflops_per_s']:.0f} | {100 * r['gflops_per_s'] / peak:.0f}% | {r['peak_rss_mb']:.0f} | "
+            f"{'%.1f' % r['load_average'][0] if r.get('load_average') else '-'} |"
         )
     summary = [
         "",

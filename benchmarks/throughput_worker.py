@@ -133,6 +133,48 @@ def build_keras_vit_backend(spec, workload, batch, precision, xla, options):
     return lambda: model.train_on_batch(images, labels)
 
 
+# --- deployment engines (keras_vit's exports) -------------------------------------------------------------------
+
+
+def build_exported(spec, workload, batch, precision, xla, options, engine):
+    """keras_vit exported with ``keras_vit.export.export`` (verified against Keras there) and run by ``engine``:
+    OpenVINO's CPU plugin (float32, or bfloat16 through its inference precision) or ONNX Runtime (float32)."""
+    import tempfile
+
+    import keras_vit
+    from keras_vit import export
+
+    if workload != "inference":
+        raise ValueError(f"{engine} runs exported models: inference only")
+    bfloat16 = "bfloat16" in precision
+    if bfloat16 and engine == "onnxruntime":
+        raise ValueError("onnxruntime runs the float32 export only (it has no bfloat16 kernels on CPUs)")
+    model = keras_vit.vision_transformer(**spec)
+    images, _ = _tf_batch(spec, batch)
+    folder = tempfile.mkdtemp(prefix="keras_vit_engine_")
+    if engine == "openvino":
+        import openvino
+
+        export.export(model, f"{folder}/vit.xml", "openvino", images=images[:2])
+        hint = {"INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32"}
+        request = openvino.Core().compile_model(f"{folder}/vit.xml", "CPU", hint).create_infer_request()
+        return lambda: request.infer([images])
+    import onnxruntime
+
+    export.export(model, f"{folder}/vit.onnx", "onnx", images=images[:2])
+    session = onnxruntime.InferenceSession(f"{folder}/vit.onnx", providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda: session.run(None, {name: images})
+
+
+def build_openvino(*args):
+    return build_exported(*args, engine="openvino")
+
+
+def build_onnxruntime(*args):
+    return build_exported(*args, engine="onnxruntime")
+
+
 # --- PyTorch (timm) ---------------------------------------------------------------------------------------------
 
 
@@ -196,7 +238,8 @@ def build_matmul(spec, workload, batch, precision, xla, options):
 
 
 BUILDERS = {"keras_vit": build_keras_vit, "keras-hub": build_keras_hub, "timm": build_timm, "matmul": build_matmul,
-            "keras_vit-torch": build_keras_vit_backend, "keras_vit-jax": build_keras_vit_backend}
+            "keras_vit-torch": build_keras_vit_backend, "keras_vit-jax": build_keras_vit_backend,
+            "openvino": build_openvino, "onnxruntime": build_onnxruntime}
 
 
 def main():

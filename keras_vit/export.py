@@ -1,4 +1,4 @@
-"""Deployment: SavedModel with a serving signature, TFLite/LiteRT (float32, float16, int8) and ONNX.
+"""Deployment: SavedModel with a serving signature, TFLite/LiteRT (float32, float16, int8), ONNX and OpenVINO IR.
 
 ``export(model, path, format)`` writes the artefact next to ``path`` under a
 temporary name, runs it on sample images, compares it with the Keras model
@@ -24,6 +24,10 @@ What each format takes (B = batch, (H, W, C) = the model's input size, K = class
   is resized or normalised inside; returns float32 [1, K] logits. Run it with
   LiteRT (``tflite_interpreter``);
 * ONNX: float32 [B, H, W, C] in [-1, 1], already resized; returns [B, K] logits.
+* OpenVINO IR (Keras' exporter, ``model.export(..., format="openvino")``): ``path`` is the ``.xml`` file, its
+  weights go to the ``.bin`` file beside it; float32 [B, H, W, C] in [-1, 1], already resized; returns [B, K]
+  logits. It is checked with OpenVINO's CPU plugin computing in float32 (``OPENVINO_FLOAT32``): on CPUs with
+  native bfloat16 the plugin's default is bfloat16 (faster, about 1e-2 off).
 """
 
 import contextlib
@@ -43,10 +47,12 @@ import tensorflow as tf
 from keras_vit.backbone import dequantized_copy
 from keras_vit.preprocessing import decode_image
 
-FORMATS = ("saved_model", "tflite", "onnx")
+FORMATS = ("saved_model", "tflite", "onnx", "openvino")
 QUANTIZATIONS = (None, "float16", "int8")
 FLOAT_TOLERANCE = 1e-4
 ONNX_OPSET = 17
+# OpenVINO's CPU plugin computes in bfloat16 by default where the CPU has it: the verification asks for float32.
+OPENVINO_FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32"}
 _HALF_PRECISION = re.compile(r"(mixed_)?b?float16")
 log = logging.getLogger(__name__)
 
@@ -344,6 +350,22 @@ def _onnx(model, target, batches):
     return np.concatenate(exported), np.concatenate([_keras_logits(model, images) for images in batches])
 
 
+def _openvino(model, target, batches):
+    import openvino
+
+    height, width, channels = _input_size(model)
+    model.export(str(target), format="openvino", verbose=False,
+                 input_signature=[tf.TensorSpec([None, height, width, channels], tf.float32)])
+    compiled = openvino.Core().compile_model(str(target), "CPU", OPENVINO_FLOAT32)
+    exported = [compiled(images.astype(np.float32))[0] for images in batches]
+    return np.concatenate(exported), np.concatenate([_keras_logits(model, images) for images in batches])
+
+
+def _companions(path, format):
+    """The files an artefact at ``path`` is made of: OpenVINO's ``.xml`` and its ``.bin``; else ``path`` alone."""
+    return [path, path.with_suffix(".bin")] if format == "openvino" else [path]
+
+
 def _input_description(format, height, width, channels):
     """What an exported artefact takes, in one line (``export``'s ``"input"``)."""
     if format == "saved_model":
@@ -393,6 +415,8 @@ def _convert(model, target, format, batches, quantization, top_k):
                 outputs = _saved_model(model, target, batches, top_k)
             elif format == "tflite":
                 outputs = _tflite(model, target, batches, quantization)
+            elif format == "openvino":
+                outputs = _openvino(model, target, batches)
             else:
                 outputs = _onnx(model, target, batches)
         except Exception as error:
@@ -426,6 +450,8 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
             ``ServingModule``), ``"tflite"`` (input float32 [1, H, W, C] in
             [-1, 1], already resized: no pre-processing inside) or ``"onnx"``
             (float32 [B, H, W, C] in [-1, 1], already resized).
+            ``"openvino"``: OpenVINO IR, input as ONNX's; ``path`` ends in ``.xml``
+            and the weights go to the ``.bin`` beside it (both checked, both moved into place).
         quantization: TFLite only: None (float32), ``"float16"`` or ``"int8"``
             (dynamic range). A model quantized with Keras (``model.quantize``)
             is exported as it is to SavedModel; TFLite cannot run Keras'
@@ -444,13 +470,21 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
     if quantization not in QUANTIZATIONS or (quantization and format != "tflite"):
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, and is for TFLite only; got {quantization!r}.")
     path = Path(path)
-    _check_path(path, inputs, force)
+    if format == "openvino" and path.suffix != ".xml":
+        raise ValueError(f"An OpenVINO export is an .xml file (its weights go to a .bin beside it); got {path}.")
+    for part in _companions(path, format):
+        _check_path(part, inputs, force)
     if format == "onnx":
         try:
             import onnxruntime  # noqa: F401
             import tf2onnx  # noqa: F401
         except ImportError:
             raise ImportError("ONNX export needs tf2onnx and onnxruntime: pip install 'keras3-vit[onnx]'.") from None
+    if format == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise ImportError("OpenVINO export needs openvino: pip install 'keras3-vit[openvino]'.") from None
     model = float32_model(model)
     if format == "tflite" and _keras_quantized(model):
         quantization = quantization or "int8"
@@ -465,19 +499,20 @@ def export(model, path, format="saved_model", quantization=None, images=None, to
             "path": str(path),
             "format": format,
             "quantization": quantization,
-            "bytes": _size(target),
+            "bytes": sum(_size(part) for part in _companions(target, format)),
             "max_abs_diff": float(np.abs(exported - reference).max()),
             "top1_agreement": float(np.mean(exported.argmax(-1) == reference.argmax(-1))),
             "input": _input_description(format, height, width, channels),
         }
-        if quantization is None and result["max_abs_diff"] > FLOAT_TOLERANCE:
+        if quantization is None and not result["max_abs_diff"] <= FLOAT_TOLERANCE:  # NaN fails too
             raise ValueError(
                 f"The {format} export differs from the Keras model by {result['max_abs_diff']:.3g} "
                 f"(> {FLOAT_TOLERANCE}); nothing was written."
             )
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(target, path)
+        for part, written in reversed(list(zip(_companions(path, format), _companions(target, format)))):
+            if part.exists():  # OpenVINO: the .bin first, so that an .xml never names weights not yet in place
+                shutil.rmtree(part) if part.is_dir() else part.unlink()
+            os.replace(written, part)
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -109,11 +109,24 @@ def recipe_parser(description):
     return parser
 
 
+def restart_on(backend):
+    """Starts this recipe again, same command line, on Keras' ``backend`` (``KERAS_BACKEND``); does not return.
+
+    The ``engine`` setting picks the backend after the settings are read, when Keras has already started on its
+    default one, which a process cannot change: the recipe runs as a new process (one more start-up, seconds),
+    where ``KERAS_BACKEND`` names the backend, so it does not start again.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "KERAS_BACKEND": backend})
+
+
 def run_recipe(defaults_name, description, argv=None):
-    """Parses a single-stage recipe's command line, starts TensorFlow quietly and runs it; the exit status."""
+    """Parses a single-stage recipe's command line, starts TensorFlow quietly and runs it, on the Keras backend its
+    ``engine`` setting names (``restart_on``); the exit status."""
     parser = recipe_parser(description)
     args = parse_recipe_args(parser, argv)
     quiet_start()
     from keras_vit.train import command_line
 
-    return command_line.recipe_main(defaults_name, args, parser.error)
+    return command_line.recipe_main(defaults_name, args, parser.error, restart=restart_on)

@@ -45,6 +45,28 @@ def test_benchmark_runs_inference_and_remat_training_and_writes_json(tmp_path):
     assert report.returncode == 0 and "| train | Ti/16 | 2 | float32 | keras_vit | fit | off | no |" in report.stdout
 
 
+@pytest.mark.slow
+def test_engines_run_the_verified_exports_beside_keras_vit_and_the_json_names_the_cpu(tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "engines.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--cells", "inference Ti/16 2", "--precisions",
+        "float32,mixed_bfloat16", "--xla", "off", "--engines", "openvino,onnxruntime", "--image-size", "32",
+        "--classes", "10", "--runs", "2", "--warmup", "1", "--pause", "0", "--matmul-size", "128", "--json", str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    rows = {(r["precision"], r["framework"]) for r in saved["rows"]}
+    assert rows == {("float32", "keras_vit"), ("float32", "openvino"), ("float32", "onnxruntime"),
+                    ("mixed_bfloat16", "keras_vit"), ("mixed_bfloat16", "openvino")}  # ONNX Runtime: float32 only
+    assert "onnxruntime runs the float32 export only" in result.stderr
+    machine = saved["machine"]
+    assert machine["cpu"] and machine["cpu_kind"] in (None, "amx", "avx512_bf16", "avx2") and len(machine["load_average"]) == 3
+    assert set(machine["cpu_flags"]) <= set(throughput.SPEED_FLAGS)
+
+
 def test_xla_auto_is_on_for_float32_and_off_for_bfloat16():
     assert throughput.xla_settings("auto", "float32") == [True]
     assert throughput.xla_settings("auto", "mixed_bfloat16") == [False]

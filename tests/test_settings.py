@@ -17,7 +17,7 @@ def test_every_setting_is_declared_once_with_a_rule_help_and_a_default_it_accept
         assert described.help and described.rule.allowed and described.since <= settings.SCHEMA_VERSION, name
         assert described.rule.check(described.default), (name, described.default)
     assert set(settings.REPORTING_SETTINGS) == {"output_dir", "eval_every", "checkpoint_every", "log_every", "cluster_timeout",
-                                                "eval_image_sizes"}
+                                                "eval_image_sizes", "engine"}
     fresh = settings.defaults()
     fresh["model_overrides"]["dropout_rate"] = 0.5  # mutable defaults are copies
     assert settings.defaults()["model_overrides"] == {}

@@ -120,29 +120,39 @@ def test_an_empty_evaluation_dataset_is_refused_before_the_first_step():
             trainer.evaluate(empty)
 
 
-def test_update_computes_nothing_weight_sized_before_the_gradients_exist():
+@pytest.mark.parametrize("compile_update", [False, True])
+def test_update_computes_nothing_weight_sized_before_the_gradients_exist(compile_update):
     # Under XLA the gradients come from one call; the graph executor would start the update's parts that do
     # not read them (the decoupled weight decay's variable-sized products) while that call holds the step's
-    # activations. Every weight-shaped tensor the update computes must depend on the call.
+    # activations. Every weight-shaped tensor the update computes must depend on the call; an update compiled
+    # on its own is one call that takes every gradient as an input (it starts once they all exist).
     model = _tiny_classifier()
     optimizer = optimization.make_optimizer("adam", 1e-3, weight_decay=0.1)
-    trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, jit_compile=True)
+    trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, jit_compile=True,
+                               compile_update=compile_update)
     images, labels = _batch()
     graph = tf.function(trainer._replica_step).get_concrete_function(
         tf.TensorSpec(images.shape), tf.TensorSpec(labels.shape)
     ).graph
     operations = graph.get_operations()
-    calls = [op for op in operations if "_gradients_fn" in op.node_def.attr["f"].func.name]
-    assert len(calls) == 1
-
+    calls = {name: [op for op in operations if name in op.node_def.attr["f"].func.name]
+             for name in ("_gradients_fn", "_update_fn")}
+    (gradients,) = calls["_gradients_fn"]
+    assert len(calls["_update_fn"]) == int(compile_update)
+    if compile_update:
+        (update,) = calls["_update_fn"]
+        read = {t.op.name for t in update.inputs if t.dtype.is_floating}
+        assert len(read) == 1 and gradients.name in graph_ancestors([update])  # all floats it reads: the gradients
+        assert len(update.inputs) >= len(model.trainable_variables)
+        return
     shapes = {tuple(v.shape) for v in model.trainable_variables if np.prod(v.shape) > 1}
     weight_sized = [
         op for op in operations
-        if op.type not in ("Placeholder", "ReadVariableOp", "Identity", "Const") and op is not calls[0]
+        if op.type not in ("Placeholder", "ReadVariableOp", "Identity", "Const") and op is not gradients
         and any(t.dtype.is_floating and tuple(t.shape.as_list() or ()) in shapes for t in op.outputs)
     ]
     assert len(weight_sized) > len(shapes)  # the update's products were found
-    early = [op.name for op in weight_sized if calls[0].name not in graph_ancestors([op])]
+    early = [op.name for op in weight_sized if gradients.name not in graph_ancestors([op])]
     assert not early, early
 
 
@@ -242,6 +252,65 @@ def test_kill_9_then_rerun_resumes_and_ends_with_the_uninterrupted_weights(tmp_p
     with open(interrupted / "history.csv") as file:
         rows = list(csv.DictReader(file))  # CSVLogger: one row per evaluation interval, none repeated
     assert [(row["epoch"], float(row["step"])) for row in rows] == [("0", 4), ("1", 8), ("2", 12)]
+
+
+def _adamw_run(compile_update, steps=3, policy=None):
+    """(losses, gradient norms, weights) of ``steps`` clipped AdamW steps with EMA on the tiny classifier."""
+    model = _tiny_classifier() if policy is None else _tiny_classifier_in(policy)
+    optimizer = optimization.make_optimizer("adam", 1e-2, weight_decay=0.1, ema_decay=0.9)
+    trainer = training.Trainer(model, optimizer, tf.distribute.get_strategy(), 8, grad_clip=0.2, jit_compile=False,
+                               compile_update=compile_update)
+    batches = iter(tf.distribute.get_strategy().experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(_batch()).repeat()))
+    losses, norms = [], []
+    for _ in range(steps):
+        loss, _, norm = trainer.train_steps(batches, 1)
+        losses.append(float(loss))
+        norms.append(float(norm))
+    return losses, norms, [keras.ops.convert_to_numpy(v) for v in model.trainable_variables + optimizer.variables]
+
+
+def _tiny_classifier_in(policy):
+    keras.config.set_dtype_policy(policy)
+    try:
+        return _tiny_classifier()
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def test_the_update_compiled_on_its_own_equals_the_graph_update():
+    assert training.default_compile_update(tf.distribute.get_strategy())
+    plain, compiled = _adamw_run(False), _adamw_run(True)
+    np.testing.assert_allclose(compiled[0], plain[0], rtol=1e-6)
+    np.testing.assert_allclose(compiled[1], plain[1], rtol=1e-6)
+    assert plain[1][0] > 0.2  # the clipping was active
+    for a, b in zip(compiled[2], plain[2]):  # weights, moments, EMA averages, iteration count
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_training_with_the_compiled_update_follows_the_graph_update():
+    plain, compiled = _adamw_run(False, steps=5, policy="mixed_bfloat16"), _adamw_run(True, steps=5, policy="mixed_bfloat16")
+    np.testing.assert_allclose(compiled[0], plain[0], rtol=1e-2)  # bfloat16: 8 bits of mantissa
+    np.testing.assert_allclose(compiled[1], plain[1], rtol=2e-2)
+    assert plain[0][-1] < plain[0][0]
+
+
+def test_bfloat16_step_reads_and_casts_each_weight_once():
+    # Keras casts a float32 variable to the compute dtype where a layer reads it: each weight must be read (and
+    # cast) once per step, its bfloat16 copy shared by the forward and the backward pass.
+    model = _tiny_classifier_in("mixed_bfloat16")
+    trainer = training.Trainer(model, keras.optimizers.SGD(0.1), tf.distribute.get_strategy(), 8, jit_compile=False)
+    images, labels = _batch()
+    graph = trainer._gradients.get_concrete_function(tf.TensorSpec(images.shape), tf.TensorSpec(labels.shape)).graph
+    reads = {}
+    for op in graph.get_operations():
+        if op.type == "ReadVariableOp":
+            reads.setdefault(op.inputs[0].name, []).append(op)
+    assert len(reads) == len(model.trainable_variables)
+    assert all(len(ops) == 1 for ops in reads.values()), {k: len(v) for k, v in reads.items() if len(v) > 1}
+    casts = [consumer for (op,) in reads.values() for consumer in op.outputs[0].consumers() if consumer.type == "Cast"]
+    assert len(casts) <= len(reads) and all(c.outputs[0].dtype == tf.bfloat16 for c in casts)
+    assert len(casts) > len(reads) // 2  # most weights compute in bfloat16 (LayerNorm's stay float32)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])

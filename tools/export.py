@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export a model (.keras or official .npz) to SavedModel, TFLite (float32/float16/int8) or ONNX, verified against Keras.
+"""Export a model (.keras or official .npz) to SavedModel, TFLite (float32/float16/int8), ONNX or OpenVINO, verified against Keras.
 
     python tools/export.py runs/main/finetune/model.keras exported/vit_tflite_int8.tflite --format tflite --quantization int8
 
@@ -9,6 +9,7 @@ What the artefacts take (H x W x C: the model's input):
   tflite       float32 [1, H, W, C] in [-1, 1] ((pixels - 127.5) / 127.5), already resized: nothing is resized
                or normalised inside; outputs [1, classes] logits. Run it with LiteRT (pip install ai-edge-litert).
   onnx         float32 [B, H, W, C] in [-1, 1], already resized; outputs [B, classes] logits.
+  openvino     OpenVINO IR: OUTPUT is the .xml, its weights go to the .bin beside it; input and outputs as onnx.
 """
 
 import argparse

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 import keras_vit
 from keras_vit import ssl
-from keras_vit.train import data, distribute, jax_distribute, settings, trainer
+from keras_vit.train import data, distribute, engines, jax_distribute, settings, trainer
 from keras_vit.train.fit_loop import FitLoop
 from keras_vit.train.optimization import WarmupDecay, make_optimizer
 
@@ -33,13 +33,15 @@ log = logging.getLogger(__name__)
 class Environment:
     """Where and how a run trains: the Keras ``backend``, the ``loop`` (``"trainer"`` or ``"fit"``), the
     ``tf.distribute`` ``strategy`` (TensorFlow; None on other backends), the ``precision`` policy name and the
-    ``keras.distribution`` of a JAX strategy (``distribution``; None otherwise)."""
+    ``keras.distribution`` of a JAX strategy (``distribution``; None otherwise) and the ``engines.Choice`` of the
+    ``engine`` setting (why this backend)."""
 
     backend: str
     loop: str
     strategy: object
     precision: str
     distribution: object = None
+    engine: engines.Choice = None
 
     @property
     def replicas(self):
@@ -83,6 +85,17 @@ def _accelerator(backend):
 CPU_BFLOAT16_BACKENDS = ("tensorflow", "torch")
 
 
+def engine_choice(config, can_switch=False):
+    """The ``engines.Choice`` of ``config["engine"]`` for this process (its Keras backend, CPU and devices);
+    ``can_switch``: whether the caller can start the run under another backend (the recipes' launcher)."""
+    backend = keras.backend.backend()
+    accelerator = _accelerator(backend)
+    if backend == "tensorflow" and tf.config.list_logical_devices("GPU"):
+        accelerator = "gpu"
+    return engines.choose(config, backend, distribute.cpu_flags(), accelerator,
+                          backend_named="KERAS_BACKEND" in os.environ, can_switch=can_switch)
+
+
 def default_precision(backend, strategy=None):
     """What ``precision=auto`` picks: the policy measured fastest on these devices (benchmarks/RESULTS.md).
 
@@ -118,6 +131,8 @@ def setup(config):
     """
     backend = keras.backend.backend()
     settings.validate(config, backend)
+    engine = engine_choice(config)
+    engines.check_running(engine, backend)
     distribution = None
     if config["strategy"] in jax_distribute.STRATEGIES:
         jax_distribute.initialize_processes()  # before anything runs on a device
@@ -136,7 +151,7 @@ def setup(config):
             "replica's gradient before they are summed; use loop='trainer'."
         )
     precision = default_precision(backend, strategy) if config["precision"] == "auto" else config["precision"]
-    return Environment(backend, loop, strategy, precision, distribution)
+    return Environment(backend, loop, strategy, precision, distribution, engine)
 
 
 def _check_distributed(config, distribution):
@@ -223,7 +238,7 @@ def build_loop(config, environment, model):
     jit_compile = config["jit_compile"] if environment.backend != "torch" else False
     if environment.backend == "tensorflow":
         if jit_compile == "auto":
-            jit_compile = trainer.default_jit_compile(environment.strategy, model)
+            jit_compile = trainer.default_jit_compile(environment.strategy, model, environment.precision)
         if environment.loop == "trainer":
             return trainer.Trainer(
                 model,

@@ -8,17 +8,22 @@ status 1, not a traceback.
 
 import json
 import logging
+import os
 import sys
 
-from keras_vit.train import run_folder, runner, settings
+import keras
+
+from keras_vit.train import building, engines, run_folder, runner, settings
 
 RECIPE_DEFAULTS = {"finetune": settings.FINETUNE, "pretrain": settings.PRETRAIN, "pretrain_ssl": settings.PRETRAIN_SSL}
 
 
-def recipe_main(recipe, args, error):
+def recipe_main(recipe, args, error, restart=None):
     """Runs ``recipe`` (a key of ``RECIPE_DEFAULTS``) with parsed ``args`` (``preset``, ``output_dir``,
     ``print_config``, ``list_settings``, ``overrides``); ``error(message)`` reports a wrong command line
-    (argparse's ``parser.error``: exit status 2). Returns the exit status."""
+    (argparse's ``parser.error``: exit status 2). ``restart(backend)``, when given, starts the recipe again
+    under another Keras backend (the ``engine`` setting's: ``keras_vit.train.engines``) and does not return.
+    Returns the exit status."""
     if args.list_settings:
         print(settings.settings_table(), end="")
         return 0
@@ -34,6 +39,12 @@ def recipe_main(recipe, args, error):
     show_logs()
 
     def train():
+        if restart is not None:
+            backend = engines.launch_backend(building.engine_choice(config, can_switch=True),
+                                             keras.backend.backend(), "KERAS_BACKEND" in os.environ)
+            if backend is not None:
+                logging.getLogger(__name__).info("engine=%s: starting again on Keras' %s backend.", config["engine"], backend)
+                restart(backend)
         runner.run(config)
         return 0
 

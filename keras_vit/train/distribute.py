@@ -147,18 +147,23 @@ def wait_for_cluster(timeout, poll_s=0.5):
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The CPU's feature flags (``avx2``, ``avx512_bf16``, ``amx_bf16``, ...) from ``/proc/cpuinfo``; none where
+    the file cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
 def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo"):
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), read from ``/proc/cpuinfo``.
 
     Without it TensorFlow emulates bfloat16 and mixed_bfloat16 is slower than
     float32; where the file cannot be read (not Linux) the answer is False.
     """
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+    return any(flag in cpu_flags(cpuinfo) for flag in BFLOAT16_CPU_FLAGS)
 
 
 def default_precision(strategy):

@@ -10,6 +10,7 @@ checkpoint (read back from ``history.csv``, which ``CSVLogger`` appends to).
 """
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -122,6 +123,7 @@ def build_report(config, environment, loop, top1, rows, wall_seconds, class_name
         "strategy": type(strategy).__name__ if strategy is not None else environment.distribution and config["strategy"],
         "replicas": environment.replicas,
         "precision": environment.precision,
+        "engine": dataclasses.asdict(environment.engine) if environment.engine else None,
         "parameters": model.count_params(),
         "trainable_parameters": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
         "class_names": class_names,  # keras_vit.decode_predictions(scores, class_names=report["class_names"])

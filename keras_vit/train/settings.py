@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from keras_vit.train.distribute import KINDS as TF_STRATEGIES
+from keras_vit.train.engines import ENGINES
 from keras_vit.train.jax_distribute import STRATEGIES as JAX_STRATEGIES
 from keras_vit.train.optimization import DECAYS, OPTIMIZERS
 
@@ -195,6 +196,13 @@ class Execution:
         since=2,
     )
     precision: str = setting("auto", choice(PRECISIONS), "auto: bf16 on TPU and bf16-capable CPUs, fp16 on GPU, else float32")
+    # Not stored with the checkpoints (reporting=True), as the Keras backend itself is not: no schema change.
+    engine: str = setting(
+        "auto", choice(ENGINES),
+        "Keras backend: tensorflow, torch, or auto (the one measured faster on this CPU kind, keras_vit.train.engines; "
+        "KERAS_BACKEND wins); the recipes restart under it",
+        reporting=True, since=4,
+    )
     jit_compile: str | bool = setting(
         "auto", JIT, "XLA on TensorFlow and JAX: auto (where it pays), true or false; PyTorch runs eagerly", resumable=True
     )

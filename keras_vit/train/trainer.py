@@ -11,7 +11,11 @@ code), then updates; ``steps_per_execution`` steps run in one ``tf.function``;
 XLA compiles the gradient computation where it works and pays (not under
 ``MirroredStrategy`` on CPUs, and not for bfloat16 on CPUs, where XLA computes
 bfloat16 products in float32 and oneDNN's bfloat16 kernels are faster:
-benchmarks/RESULTS.md). Gradient accumulation splits each replica's
+benchmarks/RESULTS.md). The update (gradient norm, clipping, the optimizer's
+step) is an XLA computation of its own on one replica, whatever the gradients
+run on: it is elementwise float32 work, about a dozen small ops per variable
+in graph mode, that XLA fuses into a few loops (``default_compile_update``).
+Gradient accumulation splits each replica's
 batch into micro-batches whose gradients are summed before the update, so
 the update equals the full-batch one.
 
@@ -36,14 +40,29 @@ from keras_vit.train.data import require_examples
 from keras_vit.train.distribute import is_chief
 
 
-def default_jit_compile(strategy, model):
-    """Whether XLA speeds up ``model``'s training here: yes except multi-worker, mirrored on CPUs, bfloat16 on CPUs."""
+def default_jit_compile(strategy, model, precision=None):
+    """Whether XLA speeds up ``model``'s training here: yes except multi-worker, mirrored on CPUs, bfloat16 on CPUs.
+
+    ``precision``: the policy the model's layers compute in, when the model's own does not say it (a model
+    built with ``dtype=...`` under Keras' global float32 policy reports float32 itself).
+    """
+    compute_dtype = keras.dtype_policies.get(precision).compute_dtype if precision else model.compute_dtype
     if isinstance(strategy, tf.distribute.TPUStrategy):
         return True
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return False
     on_cpu = not tf.config.list_logical_devices("GPU")
-    return not (on_cpu and (isinstance(strategy, tf.distribute.MirroredStrategy) or model.compute_dtype == "bfloat16"))
+    return not (on_cpu and (isinstance(strategy, tf.distribute.MirroredStrategy) or compute_dtype == "bfloat16"))
+
+
+def default_compile_update(strategy):
+    """Whether the update runs as its own XLA computation: on one replica (not on TPUs, where all of it is XLA).
+
+    With several replicas Keras' optimizer steps through the strategy's cross-replica update (``merge_call``),
+    which cannot run inside an XLA computation.
+    """
+    several = (tf.distribute.TPUStrategy, tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    return strategy.num_replicas_in_sync == 1 and not isinstance(strategy, several)
 
 
 class Trainer:
@@ -69,6 +88,7 @@ class Trainer:
         steps_per_execution=1,
         jit_compile="auto",
         loss_fn=None,
+        compile_update="auto",
     ):
         replicas = strategy.num_replicas_in_sync
         if global_batch_size % (replicas * accumulation_steps):
@@ -88,10 +108,14 @@ class Trainer:
         if jit_compile == "auto":
             jit_compile = default_jit_compile(strategy, model)
         self.jit_compile = jit_compile
+        if compile_update == "auto":
+            compile_update = default_compile_update(strategy)
+        self.compile_update = compile_update
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         model.optimizer = optimizer  # as model.compile does: stock callbacks (SwapEMAWeights, TensorBoard) read it
         self._gradients = tf.function(self._gradients_fn, jit_compile=jit_compile)
+        self._update = tf.function(self._update_fn, jit_compile=True) if compile_update else self._update_fn
         self._train_chunk = tf.function(self._train_chunk_fn)
         self._eval_step = tf.function(self._eval_step_fn)
 
@@ -110,7 +134,7 @@ class Trainer:
     def _gradients_fn(self, images, labels):
         """Summed (not averaged) over this replica's micro-batches; the loss is scaled by the global batch."""
         variables = self.model.trainable_variables
-        grads = [tf.zeros_like(v) for v in variables]
+        grads = None
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
         for part_images, part_labels in zip(
@@ -122,7 +146,8 @@ class Trainer:
                 if self.model.losses:
                     loss += tf.add_n(self.model.losses) / (self.strategy.num_replicas_in_sync * self.accumulation_steps)
                 scaled = self.optimizer.scale_loss(loss)
-            grads = [g + d for g, d in zip(grads, tape.gradient(scaled, variables))]
+            part = tape.gradient(scaled, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            grads = part if grads is None else [g + d for g, d in zip(grads, part)]
             loss_sum += tf.reduce_sum(per_example)
             correct += tf.reduce_sum(hits)
         return grads, loss_sum, correct
@@ -131,6 +156,10 @@ class Trainer:
         grads, loss_sum, correct = self._gradients(images, labels)
         context = tf.distribute.get_replica_context()
         grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        return loss_sum, correct, self._update(grads)
+
+    def _update_fn(self, grads):
+        """Clips the replicas' summed gradients, updates the weights; returns the gradient's global norm."""
         scale = getattr(self.optimizer, "dynamic_scale", None)
         unscaled = [g / scale for g in grads] if scale is not None else grads
         norm = tf.linalg.global_norm(unscaled)
@@ -145,7 +174,7 @@ class Trainer:
         # computation is still reading, which copies them) while the gradients' activations are alive.
         with tf.control_dependencies([norm]):
             self.optimizer.apply(grads, self.model.trainable_variables)
-        return loss_sum, correct, norm
+        return norm
 
     # --- steps -----------------------------------------------------------------------------------------------
 
