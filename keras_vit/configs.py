@@ -98,7 +98,8 @@ def list_models():
 def _name_error(name, reason):
     return ValueError(
         f"Unknown model name {name!r} ({reason}). Valid names are the official ones "
-        f"{', '.join(OFFICIAL_MODELS + OFFICIAL_HYBRIDS)}, optionally followed by -gap, -token or -norep "
+        f"{', '.join(OFFICIAL_MODELS + OFFICIAL_HYBRIDS)} and timm's {', '.join(TIMM_MODELS)}, optionally followed "
+        "by -gap, -token or -norep "
         "(e.g. 'ViT-B_16-gap-norep'), or short forms such as 'B/16', 'Ti/16', 'S/32-gap', 'R50+B/16'."
     )
 
